@@ -1,0 +1,1 @@
+"""ONNX / TensorRT export (grows with the export issue)."""

@@ -1,0 +1,18 @@
+import os
+
+# Triton reads TRITON_INTERPRET when a kernel is defined: set it before dreamfuse.kernels is
+# imported so that CPU tensors run the Triton code through the interpreter. On a CUDA machine
+# run `TRITON_INTERPRET=0 pytest -m gpu` to exercise the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

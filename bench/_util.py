@@ -1,0 +1,86 @@
+"""Timing and table helpers shared by the benchmark scripts.
+
+Every benchmark measures its baseline in the same run and prints ratios: these machines are noisy,
+so only side-by-side numbers mean anything; absolute times count only on a GPU.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3, iters: int = 10,
+           min_time_s: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` calls, synchronizing the device
+    around every call. On CUDA, CUDA events time the calls; ``min_time_s`` extends ``iters`` until that
+    much time was measured (useful for sub-millisecond kernels)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    total = 0.0
+    cuda = torch.device(device).type == "cuda"
+    while len(times) < iters or total < min_time_s * 1e3:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        times.append(ms)
+        total += ms
+        if len(times) > 10_000:
+            break
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak device memory (MiB) allocated while running ``fn`` once on CUDA; None on CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def hardware(device: torch.device | str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{name}, torch {torch.__version__}"
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a Markdown table (so it pastes straight into bench/RESULTS.md)."""
+    def fmt(x: object) -> str:
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return "-" if x is None else str(x)
+
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")

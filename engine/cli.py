@@ -1,0 +1,163 @@
+"""The ``dreamfuse`` command line. Thin: parses, validates, calls the Python API, saves images.
+
+Bad input exits with status 2 and one line on stderr (``dreamfuse: error: ...``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+_EXAMPLES = """\
+examples:
+  dreamfuse generate --prompt "a photo of a cat" --steps 4 --out cat.png       # embedded tiny model
+  dreamfuse generate --model ./stable-diffusion-v1-5 --prompt "a red car" --seed 7 --num-images 4 --out car.png
+  dreamfuse generate --model sd15.safetensors --config ./stable-diffusion-v1-5 --prompt "..."  # single file
+"""
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+    return parse
+
+
+def _multiple_of_8(name: str):
+    def parse(s: str) -> int:
+        v = _positive_int(name)(s)
+        if v % 8:
+            raise argparse.ArgumentTypeError(f"{name} must be a multiple of 8, got {v}")
+        return v
+    return parse
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand that loads a model."""
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--model", default="tiny",
+                   help="'tiny' (embedded random-weight model, the default), a diffusers folder with "
+                        "model_index.json, or a .safetensors SD 1.x/2.x checkpoint")
+    g.add_argument("--config", default=None, metavar="DIR",
+                   help="for a single-file checkpoint: a diffusers folder of the same architecture giving the "
+                        "configs and tokenizer (nothing is downloaded)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--backend", default=None, choices=("triton", "torch"),
+                   help="attention backend (default: triton on CUDA, torch on CPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: float = 7.5) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty)")
+    g.add_argument("--steps", type=_positive_int("--steps"), default=steps, help=f"DDIM steps (default {steps})")
+    g.add_argument("--guidance", type=float, default=guidance,
+                   help=f"classifier-free guidance scale; <= 1 disables CFG (default {guidance})")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the first image; image i uses seed + i (default: random, printed)")
+    g.add_argument("--height", type=_multiple_of_8("--height"), default=None,
+                   help="image height, a multiple of 8 (default: the model's native size)")
+    g.add_argument("--width", type=_multiple_of_8("--width"), default=None,
+                   help="image width, a multiple of 8 (default: the model's native size)")
+
+
+def load_engine(args):
+    from .config import EngineConfig
+    from .engine import Engine
+
+    config = EngineConfig(device=args.device, dtype=args.dtype, backend=args.backend, compile=args.compile,
+                          progress=False if args.no_progress else None)
+    if args.model != "tiny" and not Path(args.model).expanduser().exists():
+        raise CLIError(f"--model: {args.model!r} does not exist")
+    return Engine.from_pretrained(args.model, config, config_dir=args.config)
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    """``out`` for one image; ``stem-0.png``, ``stem-1.png``... for several."""
+    path = Path(out)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise CLIError(f"--out: {out!r} needs an image extension (.png, .jpg, .webp)")
+    if not path.parent.exists():
+        raise CLIError(f"--out: folder {str(path.parent)!r} does not exist")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def save_images(images, out: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    for img, path in zip(images, output_paths(out, len(images))):
+        meta = PngInfo()
+        for k, v in img.info.items():
+            if isinstance(v, str):
+                meta.add_text(k, v)
+        img.save(path, pnginfo=meta if path.suffix.lower() == ".png" else None)
+        print(f"wrote {path} (seed {img.info.get('seed', '?')})")
+
+
+def cmd_generate(args) -> None:
+    from .engine import random_seed
+
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    output_paths(args.out, len(prompts))  # fail on a bad --out before any model work
+    seed = random_seed() if args.seed is None else args.seed
+    engine = load_engine(args)
+    images = engine.text2img(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
+                             guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed)
+    save_images(images, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dreamfuse",
+        description="dreamfuse: a compact inference engine for personalized, relational and compositional "
+                    "diffusion on Stable Diffusion UNets, with fused Triton attention kernels.",
+        epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    gen = sub.add_parser("generate", help="text-to-image", epilog=_EXAMPLES,
+                         description="Generate images from text prompts (DDIM + classifier-free guidance, one "
+                                     "batched UNet call per step).",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="text prompt; repeat the flag for a batch of different prompts")
+    gen.add_argument("--num-images", type=_positive_int("--num-images"), default=1,
+                     help="images per prompt (default 1)")
+    gen.add_argument("--out", default="dreamfuse.png",
+                     help="output image; with several images, OUT-0.png, OUT-1.png, ... (default dreamfuse.png)")
+    add_sampling_args(gen)
+    add_model_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (CLIError, ValueError, FileNotFoundError) as e:
+        print(f"dreamfuse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dreamfuse: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

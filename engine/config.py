@@ -1,0 +1,84 @@
+"""EngineConfig: every knob of the engine, documented in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+BACKENDS = ("triton", "torch")
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """``"fp16"``/``"float16"``/``"half"``, ``"bf16"``/``"bfloat16"``, ``"fp32"``/``"float32"`` or a torch dtype."""
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():
+            raise ValueError(f"dtype: {value} is not supported (use fp16, bf16 or fp32)")
+        return value
+    try:
+        return _DTYPES[str(value).lower()]
+    except KeyError:
+        raise ValueError(f"dtype: unknown dtype {value!r} (use one of fp16, bf16, fp32)") from None
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs. ``None`` fields are resolved by :meth:`resolved` from the machine."""
+
+    device: str | None = None
+    """Torch device, e.g. ``"cuda"``, ``"cuda:1"``, ``"cpu"``. Default: CUDA when available, else CPU."""
+
+    dtype: str | torch.dtype | None = None
+    """Weights and activations dtype: ``fp16`` (default on CUDA), ``bf16``, ``fp32`` (default on CPU).
+    fp16 on CPU is slow and loses precision; prefer fp32 there."""
+
+    backend: str | None = None
+    """Attention backend of the dreamfuse processors: ``"triton"`` (the fused kernels; default on CUDA) or
+    ``"torch"`` (PyTorch SDPA and the kernels' PyTorch references; default on CPU). Set the environment
+    variable ``DREAMFUSE_DISABLE_KERNELS=1`` to force every kernel op onto its reference."""
+
+    compile: bool = False
+    """``torch.compile`` the UNet call (only the UNet: the rest stays eager and debuggable). The first calls
+    for each batch size pay the compile time; see ``batch_buckets``."""
+
+    cuda_graphs: bool = False
+    """With ``compile``, use mode ``"reduce-overhead"`` (CUDA graphs). Cuts launch overhead at small batch;
+    costs one graph per batch bucket in memory. Ignored on CPU."""
+
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """With ``compile``, UNet batches are padded up to the next bucket (in prompts) so a handful of compiled
+    graphs serve every request size. Padding rows cost compute: keep buckets close to your traffic."""
+
+    progress: bool | None = None
+    """Show a progress bar over denoising steps. ``None``: only when stderr is a terminal."""
+
+    extra: dict = field(default_factory=dict)
+    """Free-form options read by later pipelines; unknown keys are ignored."""
+
+    def resolved(self) -> EngineConfig:
+        """A copy with every ``None`` filled in and every value validated (``ValueError`` naming the field)."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: unknown device {device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
+        dtype = parse_dtype(self.dtype) if self.dtype is not None else (
+            torch.float16 if dev.type == "cuda" else torch.float32)
+        backend = self.backend or ("triton" if dev.type == "cuda" else "torch")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: unknown backend {backend!r} (use one of {', '.join(BACKENDS)})")
+        buckets = tuple(sorted(int(b) for b in self.batch_buckets))
+        if not buckets or buckets[0] < 1:
+            raise ValueError("batch_buckets: needs at least one bucket, all >= 1")
+        progress = sys.stderr.isatty() if self.progress is None else bool(self.progress)
+        return dataclasses.replace(self, device=str(dev), dtype=dtype, backend=backend, batch_buckets=buckets,
+                                   progress=progress)

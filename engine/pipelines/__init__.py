@@ -1,0 +1,1 @@
+"""Pipelines: one module each, one public entry point each, each with a CLI subcommand."""

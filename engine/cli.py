@@ -142,7 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    # Each pipeline module registers its own subcommand with `register_cli(subparsers)`.
+    import importlib
+
+    for module in _PIPELINE_CLIS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:  # a broken pipeline must not hide behind a missing one
+                raise
+            continue
+        mod.register_cli(sub)
     return parser
+
+
+_PIPELINE_CLIS = ("dreamfuse.engine.pipelines.personalize", "dreamfuse.engine.pipelines.composite")
 
 
 def main(argv: list[str] | None = None) -> int:

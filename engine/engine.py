@@ -134,6 +134,18 @@ class Engine:
 
         return text2img(self, prompts, **kwargs)
 
+    def personalize(self, prompts, reference_image, **kwargs):
+        """DreamMatcher personalization; see :func:`dreamfuse.engine.pipelines.personalize.personalize`."""
+        from .pipelines.personalize import personalize
+
+        return personalize(self, prompts, reference_image, **kwargs)
+
+    def compose(self, layout, segments, **kwargs):
+        """Composite (MSP) generation from a segment layout; see :func:`dreamfuse.engine.pipelines.composite.compose`."""
+        from .pipelines.composite import compose
+
+        return compose(self, layout, segments, **kwargs)
+
 
 def random_seed() -> int:
     return random.SystemRandom().randrange(2**31)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from dreamfuse.engine import Engine, EngineConfig
 
 from bench._util import hardware, print_table, sync, timeit
-from dreamfuse.engine import Engine, EngineConfig
 
 
 def main(argv=None) -> None:
@@ -55,10 +55,10 @@ def main(argv=None) -> None:
     for b in args.batch:
         prompts = ["a photo of a cat"] * b
 
-        def run_ours():
+        def run_ours(prompts=prompts):
             eng.text2img(prompts, steps=args.steps, height=h, width=w, seed=0, output_type="latent")
 
-        def run_diffusers():
+        def run_diffusers(prompts=prompts):
             g = torch.Generator("cpu").manual_seed(0)
             pipe(prompts, num_inference_steps=args.steps, height=h, width=w, generator=g, output_type="latent")
 

@@ -141,7 +141,8 @@ class Engine:
         return personalize(self, prompts, reference_image, **kwargs)
 
     def compose(self, layout, segments, **kwargs):
-        """Composite (MSP) generation from a segment layout; see :func:`dreamfuse.engine.pipelines.composite.compose`."""
+        """Composite (MSP) generation from a segment layout; see
+        :func:`dreamfuse.engine.pipelines.composite.compose`."""
         from .pipelines.composite import compose
 
         return compose(self, layout, segments, **kwargs)

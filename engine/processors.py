@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
 from dreamfuse.kernels.attention import attention as fused_attention
 
 # A layer handler takes over the attention product of one layer for one call:
@@ -24,7 +23,7 @@ Handler = Callable[["LayerInfo", torch.Tensor, torch.Tensor, torch.Tensor], torc
 @dataclass(frozen=True)
 class LayerInfo:
     name: str
-    """Module path of the attention layer inside the UNet, e.g. ``up_blocks.3.attentions.2.transformer_blocks.0.attn1``."""
+    """Module path of the attention layer in the UNet, e.g. ``up_blocks.3.attentions.2.transformer_blocks.0.attn1``."""
     is_cross: bool
     """True for cross-attention (``attn2``: keys from the text/image prompt), False for self-attention."""
     hidden_hw: tuple[int, int] | None

@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from dreamfuse.engine.cli import main
+from PIL import Image
 
 
 def test_generate_writes_png_with_metadata(tmp_path):

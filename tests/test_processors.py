@@ -3,7 +3,6 @@
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
-
 from dreamfuse.engine.processors import CallContext, install_processors, token_grid
 from dreamfuse.engine.tiny import build_components
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.tiny import save_tiny
 

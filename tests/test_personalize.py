@@ -1,0 +1,136 @@
+"""DreamMatcher personalization on the tiny model: what AMA must and must not change."""
+
+import pytest
+import torch
+from dreamfuse.engine import Engine, EngineConfig
+from dreamfuse.engine.cli import main
+from dreamfuse.engine.pipelines.personalize import (
+    _foreground_handler,
+    _Layout,
+    _MatchState,
+    subject_token_indices,
+)
+from dreamfuse.engine.processors import LayerInfo
+from dreamfuse.kernels.attention import attention_reference
+from PIL import Image
+
+SIZE = 128  # latent 16x16: AMA at 8x8 (up_blocks.2) and 16x16 (up_blocks.3), foreground at 4x4
+KW = dict(steps=5, seed=0, height=SIZE, width=SIZE, output_type="latent", ama_start=1)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained("tiny", EngineConfig(device="cpu", backend="torch", progress=False))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(3, SIZE, SIZE, generator=g)
+
+
+def test_ama_off_equals_text2img(engine, reference):
+    off = engine.personalize("a photo of a sks dog", reference, subject_token="sks", ama=False, **KW)
+    plain = engine.text2img("a photo of a sks dog", steps=5, seed=0, height=SIZE, width=SIZE,
+                            guidance_scale=10.0, output_type="latent")
+    torch.testing.assert_close(off, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_ama_changes_target_not_reference(engine, reference):
+    logs = {True: [], False: []}
+    out = {}
+    for ama in (True, False):
+        out[ama] = engine.personalize("a photo of a sks dog", reference, subject_token="sks", ama=ama,
+                                      callback=lambda d, a=ama: logs[a].append(d), **KW)
+    assert (out[True] - out[False]).abs().mean() > 1e-3
+    rows = logs[True][0]["rows"]
+    refs = [0, rows.n + 1]
+    for on, off in zip(logs[True], logs[False]):
+        # the reference branch follows its inverted trajectory and is never warped: bit-identical
+        assert torch.equal(on["eps"][refs], off["eps"][refs])
+    # from the first AMA step on, the target rows differ
+    assert not torch.allclose(logs[True][2]["eps"][rows.targets], logs[False][2]["eps"][rows.targets])
+
+
+def test_deterministic_and_targets_batched(engine, reference):
+    a = engine.personalize(["a photo of a sks dog", "a sks dog on the beach"], reference, subject_token="sks",
+                           **KW)
+    b = engine.personalize(["a photo of a sks dog", "a sks dog on the beach"], reference, subject_token="sks",
+                           **KW)
+    assert torch.equal(a, b) and a.shape == (2, 4, SIZE // 8, SIZE // 8)
+
+
+def test_multi_token_subject_word(engine, reference):
+    idx = subject_token_indices(engine.tokenizer, "a photo of a zqxw dog", "zqxw")
+    assert len(idx) > 1 and idx == list(range(idx[0], idx[0] + len(idx)))
+    out = engine.personalize("a photo of a zqxw dog", reference, subject_token="zqxw", **KW)
+    assert torch.isfinite(out).all()
+
+
+def test_semantic_matching_guidance_moves_target(engine, reference):
+    base = engine.personalize("a photo of a sks dog", reference, subject_token="sks", **KW)
+    guided = engine.personalize("a photo of a sks dog", reference, subject_token="sks", lambda_g=5.0, **KW)
+    assert torch.isfinite(guided).all()
+    assert (guided - base).abs().mean() > 1e-4
+
+
+def test_foreground_from_lse_equals_materialized_attention():
+    """The subject-token map read through the log-sum-exp equals the one from the full softmax matrix."""
+    g = torch.Generator().manual_seed(0)
+    n, heads, hw, d = 2, 2, (3, 4), 8
+    rows = 2 * (n + 1)
+    q = torch.randn(rows, heads, hw[0] * hw[1], d, generator=g)
+    k = torch.randn(rows, heads, 77, d, generator=g)
+    v = torch.randn(rows, heads, 77, d, generator=g)
+    token_idx = torch.tensor([[5, 6], [9, 10]])
+    lay = _Layout(n)
+    state = _MatchState(lay, None, 0.4, 16)
+
+    class Ops:
+        attention = staticmethod(attention_reference)
+
+    out = _foreground_handler(state, Ops, token_idx)(LayerInfo("x.attn2", True, hw), q, k, v)
+    torch.testing.assert_close(out, attention_reference(q, k, v))
+    probs = (q @ k.transpose(-1, -2) * d**-0.5).softmax(-1)[lay.cond_targets]  # (n, H, Lq, 77)
+    want = torch.stack([probs[i, :, :, token_idx[i]].mean(dim=(0, 2)) for i in range(n)]).view(n, *hw)
+    torch.testing.assert_close(state.fg_sum, want, atol=1e-5, rtol=1e-5)
+
+
+def test_inversion_is_cached(engine, reference):
+    cache = engine.__dict__.get("_inversion_cache", {})
+    before = len(cache)
+    engine.personalize("a photo of a sks dog", reference, subject_token="sks", **KW)
+    engine.personalize("a sks dog", reference, subject_token="sks", **KW)
+    assert len(engine.__dict__["_inversion_cache"]) <= before + 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"reference_image": None}, "reference_image"),
+        ({"reference_image": "/nonexistent.png"}, "reference_image"),
+        ({"reference_image": torch.rand(3, SIZE, SIZE // 2)}, "aspect"),
+        ({"subject_token": "cat"}, "subject_token"),
+        ({"lambda_c": 0.0}, "lambda_c"),
+        ({"ama_blocks": (7,)}, "ama_blocks"),
+        ({"ama_start": 0}, "ama_start"),
+    ],
+)
+def test_bad_inputs(engine, reference, kwargs, field):
+    args = {"reference_image": reference, "subject_token": "sks", **KW, **kwargs}
+    ref = args.pop("reference_image")
+    with pytest.raises(ValueError, match=field):
+        engine.personalize("a photo of a sks dog", ref, **args)
+
+
+def test_cli_personalize(tmp_path, reference):
+    ref_path = tmp_path / "ref.png"
+    Image.fromarray((reference.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(ref_path)
+    out = tmp_path / "out.png"
+    code = main(["personalize", "--reference", str(ref_path), "--prompt", "a sks dog", "--subject-token", "sks",
+                 "--steps", "3", "--seed", "0", "--height", "128", "--width", "128", "--out", str(out),
+                 "--no-progress"])
+    assert code == 0 and Image.open(out).size == (SIZE, SIZE)
+    bad = main(["personalize", "--reference", str(tmp_path / "missing.png"), "--prompt", "a sks dog",
+                "--subject-token", "sks", "--out", str(out), "--no-progress"])
+    assert bad == 2

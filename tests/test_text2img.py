@@ -98,3 +98,20 @@ def test_loading_errors(tmp_path):
         EngineConfig(dtype="fp8").resolved()
     with pytest.raises(ValueError, match="backend"):
         EngineConfig(backend="cudnn").resolved()
+
+
+def test_single_file_checkpoint_loads_the_same_weights(tmp_path):
+    """An original-format (LDM) .safetensors of the tiny model, configs from a diffusers folder beside it."""
+    from dreamfuse.engine.tiny import build_components
+    from ldm_format import pipeline_to_ldm
+    from safetensors.torch import save_file
+
+    comps = build_components(seed=3)
+    save_tiny(tmp_path / "configs")
+    save_file(pipeline_to_ldm(comps["unet"], comps["vae"], comps["text_encoder"]), tmp_path / "m.safetensors")
+    eng = Engine.from_pretrained(str(tmp_path / "m.safetensors"), EngineConfig(device="cpu", progress=False),
+                                 config_dir=tmp_path / "configs")
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = comps[name].state_dict(), getattr(eng, name).state_dict()
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want), name

@@ -67,7 +67,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> dict:
         raise ValueError(f"model: {cls} is not supported yet (SD 1.x/2.x pipelines only)")
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
-        torch_dtype=dtype,
+        dtype=dtype,
     )
     return _from_pipe(pipe)
 
@@ -85,6 +85,6 @@ def _load_single_file(path: Path, config_dir: str | Path | None, dtype: torch.dt
         )
     pipe = StableDiffusionPipeline.from_single_file(
         str(path), config=str(config_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False,
-        torch_dtype=dtype,
+        dtype=dtype,
     )
     return _from_pipe(pipe)

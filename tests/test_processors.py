@@ -25,7 +25,8 @@ def test_dreamfuse_processors_match_stock(unet_and_inputs, backend):
     unet, (x, t, emb), stock = unet_and_inputs
     ctx = CallContext()
     procs = install_processors(unet, ctx, backend)
-    assert len(procs) == 16 and sum(n.endswith("attn2") for n in procs) == 8
+    # 3 down + 1 mid + 3x2 up transformer blocks, each with attn1 and attn2
+    assert len(procs) == 20 and sum(n.endswith("attn2") for n in procs) == 10
     ctx.latent_hw = (8, 8)
     with torch.no_grad():
         ours = unet(x, t, encoder_hidden_states=emb).sample

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-from types import SimpleNamespace
 
 _OPS = {
     "attention": "dreamfuse.kernels.attention",
@@ -22,13 +21,25 @@ _OPS = {
 }
 
 
+class _Ops:
+    """Resolves ``ops.<name>`` to the op (backend ``triton``) or its reference (``torch``) on first use."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __getattr__(self, name: str):
+        try:
+            module = _OPS[name]
+        except KeyError:
+            raise AttributeError(f"no kernel op named {name!r}") from None
+        fn = getattr(importlib.import_module(module), name if self.backend == "triton" else f"{name}_reference")
+        setattr(self, name, fn)  # cache: later lookups skip __getattr__
+        return fn
+
+
 @functools.cache
-def ops_for(backend: str) -> SimpleNamespace:
-    """A namespace with one callable per op name in ``_OPS`` for ``backend`` (``"triton"`` or ``"torch"``)."""
+def ops_for(backend: str) -> _Ops:
+    """The kernel ops for ``backend`` (``"triton"`` or ``"torch"``), e.g. ``ops_for("torch").match_argmax``."""
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend: unknown backend {backend!r} (use 'triton' or 'torch')")
-    table = {}
-    for name, module in _OPS.items():
-        mod = importlib.import_module(module)
-        table[name] = getattr(mod, name if backend == "triton" else f"{name}_reference")
-    return SimpleNamespace(**table)
+    return _Ops(backend)

@@ -28,6 +28,9 @@ class LayerInfo:
     """True for cross-attention (``attn2``: keys from the text/image prompt), False for self-attention."""
     hidden_hw: tuple[int, int] | None
     """Spatial size of the layer's tokens when known (set by the processor from the call's latent size)."""
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    """The layer's plain attention (what it runs without a handler): a handler uses it for the rows it leaves
+    alone, so that they come out bit-identical to a call without the handler."""
 
 
 @dataclass
@@ -117,7 +120,7 @@ class DreamfuseAttnProcessor:
 
         handler = self.ctx.handlers.get(self.name)
         if handler is not None and attention_mask is None:
-            info = LayerInfo(self.name, self.is_cross, token_grid(self.ctx.latent_hw, q.shape[2]))
+            info = LayerInfo(self.name, self.is_cross, token_grid(self.ctx.latent_hw, q.shape[2]), self.attend)
             out = handler(info, q, k, v)
         else:
             out = self.attend(q, k, v, attention_mask)

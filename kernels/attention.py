@@ -1,319 +1,473 @@
-"""Fused attention forward (FlashAttention-2 style) and DreamMatcher's value-warped attention (AMA).
+"""Fused attention forward (FlashAttention-2 style online softmax) and DreamMatcher's AMA value warp.
 
-One kernel serves both: ``WARP`` is a ``tl.constexpr``, so the plain path compiles without the gather.
+``attention(q, k, v)`` computes ``softmax(scale * q @ k^T) @ v`` without materializing the attention
+matrix and can return the per-row log-sum-exp, from which token attention maps are read back
+(``p(i, j) = exp(scale * q_i . k_j - lse_i)``). ``ama_attention`` is the same kernel with the values
+warped on the fly (appearance-matching self-attention, DreamMatcher):
 
-* ``attention(q, k, v)``: ``softmax(scale·q·kᵀ)·v`` with an online softmax over key tiles, fp32
-  accumulation, optional log-sum-exp per query row (how token attention maps are read without the matrix:
-  ``p(q, j) = exp(scale·q·k_j − lse(q))``).
-* ``ama_attention(q, k, v_tgt, v_ref, flow, mask)``: the same attention with values
-  ``V_w[j] = mask[j]·v_ref[flow[j]] + (1 − mask[j])·v_tgt[j]``, formed while the V tile is loaded (rows of
-  ``v_ref`` gathered by ``flow``); ``V_w`` never exists in memory.
+    V_w[b, h, j] = mask[b, j] * v_ref[b, h, flow[b, j]] + (1 - mask[b, j]) * v_tgt[b, h, j]
 
-Head dims that are not powers of two (40, 80, 160) are padded to the next power of two inside the kernel by
-masked loads; tensors are read through their strides (the processors pass ``(B, L, H, D)`` views transposed
-to ``(B, H, L, D)``), never copied.
+``V_w`` is formed while V tiles are loaded and never written to memory.
+
+Reading order: the Triton kernel, the launcher, the ``torch.library`` ops (with fake and autograd), then the
+PyTorch references (the CPU path and the tests' oracle).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check, interpreting, pin_configs, use_triton
+from . import _common
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+__all__ = ["attention", "ama_attention", "attention_reference", "ama_attention_reference"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256  # the fp32 accumulator of a 128 x 256 tile already fills the register file
 
 
-def _configs():
-    # BLOCK_M x BLOCK_N tiles of the score matrix. Small head dims (40 -> 64 padded) leave registers for wide
-    # key tiles; 160 -> 256 needs narrower ones to stay out of spills.
-    cfgs = [
+# --------------------------------------------------------------------------------------------- autotuning
+def _keep(c: triton.Config) -> bool:
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    # 8 warps only pay with 128 query rows: below that each warp owns < 16 rows of the m16 MMA tile.
+    if c.num_warps == 8 and bm < 128:
+        return False
+    # BLOCK_N > BLOCK_M doubles the P tile held in registers for no reuse gain (K/V are reused across
+    # the BLOCK_M rows, not the other way round).
+    return bn <= bm
+
+
+_SMEM_BUDGET = 160 * 1024  # bytes: fits A100 (164 KiB) and H100 (228 KiB) per-block shared memory
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose K/V pipeline cannot fit in shared memory for this head dim and dtype, so the
+    tuner does not spend time compiling them (it would skip them as OutOfResources anyway)."""
+    bd, esize = kwargs["BLOCK_D"], named_args["Q"].element_size()
+    smem = lambda c: (c.kwargs["BLOCK_M"] * bd + 2 * c.num_stages * c.kwargs["BLOCK_N"] * bd) * esize
+    fits = [c for c in configs if smem(c) <= _SMEM_BUDGET]
+    return fits or [min(configs, key=smem)]
+
+
+if _common.pin_configs():
+    # One config for the interpreter and pytest: reproducible, and safe on any GPU even at D=256 fp32
+    # (num_stages=1 keeps shared memory at 128 KiB). BLOCK_N=32 also gives the tests several key blocks
+    # (77 keys -> 3 blocks with a ragged tail), which is what exercises the online softmax.
+    _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
-        for s in (2, 3)
+        for s in (2, 3, 4)
     ]
-
-    def keep(c):
-        bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-        return not (bm == 128 and w == 4) and not (bm == 64 and w == 8 and bn < 64)
-
-    cfgs = [c for c in cfgs if keep(c)]
-    if pin_configs():
-        # Under pytest/the interpreter one config, for speed and reproducibility (and 16 rows are plenty there).
-        return [triton.Config({"BLOCK_M": 16 if interpreting() else 64, "BLOCK_N": 16 if interpreting() else 64},
-                              num_warps=4, num_stages=2)]
-    return cfgs
+    _CONFIGS = [c for c in _CONFIGS if _keep(c)]
 
 
-def _prune(configs, named_args, **kwargs):
-    # Large head dims: a 128x128 fp32 tile at D=256 spills; keep BLOCK_N <= 64 there.
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    out = [c for c in configs if not (d >= 256 and c.kwargs["BLOCK_N"] > 64)]
-    return out or configs[:1]
+# --------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32. Used only under the interpreter, whose
+    fp32 -> bf16 cast truncates where the GPU rounds to nearest even."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=_configs(), key=["Lk", "BLOCK_D", "WARP"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_CONFIGS, key=["Lk", "BLOCK_D", "AMA"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, VR, FLOW, MASK, O, LSE,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, srb, srh, srn,
-    sfb, sfn, smb, smn, sob, soh, som, slb, slh,
-    H, Lq, Lk, D, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    WARP: tl.constexpr, STORE_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    Q, K, V, VREF, FLOW, MASK, O, LSE,
+    qk_scale,  # scale * log2(e): the softmax runs on exp2, which is one MUFU instruction
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_rb, stride_rh, stride_rn,
+    stride_fb, stride_fn,
+    stride_wb, stride_wn,
+    stride_ob, stride_oh, stride_om,
+    H, Lq, Lk,
+    HEAD_DIM: tl.constexpr,  # constexpr so `offs_d < HEAD_DIM` is provably 8-aligned at D=40: vector loads
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM; padded lanes are masked to 0, never copied
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    AMA: tl.constexpr,  # warp the values: V_w = m * V_ref[flow] + (1 - m) * V; the plain path compiles without it
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 unless torch allows TF32; ignored for fp16/bf16
+    INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: dot in fp32 (see _interp_bf16)
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # int64: b*stride overflows int32 at batch 8 x 4096 tokens x 320 ch
-    b = bh // H
-    h = bh % H
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    pid_m = tl.program_id(0)
+    # int64: b * stride_qb reaches 2**31 at batch 8 x 9216 tokens x 8 heads x 160 in fp32 views of
+    # larger buffers; the per-row offsets below stay int32.
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D  # head-dim padding: lanes >= D load 0 and are never stored
+    m_mask = offs_m < Lq
+    d_mask = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Lq) & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if INTERP_BF16:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    if AMA:
+        r_base = VREF + b * stride_rb + h * stride_rh
+        f_base = FLOW + b * stride_fb
+        w_base = MASK + b * stride_wb
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    # fp32 running max / sum / accumulator: fp16 sums of exp overflow past ~4096 keys.
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
     for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < Lk
-        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None],
-                    other=0.0).to(DOT_DTYPE)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
-        # scores in log2 units: exp2 is the native instruction
-        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+        cols = start_n + offs_n
+        n_mask = cols < Lk
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if INTERP_BF16:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        # Every block holds >= 1 real key (start_n < Lk), so the row max stays finite: no NaN guard needed.
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vmask = n_ok[:, None] & d_ok[None, :]
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=vmask, other=0.0)
-        if WARP:
-            # V_w = m·V_ref[flow] + (1 − m)·V_tgt, built in registers: the warped values never hit memory.
-            src = tl.load(FLOW + b * sfb + offs_n * sfn, mask=n_ok, other=0).to(tl.int64)
-            w = tl.load(MASK + b * smb + offs_n * smn, mask=n_ok, other=0.0).to(tl.float32)
-            vr = tl.load(VR + b * srb + h * srh + src[:, None] * srn + offs_d[None, :], mask=vmask, other=0.0)
-            v = w[:, None] * vr.to(tl.float32) + (1.0 - w[:, None]) * v.to(tl.float32)
-        v = v.to(DOT_DTYPE)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v)
+        acc = acc * alpha[:, None]
         m_i = m_new
 
+        if AMA:
+            w = tl.load(w_base + cols * stride_wn, mask=n_mask, other=0.0).to(tl.float32)
+            # Out-of-range flow is undefined behaviour; clamping keeps the gather inside v_ref's rows.
+            src = tl.minimum(tl.maximum(tl.load(f_base + cols * stride_fn, mask=n_mask, other=0), 0), Lk - 1)
+            # Skip the loads a row does not need: DreamMatcher's m' = M * U is 0 on the background, so most
+            # gathers vanish there, and m = 1 rows need no target value.
+            need_ref = n_mask & (w != 0.0)
+            need_tgt = n_mask & (w != 1.0)
+            v_r = tl.load(r_base + src[:, None].to(tl.int64) * stride_rn + offs_d[None, :],
+                          mask=need_ref[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            v_t = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
+                          mask=need_tgt[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            v = w[:, None] * v_r + (1.0 - w[:, None]) * v_t  # fp32 blend, rounded once to the dot dtype
+            if INTERP_BF16:
+                v = _round_to_bf16(v)
+            else:
+                v = v.to(V.dtype.element_ty)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if INTERP_BF16:
+                v = v.to(tl.float32)
+        if INTERP_BF16:
+            p = _round_to_bf16(p)  # what the GPU's bf16 MMA operand would hold
+        else:
+            p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+
     acc = acc / l_i[:, None]
-    m_ok = offs_m < Lq
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    if STORE_LSE:
-        # back to natural log: lse = (m + log2 l)·ln 2
-        tl.store(LSE + b * slb + h * slh + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+    if INTERP_BF16:
+        acc = _round_to_bf16(acc)  # the cast below then truncates exactly, matching the GPU's RTNE
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    # natural-log lse = ln2 * log2(sum exp2(qk)) = ln2 * (m + log2(l)); LSE is a contiguous (B, H, Lq) buffer.
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + pid_bh * Lq + offs_m, lse, mask=m_mask)
 
 
-# ----------------------------------------------------------------------------------------------- launchers
-_TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _check_qkv(q, k, v, name_v="v"):
-    for n, t in (("q", q), ("k", k), (name_v, v)):
-        check(isinstance(t, torch.Tensor), f"{n}: expected a tensor, got {type(t).__name__}")
-        check(t.ndim == 4, f"{n}: expected rank 4 (B, H, L, D), got shape {tuple(t.shape)}")
-        check(t.dtype in _TORCH_TO_TL, f"{n}: dtype {t.dtype} not supported (fp16, bf16, fp32)")
+# --------------------------------------------------------------------------------------------- launcher
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_name: str = "v") -> None:
+    check = _common.check
+    for name, t in (("q", q), ("k", k), (v_name, v)):
+        check(isinstance(t, torch.Tensor), f"attention: {name} must be a tensor, got {type(t).__name__}")
+        check(t.dim() == 4, f"attention: {name} must be rank 4 (B, H, L, D), got shape {tuple(t.shape)}")
+    check(q.dtype in _DTYPES, f"attention: dtype {q.dtype} unsupported (use float16, bfloat16 or float32)")
     check(k.dtype == q.dtype and v.dtype == q.dtype,
-          f"dtype: q, k, {name_v} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+          f"attention: q, k, {v_name} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check(k.device == q.device and v.device == q.device,
-          f"device: q, k, {name_v} must be on one device, got {q.device}, {k.device}, {v.device}")
-    check(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0],
-          f"batch: B differs between q {q.shape[0]}, k {k.shape[0]}, {name_v} {v.shape[0]}")
-    check(k.shape[1] == q.shape[1] and v.shape[1] == q.shape[1],
-          f"heads: H differs between q {q.shape[1]}, k {k.shape[1]}, {name_v} {v.shape[1]}")
-    check(k.shape[3] == q.shape[3] and v.shape[3] == q.shape[3],
-          f"head_dim: D differs between q {q.shape[3]}, k {k.shape[3]}, {name_v} {v.shape[3]}")
-    check(k.shape[2] == v.shape[2], f"keys: k has {k.shape[2]} keys but {name_v} has {v.shape[2]}")
-    check(q.shape[3] <= 256, f"head_dim: D = {q.shape[3]} > 256 is not supported by the kernel")
-    check(k.shape[2] >= 1, "keys: Lk must be >= 1")
+          f"attention: q, k, {v_name} must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, _, D = q.shape
+    for name, t in (("k", k), (v_name, v)):
+        check(t.shape[0] == B and t.shape[1] == H and t.shape[3] == D,
+              f"attention: {name} shape {tuple(t.shape)} does not match q's batch, heads, head dim {(B, H, D)}")
+    check(k.shape[2] == v.shape[2], f"attention: k and {v_name} key lengths differ: {k.shape[2]} vs {v.shape[2]}")
+    check(k.shape[2] > 0, "attention: no keys (Lk = 0), softmax is undefined")
+    check(0 < D <= _MAX_HEAD_DIM, f"attention: head dim {D} unsupported (1..{_MAX_HEAD_DIM})")
 
 
-def _last_dim_contiguous(t):
-    # The kernel reads rows through strides; only the head dim must be unit-stride (vectorized loads).
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _check_ama(q, k, v_tgt, v_ref, flow, mask) -> None:
+    check = _common.check
+    _check_qkv(q, k, v_tgt, "v_tgt")
+    check(isinstance(v_ref, torch.Tensor) and v_ref.shape == v_tgt.shape,
+          f"ama_attention: v_ref must have v_tgt's shape {tuple(v_tgt.shape)}, got "
+          f"{tuple(v_ref.shape) if isinstance(v_ref, torch.Tensor) else type(v_ref).__name__}")
+    check(v_ref.dtype == v_tgt.dtype, f"ama_attention: v_ref dtype {v_ref.dtype} != v_tgt dtype {v_tgt.dtype}")
+    B, _, Lk, _ = k.shape
+    for name, t in (("flow", flow), ("mask", mask)):
+        check(isinstance(t, torch.Tensor) and tuple(t.shape) == (B, Lk),
+              f"ama_attention: {name} must have shape (B, Lk) = {(B, Lk)}, got "
+              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    check(flow.dtype in (torch.int32, torch.int64), f"ama_attention: flow must be int32 or int64, got {flow.dtype}")
+    check(mask.is_floating_point(), f"ama_attention: mask must be a float tensor, got {mask.dtype}")
+    for name, t in (("v_ref", v_ref), ("flow", flow), ("mask", mask)):
+        check(t.device == q.device, f"ama_attention: {name} is on {t.device}, q on {q.device}")
 
 
-def _launch(q, k, v, scale, vr=None, flow=None, mask=None):
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    # The kernel assumes unit stride along D (vector loads of whole rows). Views from the usual
+    # `x.view(B, L, H, D).transpose(1, 2)` have it; only exotic layouts (a D-axis transpose) pay this copy.
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _interp_bf16(t: torch.Tensor) -> bool:
+    """bf16 on the interpreter: it stores bf16 as uint16 and its tl.dot multiplies the raw bit patterns
+    (triton-lang/triton#11584; the debugging guide says the interpreter does not support bf16 ops). The kernel
+    then upcasts the loaded tiles to fp32, which is exact, and rounds P and V_w to bf16 values itself, so the
+    arithmetic is the GPU's (bf16 products, fp32 accumulation)."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu"
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    # fp32 inputs follow torch's own matmul setting: TF32 only when the user allowed it for matmuls.
+    if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _attention_fwd(q, k, v, scale: float, v_ref=None, flow=None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel; inputs are already validated. Returns ``(out, lse)``."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format) if not q.is_contiguous() else torch.empty_like(q)
+    # empty_like keeps q's strides when q is a dense view, e.g. (B, L, H, D) memory seen as (B, H, L, D):
+    # the caller's `out.transpose(1, 2).reshape(B, L, H * D)` is then free.
+    out = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    warp = vr is not None
-    if warp:
-        vr = _last_dim_contiguous(vr)
-    else:
-        vr, flow, mask = v, lse, lse  # unused: WARP is a constexpr and the loads compile away
-    # bf16 tl.dot is wrong in the Triton interpreter (numpy has no bf16): upcast there only.
-    dot_dtype = tl.float32 if (q.dtype == torch.bfloat16 and interpreting()) else _TORCH_TO_TL[q.dtype]
-    block_d = max(16, triton.next_power_of_2(D))
+    if out.numel() == 0:
+        return out, lse
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    ama = v_ref is not None
+    if ama:
+        v_ref = _unit_last(v_ref)
+    else:  # unused by the plain path (AMA=False compiles the branch away); any tensor keeps the signature
+        v_ref, flow, mask = v, lse, lse
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](
-        q, k, v, vr, flow, mask, o, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), vr.stride(0), vr.stride(1), vr.stride(2),
-        flow.stride(0), flow.stride(-1), mask.stride(0), mask.stride(-1),
-        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        H, Lq, Lk, D, scale * _LOG2E,
-        BLOCK_D=block_d, WARP=warp, STORE_LSE=True, DOT_DTYPE=dot_dtype, IEEE=q.dtype == torch.float32,
+        q, k, v, v_ref, flow, mask, out, lse,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        v_ref.stride(0), v_ref.stride(1), v_ref.stride(2),
+        flow.stride(0) if ama else 0, flow.stride(1) if ama else 0,
+        mask.stride(0) if ama else 0, mask.stride(1) if ama else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        H, Lq, Lk,
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),  # 16: the smallest K dim of an MMA
+        AMA=ama,
+        DOT_PRECISION=_dot_precision(q),
+        INTERP_BF16=_interp_bf16(q),
     )
-    return o, lse
+    return out, lse
 
 
-# ----------------------------------------------------------------------------------------------- torch ops
+# --------------------------------------------------------------------------------------------- torch ops
 @torch.library.custom_op("dreamfuse::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(q):
-        return _launch(q, k, v, scale)
-    o, lse = attention_reference(q, k, v, scale=scale, return_lse=True)
-    return o, lse
+    _check_qkv(q, k, v)
+    if _common.use_triton(q):
+        return _attention_fwd(q, k, v, scale)
+    out, lse = attention_reference(q, k, v, scale=scale, return_lse=True)
+    return torch.empty_like(q).copy_(out), lse  # same strides as the Triton path and the fake
 
 
 @_attention_op.register_fake
 def _(q, k, v, scale):
+    _check_qkv(q, k, v)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _attention_setup(ctx, inputs, output):
+def _attention_setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, output[1])
     ctx.scale = scale
 
 
-def _attention_backward(ctx, do, dlse):
-    # Backward in PyTorch from the saved lse (no second softmax pass): exact, materializes Lq x Lk per head.
-    # It serves semantic matching guidance and training, not the inference hot path.
-    q, k, v, o, lse = ctx.saved_tensors
-    scale = ctx.scale
-    qf, kf, vf = q.float(), k.float(), v.float()
-    p = torch.exp(scale * qf @ kf.transpose(-1, -2) - lse[..., None])
-    dof = do.float() if do is not None else torch.zeros_like(o, dtype=torch.float32)
-    dv = p.transpose(-1, -2) @ dof
-    dp = dof @ vf.transpose(-1, -2)
-    delta = (dof * o.float()).sum(-1, keepdim=True)
-    ds = p * (dp - delta)
-    if dlse is not None:
-        ds = ds + p * dlse[..., None]  # d lse / d s_j = p_j
-    dq = scale * ds @ kf
-    dk = scale * ds.transpose(-1, -2) @ qf
+def _attention_backward(ctx, d_out, d_lse):
+    q, k, v, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_torch(q, k, v, lse, d_out, d_lse, ctx.scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 @torch.library.custom_op("dreamfuse::ama_attention", mutates_args=())
 def _ama_attention_op(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_ref: torch.Tensor,
                       flow: torch.Tensor, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(q):
-        return _launch(q, k, v_tgt, scale, v_ref, flow, mask)
-    return ama_attention_reference(q, k, v_tgt, v_ref, flow, mask, scale=scale, return_lse=True)
+    _check_ama(q, k, v_tgt, v_ref, flow, mask)
+    if _common.use_triton(q):
+        return _attention_fwd(q, k, v_tgt, scale, v_ref, flow, mask)
+    out, lse = ama_attention_reference(q, k, v_tgt, v_ref, flow, mask, scale=scale, return_lse=True)
+    return torch.empty_like(q).copy_(out), lse
 
 
 @_ama_attention_op.register_fake
 def _(q, k, v_tgt, v_ref, flow, mask, scale):
+    _check_ama(q, k, v_tgt, v_ref, flow, mask)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------- public API
+def _ama_setup_context(ctx, inputs, output):
+    q, k, v_tgt, v_ref, flow, mask, scale = inputs
+    ctx.save_for_backward(q, k, v_tgt, v_ref, flow, mask, output[1])
+    ctx.scale = scale
+
+
+def _ama_backward(ctx, d_out, d_lse):
+    # Attention backward on V_w (recomputed in fp32), then the chain rule through the blend:
+    # dV_tgt = (1 - m) dV_w, dV_ref = scatter-add of m dV_w to the flow rows, dm = sum_hd dV_w (V_ref[flow] - V_tgt).
+    q, k, v_tgt, v_ref, flow, mask, lse = ctx.saved_tensors
+    v_ref_w = _gather_rows(v_ref.float(), flow)
+    m = mask.float()[:, None, :, None]
+    v_w = m * v_ref_w + (1 - m) * v_tgt.float()
+    dq, dk, dv_w = _attention_bwd_torch(q, k, v_w, lse, d_out, d_lse, ctx.scale)
+    dv_tgt = (1 - m) * dv_w
+    dv_ref = torch.zeros_like(dv_w).scatter_add_(2, _row_index(flow, dv_w.shape), m * dv_w)
+    dmask = (dv_w * (v_ref_w - v_tgt.float())).sum(dim=(1, 3))
+    return (dq.to(q.dtype), dk.to(k.dtype), dv_tgt.to(v_tgt.dtype), dv_ref.to(v_ref.dtype), None,
+            dmask.to(mask.dtype), None)
+
+
+_ama_attention_op.register_autograd(_ama_backward, setup_context=_ama_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- public API
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
               return_lse: bool = False):
-    """Fused scaled-dot-product attention.
+    """Fused scaled-dot-product attention, ``softmax(scale * q @ k^T) @ v``, fp32 accumulation.
 
     Args:
-        q: ``(B, H, Lq, D)``; k, v: ``(B, H, Lk, D)``; one dtype (fp16, bf16 or fp32), one device; any strides
-            with a unit-stride head dim; any Lq, Lk; D <= 256.
-        scale: softmax scale, default ``D ** -0.5``.
-        return_lse: also return the log-sum-exp of the scaled scores, ``(B, H, Lq)`` float32.
+        q: ``(B, H, Lq, D)`` float16, bfloat16 or float32. Any strides with unit stride along D (e.g.
+            ``x.view(B, L, H, D).transpose(1, 2)``); other layouts are copied once.
+        k, v: ``(B, H, Lk, D)``, same dtype and device as ``q``. ``D <= 256``, any ``Lq``, ``Lk >= 1``.
+        scale: softmax scale; default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of the scaled scores per query row.
 
     Returns:
-        ``out`` ``(B, H, Lq, D)`` in q's dtype (fp32 accumulation), or ``(out, lse)``.
+        ``out`` ``(B, H, Lq, D)`` in ``q``'s dtype (and ``q``'s strides when ``q`` is a dense view), or
+        ``(out, lse)`` with ``lse`` ``(B, H, Lq)`` float32 (natural log), so that
+        ``p[b, h, i, j] = exp(scale * q[b, h, i] . k[b, h, j] - lse[b, h, i])``.
 
-    Runs the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), else :func:`attention_reference`.
-    Differentiable (PyTorch backward from the saved lse). Also ``torch.ops.dreamfuse.attention``.
+    Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``), :func:`attention_reference` otherwise.
+    Differentiable (backward in PyTorch, recomputing the probabilities from the saved lse).
+    Raises ``ValueError`` on mismatched shapes, dtypes or devices.
     """
-    _check_qkv(q, k, v)
-    o, lse = _attention_op(q, k, v, float(q.shape[-1] ** -0.5 if scale is None else scale))
-    return (o, lse) if return_lse else o
-
-
-def _check_ama(q, k, v_tgt, v_ref, flow, mask):
-    _check_qkv(q, k, v_tgt, "v_tgt")
-    check(isinstance(v_ref, torch.Tensor) and v_ref.shape == v_tgt.shape,
-          f"v_ref: must have v_tgt's shape {tuple(v_tgt.shape)}, got "
-          f"{tuple(v_ref.shape) if isinstance(v_ref, torch.Tensor) else type(v_ref).__name__}")
-    check(v_ref.dtype == v_tgt.dtype and v_ref.device == v_tgt.device, "v_ref: must match v_tgt's dtype and device")
-    B, _, Lk, _ = k.shape
-    check(isinstance(flow, torch.Tensor) and flow.shape == (B, Lk),
-          f"flow: expected shape (B, Lk) = {(B, Lk)}, got {tuple(getattr(flow, 'shape', ()))}")
-    check(flow.dtype in (torch.int32, torch.int64), f"flow: must be int32 or int64, got {flow.dtype}")
-    check(isinstance(mask, torch.Tensor) and mask.shape == (B, Lk),
-          f"mask: expected shape (B, Lk) = {(B, Lk)}, got {tuple(getattr(mask, 'shape', ()))}")
-    check(mask.is_floating_point(), f"mask: must be a float tensor, got {mask.dtype}")
-    check(flow.device == q.device and mask.device == q.device, "device: flow and mask must be on q's device")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    out, lse = torch.ops.dreamfuse.attention(q, k, v, scale)
+    return (out, lse) if return_lse else out
 
 
 def ama_attention(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_ref: torch.Tensor, flow: torch.Tensor,
                   mask: torch.Tensor, *, scale: float | None = None, return_lse: bool = False):
-    """Attention of q over k with DreamMatcher's warped values, fused.
+    """Appearance-matching self-attention (DreamMatcher): :func:`attention` of ``q`` over ``k`` with the values
 
-    ``V_w[b, h, j] = mask[b, j]·v_ref[b, h, flow[b, j]] + (1 − mask[b, j])·v_tgt[b, h, j]``; the warped values
-    are formed while V tiles load and never written to memory.
+        ``V_w[b, h, j] = mask[b, j] * v_ref[b, h, flow[b, j]] + (1 - mask[b, j]) * v_tgt[b, h, j]``
+
+    formed inside the kernel while V tiles are loaded (``V_w`` is never written to memory).
 
     Args:
-        q: ``(B, H, Lq, D)``; k, v_tgt, v_ref: ``(B, H, Lk, D)``.
-        flow: ``(B, Lk)`` int32/int64 indices into v_ref's key axis (target -> reference). Out-of-range values are
-            undefined behaviour in the kernel (checking them would sync the GPU); the reference raises.
-        mask: ``(B, Lk)`` float, soft values in [0, 1] (``m' = M ⊙ U``).
+        q: ``(B, H, Lq, D)``; k, v_tgt, v_ref: ``(B, H, Lk, D)``; one dtype (float16, bfloat16, float32).
+        flow: ``(B, Lk)`` int32 or int64, indices into ``v_ref``'s key axis (target -> reference matches).
+            Values outside ``[0, Lk)`` are undefined behaviour on the Triton path (clamped there, not
+            checked: checking would synchronize the GPU); the reference raises ``ValueError``.
+        mask: ``(B, Lk)`` any float dtype, soft weights in [0, 1] (1 = take the warped reference value).
+        scale, return_lse: as in :func:`attention`.
 
-    Returns ``out`` like q, or ``(out, lse)``. Also ``torch.ops.dreamfuse.ama_attention`` (no autograd:
-    differentiate :func:`ama_attention_reference` instead).
+    Returns ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32 with ``return_lse``).
+    Differentiable w.r.t. q, k, v_tgt, v_ref and mask.
     """
-    _check_ama(q, k, v_tgt, v_ref, flow, mask)
-    o, lse = _ama_attention_op(q, k, v_tgt, v_ref, flow, mask,
-                               float(q.shape[-1] ** -0.5 if scale is None else scale))
-    return (o, lse) if return_lse else o
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    out, lse = torch.ops.dreamfuse.ama_attention(q, k, v_tgt, v_ref, flow, mask, scale)
+    return (out, lse) if return_lse else out
 
 
-# ----------------------------------------------------------------------------------------------- references
+# --------------------------------------------------------------------------------------------- references
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32, or fp64 when the oracle asks for it
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                         return_lse: bool = False):
-    """Plain PyTorch attention accumulating in fp32 (fp64 for fp64 inputs: the tests' oracle); the CPU path.
-    Output in q's dtype, lse ``(B, H, Lq)`` in the accumulation dtype."""
+    """Plain PyTorch attention in fp32 (fp64 for fp64 inputs): the CPU path and the tests' oracle.
+
+    Same contract as :func:`attention`; ``out`` is contiguous, in ``q``'s dtype; ``lse`` is float32
+    (float64 for float64 inputs). Materializes the ``(B, H, Lq, Lk)`` score matrix."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    acc = torch.promote_types(q.dtype, torch.float32)
-    s = scale * (q.to(acc) @ k.to(acc).transpose(-1, -2))
-    lse = torch.logsumexp(s, dim=-1)
-    o = (torch.exp(s - lse[..., None]) @ v.to(acc)).to(q.dtype)
-    return (o, lse) if return_lse else o
+    ct = _compute_dtype(q)
+    scores = scale * (q.to(ct) @ k.to(ct).transpose(-1, -2))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.exp(scores - lse[..., None]) @ v.to(ct)).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, lse if ct == torch.float64 else lse.float()
 
 
-def ama_attention_reference(q, k, v_tgt, v_ref, flow, mask, *, scale: float | None = None,
+def _row_index(flow: torch.Tensor, shape) -> torch.Tensor:
+    B, H, Lk, D = shape
+    return flow.long()[:, None, :, None].expand(B, H, Lk, D)
+
+
+def _gather_rows(v_ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``v_ref[b, h, flow[b, j]]`` for every ``(b, h, j)``."""
+    return torch.gather(v_ref, 2, _row_index(flow, v_ref.shape))
+
+
+def ama_attention_reference(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_ref: torch.Tensor,
+                            flow: torch.Tensor, mask: torch.Tensor, *, scale: float | None = None,
                             return_lse: bool = False):
-    """Materializes ``V_w`` with a gather, then :func:`attention_reference`. Differentiable."""
-    if flow.numel() and (int(flow.min()) < 0 or int(flow.max()) >= v_ref.shape[2]):
-        raise ValueError(f"flow: indices must be in [0, {v_ref.shape[2]}), got [{int(flow.min())}, {int(flow.max())}]")
-    idx = flow.long()[:, None, :, None].expand(-1, v_ref.shape[1], -1, v_ref.shape[3])
-    acc = torch.promote_types(v_tgt.dtype, torch.float32)
-    m = mask.to(acc)[:, None, :, None]
-    v_w = (m * torch.gather(v_ref.to(acc), 2, idx) + (1 - m) * v_tgt.to(acc)).to(v_tgt.dtype)
+    """PyTorch AMA: materializes ``V_w`` (fp32, or fp64 for fp64 inputs) with ``torch.gather``, then
+    :func:`attention_reference`. Raises ``ValueError`` if ``flow`` leaves ``[0, Lk)``."""
+    Lk = v_ref.shape[2]
+    if flow.numel():
+        lo, hi = int(flow.min()), int(flow.max())
+        _common.check(0 <= lo and hi < Lk, f"ama_attention: flow values must lie in [0, {Lk}), got [{lo}, {hi}]")
+    ct = _compute_dtype(v_tgt)
+    m = mask.to(ct)[:, None, :, None]
+    v_w = m * _gather_rows(v_ref.to(ct), flow) + (1 - m) * v_tgt.to(ct)
     return attention_reference(q, k, v_w, scale=scale, return_lse=return_lse)
+
+
+def _attention_bwd_torch(q, k, v, lse, d_out, d_lse, scale: float, chunk_elems: int = 1 << 25):
+    """Attention backward in fp32, recomputing ``P = exp(scale q k^T - lse)`` from the saved lse, a block of
+    query rows at a time so that P stays under ``chunk_elems`` floats (128 MiB) per block.
+
+    ``dS = P * (dP - rowsum(P * dP)) + P * dlse``: ``rowsum(P * dP)`` equals FlashAttention's
+    ``rowsum(dO * O)`` in exact arithmetic, and here does not inherit the fp16 rounding of the saved O.
+    Returns fp32 ``(dq, dk, dv)``."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
+    rows = max(1, chunk_elems // max(1, B * H * Lk))
+    for i in range(0, Lq, rows):
+        sl = slice(i, i + rows)
+        p = torch.exp(scale * (qf[:, :, sl] @ kf.transpose(-1, -2)) - lse[:, :, sl, None].float())
+        ds = torch.zeros_like(p)
+        if d_out is not None:
+            do = d_out[:, :, sl].float()
+            dv += p.transpose(-1, -2) @ do
+            dp = do @ vf.transpose(-1, -2)
+            ds += p * (dp - (p * dp).sum(-1, keepdim=True))
+        if d_lse is not None:
+            ds += p * d_lse[:, :, sl, None].float()
+        dq[:, :, sl] = scale * (ds @ kf)
+        dk += scale * (ds.transpose(-1, -2) @ qf[:, :, sl])
+    return dq, dk, dv

@@ -89,7 +89,7 @@ def test_foreground_from_lse_equals_materialized_attention():
     class Ops:
         attention = staticmethod(attention_reference)
 
-    out = _foreground_handler(state, Ops, token_idx)(LayerInfo("x.attn2", True, hw), q, k, v)
+    out = _foreground_handler(state, Ops, token_idx)(LayerInfo("x.attn2", True, hw, attention_reference), q, k, v)
     torch.testing.assert_close(out, attention_reference(q, k, v))
     probs = (q @ k.transpose(-1, -2) * d**-0.5).softmax(-1)[lay.cond_targets]  # (n, H, Lq, 77)
     want = torch.stack([probs[i, :, :, token_idx[i]].mean(dim=(0, 2)) for i in range(n)]).view(n, *hw)

@@ -239,12 +239,12 @@ def _ama_handler(state: _MatchState, ops) -> Callable:
 
     def handler(layer: LayerInfo, q, k, v):
         if layer.hidden_hw is None or not state.ready:
-            return ops.attention(q, k, v)
+            return layer.attend(q, k, v)
         flow, mask = state.flow_and_mask(layer.hidden_hw)
         t_idx, r_idx = lay.targets, lay.refs_of_targets
         out = torch.empty_like(q)
         refs = [0, lay.n + 1]
-        out[refs] = ops.attention(q[refs], k[refs], v[refs])
+        out[refs] = layer.attend(q[refs], k[refs], v[refs])  # the reference rows stay exactly as without AMA
         ama = ops.ama_attention
         if torch.is_grad_enabled() and q.requires_grad:  # semantic matching guidance differentiates the UNet
             from dreamfuse.kernels.attention import ama_attention_reference as ama
@@ -260,15 +260,20 @@ def _foreground_handler(state: _MatchState, ops, token_idx: torch.Tensor) -> Cal
     attention matrix is never materialized. ``token_idx (n, J)``: the subject's token positions per target."""
     lay = state.layout
 
+    rows = lay.cond_targets
+    others = [r for r in range(lay.rows) if r not in rows]
+
     def handler(layer: LayerInfo, q, k, v):
-        out, lse = ops.attention(q, k, v, return_lse=True)
         if layer.hidden_hw is None:
-            return out
-        rows = lay.cond_targets
+            return layer.attend(q, k, v)
+        out = torch.empty_like(q)
+        out[others] = layer.attend(q[others], k[others], v[others])  # untouched rows: bit-identical to no handler
+        out_c, lse = ops.attention(q[rows], k[rows], v[rows], return_lse=True)
+        out[rows] = out_c
         qc, kc = q[rows].float(), k[rows].float()  # (n, H, Lq, D), (n, H, 77, D)
         ks = torch.stack([kc[i, :, token_idx[i]] for i in range(len(rows))])  # (n, H, J, D)
         scale = q.shape[-1] ** -0.5
-        p = torch.exp(scale * qc @ ks.transpose(-1, -2) - lse[rows].float()[..., None])  # (n, H, Lq, J)
+        p = torch.exp(scale * qc @ ks.transpose(-1, -2) - lse.float()[..., None])  # (n, H, Lq, J)
         m = p.mean(dim=(1, 3)).reshape(len(rows), *layer.hidden_hw).detach()
         state.fg_sum = m if state.fg_sum is None else state.fg_sum + m
         state.fg_layers += 1

@@ -59,7 +59,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: float = 7.5) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: float = 7.5,
+                      size_default: str = "the model's native size") -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty)")
     g.add_argument("--steps", type=_positive_int("--steps"), default=steps, help=f"DDIM steps (default {steps})")
@@ -68,9 +69,9 @@ def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: 
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the first image; image i uses seed + i (default: random, printed)")
     g.add_argument("--height", type=_multiple_of_8("--height"), default=None,
-                   help="image height, a multiple of 8 (default: the model's native size)")
+                   help=f"image height, a multiple of 8 (default: {size_default})")
     g.add_argument("--width", type=_multiple_of_8("--width"), default=None,
-                   help="image width, a multiple of 8 (default: the model's native size)")
+                   help=f"image width, a multiple of 8 (default: {size_default})")
 
 
 def load_engine(args):

@@ -232,7 +232,7 @@ def assign_labels(image: np.ndarray, colors: list[tuple[int, int, int]], toleran
         labels[start:start + 65536] = lab
     for i, c in enumerate(colors):
         if not np.any(np.sqrt(((pix - listed[i]) ** 2).sum(-1)) <= PRESENT_DISTANCE):
-            hexc = "#%02x%02x%02x" % c
+            hexc = "#{:02x}{:02x}{:02x}".format(*c)
             raise ValueError(f"{field}: colour {hexc} is listed but does not appear in the layout")
     return labels.reshape(h, w)
 
@@ -284,13 +284,9 @@ def parse_layout(layout, segments, *, height: int | None = None, width: int | No
     check_layout_size(image, height or h, width or w, factor, f"{field}layout")
     listed = [s for s in segs if s.color is not None]
     labels = assign_labels(image, [s.color for s in listed], tolerance, f"{field}segments")
-    has_bg_pixels = bool((labels == len(listed)).any())
-    if has_bg_pixels:
-        bg = segs[-1] if segs[-1].color is None else Segment(BACKGROUND, None, None)
-        segs = listed + [bg]
+    if (labels == len(listed)).any():  # a background segment only when some pixel belongs to it
+        segs = listed + [segs[-1] if segs[-1].color is None else Segment(BACKGROUND, None, None)]
     else:
         segs = listed
-    if not segs:  # only a background entry and ... no pixels: impossible (every pixel is background then)
-        raise ValueError(f"{field}segments: no segment covers the layout")
     masks = build_masks(labels, len(segs), factor, blur)
     return SegmentLayout(segs, labels, masks)

@@ -1,0 +1,586 @@
+"""Composite diffusion (MSP-Diffusion): a segment layout, a prompt per segment, a global prompt.
+
+Stages over the T DDIM steps of a request (``stage_schedule``):
+
+1. **global diffuser** (first ``global_steps``; the paper's 2, or 8 with a scaffolding image): the shared latent
+   is denoised under the global prompt, plain CFG exactly as text2img.
+2. **scaffolding** (next ``k = round(scaffold_fraction · T)`` steps): every segment develops under its own prompt.
+   Without a scaffolding image the segments are independent latents ``(S, C, h, w)`` started from the shared
+   one, composited by their masks when the stage ends. With a scaffolding image (VAE-encoded once), each step
+   segment s sees the shared latent inside its mask and the scaffolding latent noised to the current timestep
+   outside it (``segment_fill``); after each step the segments are composited back (``composite_latents``).
+3. **harmonization** (the rest): ``harmonize="blend"`` runs every segment's prompt on the shared latent and
+   blends the CFG-combined predictions by the masks (``composite_blend``); ``"global"`` uses the global prompt.
+
+Every request's rows go into ONE UNet call per step, laid out ``[uncond of every row; cond of every row]``
+(a row = one segment, or the global prompt); CFG is per segment with its own guidance, and rows whose
+guidance is <= 1 get no uncond row (as text2img). Requests of a batch may have different segment counts:
+the kernels see ``(B, S_max, ...)`` tensors padded with zero-mask segments, which cost no UNet rows.
+
+Subject-aware guidance (optional, ``sal_model`` + ``sal_scale``): for a subject segment j, the predicted
+``x̂0 = (x_t − sqrt(1−ᾱ_t)·ε)/sqrt(ᾱ_t)`` masked by ``m_j`` is decoded and fed to a segmentation model; the
+mean normalized entropy of its class probabilities is the loss, its gradient w.r.t. ``x_t`` (ε held constant:
+no UNet backward) moves the latent inside the segment: ``x_t ← x_t − λ·∇ ⊙ m_j``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..engine import Engine
+from ..layout import DEFAULT_TOLERANCE, SegmentLayout, parse_layout
+from ..ops import ops_for
+from .common import as_prompt_list, check_guidance, check_steps, resolve_seeds, resolve_size
+
+GLOBAL_STEPS = 2
+"""Global-diffuser steps without a scaffolding image (MSP-Diffusion, appendix A.5, at 80 steps)."""
+GLOBAL_STEPS_SCAFFOLD = 8
+"""Global-diffuser steps with a scaffolding image (MSP-Diffusion, appendix A.5, at 80 steps)."""
+SCAFFOLD_FRACTION = 0.3
+"""Scaffolding steps as a fraction of all steps. MSP/Composite Diffusion do not state k: 0.3 is our choice
+(segments settle their content in the first third of a DDIM trajectory; the rest harmonizes)."""
+HARMONIZE = ("blend", "global")
+STAGES = ("global", "scaffold", "harmonize")
+
+
+# --------------------------------------------------------------------------------------------- inputs
+@dataclass
+class ComposeRequest:
+    """One image of a :func:`compose_batch` call: its layout, segments, global prompt(s), scaffolding image."""
+
+    layout: object
+    """PIL image, path, or ``(H, W, 3)`` uint8 array; one flat colour per segment."""
+    segments: object
+    """Mapping (or SEGMENTS.json path): colour -> prompt or ``{"prompt", "negative_prompt", "guidance",
+    "subject"}``; ``"background"`` -> the segment of unlisted pixels (default: the global prompt)."""
+    prompt: str
+    """The global prompt (global diffuser, background default, ``harmonize="global"``)."""
+    negative_prompt: str | None = None
+    """Negative prompt of the global prompt and default of every segment's (default empty)."""
+    scaffold_image: object = None
+    """Optional scaffolding image (PIL, path, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1])."""
+
+
+def stage_schedule(steps: int, *, scaffold_image: bool = False, global_steps: int | None = None,
+                   scaffold_fraction: float = SCAFFOLD_FRACTION) -> list[str]:
+    """The stage of every step: ``["global"] * G + ["scaffold"] * k + ["harmonize"] * (steps − G − k)``.
+
+    ``G = global_steps`` (default 2, or 8 with a scaffolding image, clipped to ``steps``) and
+    ``k = min(round(scaffold_fraction · steps), steps − G)``.
+    """
+    steps = check_steps(steps)
+    if global_steps is None:
+        g = min(GLOBAL_STEPS_SCAFFOLD if scaffold_image else GLOBAL_STEPS, steps)
+    else:
+        if isinstance(global_steps, bool) or not isinstance(global_steps, int) or not 0 <= global_steps <= steps:
+            raise ValueError(f"global_steps: must be an integer in [0, steps={steps}], got {global_steps!r}")
+        g = global_steps
+    if isinstance(scaffold_fraction, bool) or not isinstance(scaffold_fraction, (int, float)) \
+            or not 0 <= scaffold_fraction <= 1:
+        raise ValueError(f"scaffold_fraction: must be a number in [0, 1], got {scaffold_fraction!r}")
+    k = min(round(scaffold_fraction * steps), steps - g)
+    return ["global"] * g + ["scaffold"] * k + ["harmonize"] * (steps - g - k)
+
+
+def load_scaffold_image(image, height: int, width: int, field: str = "scaffold_image") -> torch.Tensor:
+    """PIL image, path, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] -> ``(1, 3, height, width)`` float32,
+    resized when its aspect ratio matches the generation size (within 2%), an error otherwise."""
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{field}: file {str(image)!r} does not exist")
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError as e:
+            raise ValueError(f"{field}: cannot read {str(path)!r} as an image ({e})") from None
+    if isinstance(image, Image.Image):
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    elif isinstance(image, torch.Tensor):
+        x = image.detach().float().cpu()
+        x = x[None] if x.ndim == 3 else x
+        if x.ndim != 4 or x.shape[:2] != (1, 3):
+            raise ValueError(f"{field}: tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
+    else:
+        raise ValueError(f"{field}: unsupported type {type(image).__name__} (PIL image, path or tensor)")
+    h, w = x.shape[-2:]
+    if abs(w / h - width / height) > 0.02 * (width / height):
+        raise ValueError(f"{field}: aspect ratio of {w}x{h} does not match the generation size {width}x{height}")
+    if (h, w) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0, 1)
+
+
+def load_sal_model(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``torch.nn.Module`` (or any callable) or a TorchScript file path -> the model on ``device``.
+    A module is moved to ``device`` in place; its train/eval mode is left as the caller set it."""
+    if isinstance(model, (str, Path)):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ValueError(f"sal_model: file {str(model)!r} does not exist")
+        try:
+            return torch.jit.load(str(path), map_location=device)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"sal_model: cannot load {str(path)!r} as TorchScript ({str(e).splitlines()[0]})") \
+                from None
+    if isinstance(model, torch.nn.Module):
+        return model.to(device)
+    if callable(model):
+        return model
+    raise ValueError(f"sal_model: must be a torch.nn.Module or a TorchScript path, got {type(model).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- guidance
+def subject_aware_grad(engine: Engine, latents: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor | float,
+                       masks: torch.Tensor, sal_model: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Gradient of the subject-aware entropy loss w.r.t. ``x_t`` (MSP-Diffusion, appendix A.4).
+
+    Args:
+        latents: ``x_t`` ``(N, C, h, w)``; eps: the guided noise prediction ``(N, C, h, w)``, held constant.
+        alpha_t: ``ᾱ_t`` of the step (scalar). masks: ``(N, h, w)`` latent-grid mask of each row's segment.
+        sal_model: images ``(N, 3, H, W)`` in [0, 1] -> class probabilities ``(N, K, H', W')``, K >= 2.
+
+    Returns ``(N, C, h, w)`` in the latents' dtype: ``∇_{x_t} Σ_n mean_hw E_n`` with
+    ``E = −Σ_k P_k log P_k / log K`` of ``P = sal_model(decode(x̂0 ⊙ m))``. Rows are independent (the sum over
+    rows gives each row its own gradient), so a batch of rows equals the rows alone.
+    """
+    alpha_t = torch.as_tensor(alpha_t, dtype=torch.float32, device=latents.device)
+    with torch.enable_grad():
+        x = latents.detach().requires_grad_(True)
+        x0 = (x - (1 - alpha_t).sqrt() * eps.detach()) / alpha_t.sqrt()
+        x0 = x0 * masks[:, None].to(x0.dtype)
+        vae = engine.vae
+        img = vae.decode(x0.to(engine.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        img = (img.float() / 2 + 0.5).clamp(0, 1)
+        probs = sal_model(img)
+        if not isinstance(probs, torch.Tensor) or probs.ndim != 4 or probs.shape[0] != x.shape[0] \
+                or probs.shape[1] < 2:
+            shape = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+            raise ValueError(f"sal_model: must map (N, 3, H, W) images to (N, K, H, W) probabilities with K >= 2, "
+                             f"got {shape}")
+        probs = probs.float()
+        if (probs.sum(1) - 1).abs().max() > 1e-2 or probs.min() < -1e-4:
+            raise ValueError("sal_model: its output must be class probabilities (>= 0, summing to 1 over dim 1); "
+                             "apply softmax in the model")
+        k = probs.shape[1]
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(k)  # (N, H', W') in [0, 1]
+        loss = entropy.flatten(1).mean(1).sum()
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad.to(latents.dtype)
+
+
+def subject_aware_guidance(engine: Engine, latents: torch.Tensor, eps: torch.Tensor, alpha_t, masks: torch.Tensor,
+                           sal_model, scale: float) -> torch.Tensor:
+    """``x_t − scale · ∇L ⊙ m`` for every row (see :func:`subject_aware_grad`): the latent moves only inside
+    its segment's mask (exactly unchanged where the mask is 0)."""
+    grad = subject_aware_grad(engine, latents, eps, alpha_t, masks, sal_model)
+    return latents - scale * grad * masks[:, None].to(latents.dtype)
+
+
+# --------------------------------------------------------------------------------------------- batch state
+@dataclass
+class _Request:
+    """A parsed request and its state during sampling."""
+
+    prompt: str
+    seed: int
+    layout: SegmentLayout
+    schedule: list[str]
+    prompts: list[str]  # per segment
+    negatives: list[str]  # per segment
+    guidance: list[float]  # per segment
+    subjects: list[int]  # segment indices guided by subject-aware guidance
+    global_negative: str
+    scaffold: torch.Tensor | None = None  # (1, C, h, w) scaffolding latent
+    noise: torch.Tensor | None = None  # (1, C, h, w) the request's initial noise (noises the scaffolding latent)
+    seg_latents: torch.Tensor | None = None  # (S, C, h, w) independent segments while scaffolding (no image)
+
+    @property
+    def s(self) -> int:
+        return self.layout.num_segments
+
+
+@dataclass
+class _Rows:
+    """The UNet rows of one step: for each row its input, embedding indices and guidance."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)  # (n_i, C, h, w) per track
+    cond: list[int] = field(default_factory=list)  # embedding index per row
+    uncond: list[int] = field(default_factory=list)  # embedding index per row (-1: no uncond row)
+    guidance: list[float] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # rows [a, b) of each track
+
+    def add(self, x: torch.Tensor, cond: list[int], uncond: list[int], guidance: list[float]) -> None:
+        a = len(self.cond)
+        self.inputs.append(x)
+        self.cond += cond
+        self.uncond += [u if g > 1.0 else -1 for u, g in zip(uncond, guidance)]
+        self.guidance += guidance
+        self.spans.append((a, a + len(cond)))
+
+
+def _pad_segments(tensors: list[torch.Tensor], s_max: int) -> torch.Tensor:
+    """``[(S_r, ...)]`` -> ``(B, s_max, ...)``, padded with zeros (zero-mask segments)."""
+    out = tensors[0].new_zeros(len(tensors), s_max, *tensors[0].shape[1:])
+    for b, x in enumerate(tensors):
+        out[b, : x.shape[0]] = x
+    return out
+
+
+def _segment_rows(x: torch.Tensor, spans: list[tuple[int, int]], s_max: int) -> torch.Tensor:
+    """Rows ``[a, e)`` of ``x`` for each span as ``(len(spans), s_max, ...)``: a view of ``x`` (the kernels read
+    strided inputs in place) when the spans are consecutive runs of ``s_max`` rows, else a zero-padded copy."""
+    a0 = spans[0][0]
+    if all(a == a0 + j * s_max and e - a == s_max for j, (a, e) in enumerate(spans)):
+        return x[a0 : a0 + len(spans) * s_max].unflatten(0, (len(spans), s_max))
+    return _pad_segments([x[a:e] for a, e in spans], s_max)
+
+
+def _parse_requests(engine: Engine, requests, height, width, seeds, guidance_scale, global_steps, scaffold_fraction,
+                    steps, tolerance, blur) -> tuple[list[_Request], int, int]:
+    reqs: list[_Request] = []
+    factor = engine.vae_scale_factor
+    for i, r in enumerate(requests):
+        where = f"requests[{i}]." if len(requests) > 1 else ""
+        if isinstance(r, dict):
+            try:
+                r = ComposeRequest(**r)
+            except TypeError as e:
+                raise ValueError(f"requests[{i}]: {e}") from None
+        if not isinstance(r, ComposeRequest):
+            raise ValueError(f"requests[{i}]: must be a ComposeRequest or a dict, got {type(r).__name__}")
+        (prompt,) = as_prompt_list(r.prompt, f"{where}prompt")
+        if not prompt.strip():
+            raise ValueError(f"{where}prompt: empty")
+        neg = r.negative_prompt or ""
+        if not isinstance(neg, str):
+            raise ValueError(f"{where}negative_prompt: must be a string, got {type(neg).__name__}")
+        lay = parse_layout(r.layout, r.segments, height=height, width=width, factor=factor, tolerance=tolerance,
+                           blur=blur, field=where)
+        if height is None or width is None:  # the first layout sets the size of the batch
+            height, width = (int(v) for v in lay.labels.shape)
+        segs = lay.segments
+        marked = [j for j, s in enumerate(segs) if s.subject]
+        any_marked = any(s.subject is not None for s in segs)
+        subjects = marked if any_marked else [j for j, s in enumerate(segs) if s.color is not None]
+        req = _Request(
+            prompt=prompt, seed=seeds[i], layout=lay, global_negative=neg,
+            schedule=stage_schedule(steps, scaffold_image=r.scaffold_image is not None, global_steps=global_steps,
+                                    scaffold_fraction=scaffold_fraction),
+            prompts=[s.prompt if s.prompt is not None else prompt for s in segs],
+            negatives=[s.negative_prompt if s.negative_prompt is not None else neg for s in segs],
+            guidance=[s.guidance if s.guidance is not None else guidance_scale for s in segs],
+            subjects=subjects)
+        if r.scaffold_image is not None:
+            req.scaffold = load_scaffold_image(r.scaffold_image, height, width, f"{where}scaffold_image")
+        reqs.append(req)
+    return reqs, height, width
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+@torch.no_grad()
+def compose_batch(
+    engine: Engine,
+    requests: Sequence[ComposeRequest | dict],
+    *,
+    steps: int = 80,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | Sequence[int] | None = None,
+    global_steps: int | None = None,
+    scaffold_fraction: float = SCAFFOLD_FRACTION,
+    harmonize: str = "blend",
+    tolerance: float = DEFAULT_TOLERANCE,
+    blur: float = 0.0,
+    sal_model=None,
+    sal_scale: float = 0.0,
+    sal_steps: tuple[int, int] | None = None,
+    progress: bool | None = None,
+    output_type: str = "pil",
+    callback: Callable[[dict], None] | None = None,
+):
+    """Composite generation of several requests in one batch (one UNet call per step for all of them).
+
+    Args:
+        requests: :class:`ComposeRequest` (or dicts of its fields), one image each.
+        steps: DDIM steps (80 in MSP-Diffusion).
+        guidance_scale: CFG scale of the global prompt and default of every segment's ``guidance``.
+        height, width: image size; default: the first layout's size. Every layout must be exactly this size.
+        seed: as text2img: an int (request i gets ``seed + i``), one int per request, or None (random).
+        global_steps: global-diffuser steps (default 2, or 8 for a request with a scaffolding image, as the
+            paper at 80 steps; clipped to ``steps``).
+        scaffold_fraction: scaffolding steps ``k = round(scaffold_fraction · steps)`` after the global diffuser
+            (default 0.3 — our choice, the papers do not give k); 1.0 scaffolds every remaining step.
+        harmonize: ``"blend"`` (segments' prompts on the shared latent, predictions blended by the masks) or
+            ``"global"`` (the global prompt alone).
+        tolerance, blur: colour matching and mask softening, see :mod:`dreamfuse.engine.layout`.
+        sal_model: subject-aware guidance model: a ``torch.nn.Module`` or TorchScript path mapping images
+            ``(N, 3, H, W)`` in [0, 1] to class probabilities ``(N, K, H, W)``.
+        sal_scale: its strength λ (default 0 = off). Guided segments: those with ``"subject": true``; when no
+            segment of a request says ``"subject"``, all its colour segments (not the background). Costs a VAE
+            decode and backward per guided segment and step (no UNet backward).
+        sal_steps: step range ``[start, end)`` of the guidance (default: every scaffolding and harmonization
+            step; the global diffuser has no segments to guide).
+        progress, output_type: as text2img (PIL ``.info`` holds the global prompt and the seed).
+        callback: called after each UNet call with ``{"step", "timestep", "stages", "rows"}`` (the stage of
+            each request, the number of UNet rows).
+    """
+    if not isinstance(requests, Sequence) or isinstance(requests, (str, dict)) or not requests:
+        raise ValueError("requests: give a non-empty list of ComposeRequest")
+    steps = check_steps(steps)
+    guidance_scale = check_guidance(guidance_scale)
+    if height is not None or width is not None:  # validate what is given; the first layout gives the rest
+        f = engine.vae_scale_factor
+        resolve_size(engine, f if height is None else height, f if width is None else width)
+    seeds = resolve_seeds(seed, len(requests))
+    if output_type not in ("pil", "pt", "latent"):
+        raise ValueError(f"output_type: must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    if harmonize not in HARMONIZE:
+        raise ValueError(f"harmonize: must be 'blend' or 'global', got {harmonize!r}")
+    if isinstance(sal_scale, bool) or not isinstance(sal_scale, (int, float)) or not sal_scale >= 0:
+        raise ValueError(f"sal_scale: must be a number >= 0, got {sal_scale!r}")
+    if sal_scale > 0 and sal_model is None:
+        raise ValueError("sal_model: needed when sal_scale > 0")
+    reqs, height, width = _parse_requests(engine, requests, height, width, seeds, guidance_scale, global_steps,
+                                          scaffold_fraction, steps, tolerance, blur)
+    try:
+        sal_lo, sal_hi = (0, steps) if sal_steps is None else (int(sal_steps[0]), int(sal_steps[1]))
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"sal_steps: must be a (start, end) pair of step indices, got {sal_steps!r}") from None
+    if not (0 <= sal_lo <= sal_hi <= steps):
+        raise ValueError(f"sal_steps: need 0 <= start <= end <= steps ({steps}), got {sal_steps!r}")
+    guide_model = load_sal_model(sal_model, engine.device) if sal_scale > 0 else None
+
+    ops = ops_for(engine.config.backend)
+    dev, dt = engine.device, engine.dtype
+    s_max = max(r.s for r in reqs)
+    # (B, S_max, h, w) fp32 (the kernels take any float masks; fp32 keeps blurred masks summing to 1)
+    masks = _pad_segments([r.layout.masks for r in reqs], s_max).to(dev)
+
+    # Every distinct prompt once; rows index into the table.
+    table = list(dict.fromkeys(p for r in reqs for p in (r.global_negative, r.prompt, *r.negatives, *r.prompts)))
+    index = {p: i for i, p in enumerate(table)}
+    emb_table = engine.encode_prompts(table)
+
+    latents = engine.initial_latents([r.seed for r in reqs], height, width)  # (B, C, h, w), the shared latents
+    sched = engine.new_scheduler(steps)
+    ac = sched.alphas_cumprod.to(dev)
+    noise = latents / sched.init_noise_sigma
+    for b, r in enumerate(reqs):
+        r.noise = noise[b : b + 1]
+        if r.scaffold is not None:
+            r.scaffold = engine.encode_image(r.scaffold).to(dt)
+
+    def finish_scaffold(ids: list[int]) -> None:
+        """Composite the independent scaffolding segments of requests ``ids`` into their shared latents."""
+        if ids:
+            seg = _pad_segments([reqs[b].seg_latents for b in ids], s_max)
+            latents[ids] = ops.composite_latents(seg, masks[ids])
+            for b in ids:
+                reqs[b].seg_latents = None
+
+    with engine.progress(steps, "compose", progress) as bar:
+        for i, t in enumerate(sched.timesteps):
+            stages = [r.schedule[i] for r in reqs]
+            finish_scaffold([b for b, r in enumerate(reqs) if stages[b] != "scaffold" and r.seg_latents is not None])
+
+            # ---- rows of this step: one track per request (shared latent, or its S segments)
+            rows = _Rows()
+            kinds = []  # per request: "shared" (eps steps latents[b]), "blend", "segments", "filled"
+            fill_ids = [b for b, r in enumerate(reqs) if stages[b] == "scaffold" and r.scaffold is not None]
+            filled = {}
+            if fill_ids:
+                fill = torch.cat([sched.add_noise(reqs[b].scaffold, reqs[b].noise, t.reshape(1)) for b in fill_ids])
+                seg_in = ops.segment_fill(latents[fill_ids, None].expand(-1, s_max, -1, -1, -1), masks[fill_ids], fill)
+                filled = {b: seg_in[j, : reqs[b].s] for j, b in enumerate(fill_ids)}
+            for b, (r, st) in enumerate(zip(reqs, stages)):
+                seg_cond = [index[p] for p in r.prompts]
+                seg_uncond = [index[p] for p in r.negatives]
+                if st == "global" or (st == "harmonize" and harmonize == "global"):
+                    rows.add(latents[b : b + 1], [index[r.prompt]], [index[r.global_negative]], [guidance_scale])
+                    kinds.append("shared")
+                elif st == "harmonize":
+                    rows.add(latents[b : b + 1].expand(r.s, -1, -1, -1), seg_cond, seg_uncond, r.guidance)
+                    kinds.append("blend")
+                elif r.scaffold is not None:
+                    rows.add(filled[b], seg_cond, seg_uncond, r.guidance)
+                    kinds.append("filled")
+                else:
+                    if r.seg_latents is None:
+                        r.seg_latents = latents[b : b + 1].repeat(r.s, 1, 1, 1)
+                    rows.add(r.seg_latents, seg_cond, seg_uncond, r.guidance)
+                    kinds.append("segments")
+
+            # ---- one UNet call: [uncond rows; cond rows]
+            x_all = torch.cat(rows.inputs)
+            has_u = [k for k, u in enumerate(rows.uncond) if u >= 0]
+            all_u = len(has_u) == len(rows.cond)
+            model_in = sched.scale_model_input(torch.cat([x_all if all_u else x_all[has_u], x_all]), t)
+            emb = emb_table[[rows.uncond[k] for k in has_u] + rows.cond]
+            eps = engine.unet_call(model_in, t, emb)
+            eps_c = eps[len(has_u):]
+            if all_u:
+                eps_u = eps[: len(has_u)]
+            else:  # rows without an uncond row (guidance <= 1) take u = c, so u + g·(c − u) = c exactly
+                eps_u = eps_c.clone()
+                eps_u[has_u] = eps[: len(has_u)]
+            if callback is not None:
+                callback({"step": i, "timestep": int(t), "stages": stages, "rows": eps.shape[0]})
+
+            # ---- guided eps per track: CFG per row, masks blend for the harmonizing requests
+            g_rows = torch.tensor(rows.guidance, device=dev, dtype=torch.float32)
+            eps_rows = (eps_u + g_rows[:, None, None, None] * (eps_c - eps_u)).to(eps.dtype)
+            blend_ids = [b for b, k in enumerate(kinds) if k == "blend"]
+            blended = {}
+            if blend_ids:
+                spans = [rows.spans[b] for b in blend_ids]
+                u, c, g = (_segment_rows(x, spans, s_max) for x in (eps_u, eps_c, g_rows))
+                out = ops.composite_blend(u, c, masks[blend_ids], g)
+                blended = {b: out[j : j + 1] for j, b in enumerate(blend_ids)}
+            tracks_x, tracks_eps = [], []
+            for b, k in enumerate(kinds):
+                a, e = rows.spans[b]
+                x = rows.inputs[b] if k != "blend" else latents[b : b + 1]
+                tracks_x.append(x)
+                tracks_eps.append(blended[b] if k == "blend" else eps_rows[a:e])
+
+            # ---- subject-aware guidance on x_t inside the subject segments
+            if guide_model is not None and sal_lo <= i < sal_hi:
+                tracks_x = _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, ac[t], guide_model,
+                                  float(sal_scale))
+
+            # ---- one DDIM step for every track, then scatter back
+            sizes = [x.shape[0] for x in tracks_x]
+            stepped = sched.step(torch.cat(tracks_eps), t, torch.cat(tracks_x), return_dict=False)[0]
+            stepped = list(stepped.split(sizes))
+            for b, k in enumerate(kinds):
+                if k in ("shared", "blend"):
+                    latents[b] = stepped[b][0]
+                elif k == "segments":
+                    reqs[b].seg_latents = stepped[b]
+            if fill_ids:
+                seg = _pad_segments([stepped[b] for b in fill_ids], s_max)
+                latents[fill_ids] = ops.composite_latents(seg, masks[fill_ids])
+            bar.update(1)
+        finish_scaffold([b for b, r in enumerate(reqs) if r.seg_latents is not None])
+
+    if output_type == "latent":
+        return latents
+    images = engine.decode(latents)
+    if output_type == "pt":
+        return images
+    pil = engine.to_pil(images)
+    for img, r in zip(pil, reqs):
+        img.info.update({"prompt": r.prompt, "seed": str(r.seed), "steps": str(steps),
+                         "guidance_scale": str(guidance_scale), "segments": str(r.s), "harmonize": harmonize})
+    return pil
+
+
+def _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, alpha_t, model, scale) -> list[torch.Tensor]:
+    """Subject-aware guidance for every (track row, subject segment) pair of the step, in one batch."""
+    sel = []  # (track b, row within track, segment j)
+    for b, (r, k) in enumerate(zip(reqs, kinds)):
+        if stages[b] == "global":
+            continue
+        for j in r.subjects:
+            sel.append((b, j if k in ("segments", "filled") else 0, j))
+    if not sel:
+        return tracks_x
+    x = torch.stack([tracks_x[b][row] for b, row, _ in sel])
+    e = torch.stack([tracks_eps[b][row] for b, row, _ in sel])
+    m = torch.stack([masks[b, j] for b, _, j in sel])
+    delta = subject_aware_guidance(engine, x, e, alpha_t, m, model, scale) - x
+    out = [tx.clone() for tx in tracks_x]
+    for (b, row, _), d in zip(sel, delta):
+        out[b][row] += d  # several subjects on one shared latent: their (disjoint-mask) updates add up
+    return out
+
+
+def compose(engine: Engine, layout, segments, *, prompt: str, negative_prompt: str | None = None,
+            scaffold_image=None, **kwargs):
+    """Composite (MSP) generation of one image from a segment layout.
+
+    Args:
+        layout: PIL image, path, or ``(H, W, 3)`` uint8 array with one flat colour per segment (anti-aliased
+            edges are fine); its size is the image size unless ``height``/``width`` are given (then it must match).
+        segments: mapping or SEGMENTS.json path: ``{"#ff0000": "a red car", "#0000ff": {"prompt": "a dog",
+            "negative_prompt": "blurry", "guidance": 9, "subject": true}, "background": "a street"}``. Without
+            ``"background"``, pixels of unlisted colours take the global prompt.
+        prompt: the global prompt; negative_prompt: its negative (and every segment's default).
+        scaffold_image: optional scaffolding image.
+        **kwargs: see :func:`compose_batch` (steps=80, guidance_scale, seed, global_steps, scaffold_fraction,
+            harmonize, tolerance, blur, sal_model, sal_scale, sal_steps, progress, output_type, callback).
+
+    Returns a list of one PIL image (``output_type="pil"``), or a ``(1, ...)`` tensor.
+    """
+    req = ComposeRequest(layout, segments, prompt, negative_prompt, scaffold_image)
+    return compose_batch(engine, [req], **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def register_cli(sub) -> None:
+    import argparse
+
+    from ..cli import add_model_args, add_sampling_args
+
+    p = sub.add_parser(
+        "compose", help="MSP / Composite Diffusion: a colour layout with a prompt per segment",
+        description="Composite generation: every colour of the layout image is a segment with its own prompt "
+                    "(SEGMENTS.json maps colours to prompts); a global diffuser, per-segment scaffolding and "
+                    "harmonization over the shared latent (MSP-Diffusion).",
+        epilog='SEGMENTS.json:\n  {"#ff0000": "a red car", "#0000ff": {"prompt": "a sks dog", "guidance": 9, '
+               '"subject": true},\n   "background": "a city street"}\n'
+               "example:\n  dreamfuse compose --layout layout.png --segments segments.json "
+               "--prompt \"a dog next to a car in a street\" --seed 0 --out street.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layout", required=True, help="layout image: one flat colour per segment (PNG recommended)")
+    p.add_argument("--segments", required=True, help="SEGMENTS.json mapping colours ('#rrggbb') to prompts")
+    p.add_argument("--prompt", required=True, help="the global prompt")
+    p.add_argument("--out", default="dreamfuse.png", help="output image (default dreamfuse.png)")
+    g = p.add_argument_group("composite")
+    g.add_argument("--scaffold-image", default=None, help="scaffolding image (changes the default --global-steps to 8)")
+    g.add_argument("--global-steps", type=int, default=None,
+                   help=f"global diffuser steps (default {GLOBAL_STEPS}, {GLOBAL_STEPS_SCAFFOLD} with a scaffold)")
+    g.add_argument("--scaffold-fraction", type=float, default=SCAFFOLD_FRACTION,
+                   help=f"scaffolding steps as a fraction of --steps (default {SCAFFOLD_FRACTION}; our choice)")
+    g.add_argument("--harmonize", choices=HARMONIZE, default="blend",
+                   help="harmonization: blend the segments' predictions (default) or use the global prompt")
+    g.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"colour matching: RGB distance to the nearest layout colour (default {DEFAULT_TOLERANCE:g})")
+    g.add_argument("--blur", type=float, default=0.0, help="mask edge softening, radius in latent pixels (default 0)")
+    g.add_argument("--sal-model", default=None, help="subject-aware guidance: TorchScript segmentation model")
+    g.add_argument("--sal-scale", type=float, default=0.0, help="subject-aware guidance strength (default 0 = off)")
+    add_sampling_args(p, steps=80, guidance=7.5, size_default="the layout's; it must match")
+    add_model_args(p)
+    p.set_defaults(func=_cmd_compose)
+
+
+def _cmd_compose(args) -> None:
+    from ..cli import load_engine, output_paths, save_images
+    from ..engine import random_seed
+    from ..layout import load_layout_image, parse_segments
+
+    output_paths(args.out, 1)  # fail on bad input before any model work
+    parse_segments(args.segments)
+    load_layout_image(args.layout)
+    if args.scaffold_image is not None and not Path(args.scaffold_image).expanduser().is_file():
+        raise ValueError(f"--scaffold-image: file {args.scaffold_image!r} does not exist")
+    if args.sal_scale > 0 and args.sal_model is None:
+        raise ValueError("--sal-model: needed with --sal-scale > 0")
+    engine = load_engine(args)
+    images = compose(
+        engine, args.layout, args.segments, prompt=args.prompt, negative_prompt=args.negative_prompt,
+        scaffold_image=args.scaffold_image, steps=args.steps, guidance_scale=args.guidance, height=args.height,
+        width=args.width, seed=random_seed() if args.seed is None else args.seed, global_steps=args.global_steps,
+        scaffold_fraction=args.scaffold_fraction, harmonize=args.harmonize, tolerance=args.tolerance,
+        blur=args.blur, sal_model=args.sal_model, sal_scale=args.sal_scale)
+    save_images(images, args.out)

@@ -15,6 +15,7 @@ PyTorch references (the CPU path and the tests' oracle).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,32 +31,39 @@ _MAX_HEAD_DIM = 256  # the fp32 accumulator of a 128 x 256 tile already fills th
 
 
 # --------------------------------------------------------------------------------------------- autotuning
+# Register and shared-memory figures below are from cuobjdump on this kernel's fp16 cubins (sm_80, sm_90).
 def _keep(c: triton.Config) -> bool:
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    # 8 warps only pay with 128 query rows: below that each warp owns < 16 rows of the m16 MMA tile.
-    if c.num_warps == 8 and bm < 128:
+    # 128 query rows on 4 warps: 234-255 registers already at D=40 and local-memory spills from D=80 on.
+    if bm == 128 and c.num_warps == 4:
         return False
-    # BLOCK_N > BLOCK_M doubles the P tile held in registers for no reuse gain (K/V are reused across
+    # BLOCK_N > BLOCK_M grows the P tile held in registers without more reuse (K/V tiles are reused across
     # the BLOCK_M rows, not the other way round).
     return bn <= bm
 
 
-_SMEM_BUDGET = 160 * 1024  # bytes: fits A100 (164 KiB) and H100 (228 KiB) per-block shared memory
+@functools.cache
+def _smem_limit(device_index: int) -> int:
+    try:
+        return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    except Exception:  # no GPU driver: assume an A100's 164 KiB
+        return 164 * 1024
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose K/V pipeline cannot fit in shared memory for this head dim and dtype, so the
-    tuner does not spend time compiling them (it would skip them as OutOfResources anyway)."""
-    bd, esize = kwargs["BLOCK_D"], named_args["Q"].element_size()
-    smem = lambda c: (c.kwargs["BLOCK_M"] * bd + 2 * c.num_stages * c.kwargs["BLOCK_N"] * bd) * esize
-    fits = [c for c in configs if smem(c) <= _SMEM_BUDGET]
+    """Drop configs that cannot fit the device's shared memory (q tile + num_stages K and V tiles: the sm_90
+    figure exactly, an upper bound on sm_80) or that spill at this head dim, rather than compile them."""
+    bd, q = kwargs["BLOCK_D"], named_args["Q"]
+    smem = lambda c: (c.kwargs["BLOCK_M"] * bd + 2 * c.num_stages * c.kwargs["BLOCK_N"] * bd) * q.element_size()
+    # D=160 -> 256 lanes: 128-key tiles spill on both archs (240-256 bytes of stack at 8 warps).
+    fits = [c for c in configs if smem(c) <= _smem_limit(q.device.index or 0) and bd * c.kwargs["BLOCK_N"] <= 256 * 64]
     return fits or [min(configs, key=smem)]
 
 
 if _common.pin_configs():
-    # One config for the interpreter and pytest: reproducible, and safe on any GPU even at D=256 fp32
-    # (num_stages=1 keeps shared memory at 128 KiB). BLOCK_N=32 also gives the tests several key blocks
-    # (77 keys -> 3 blocks with a ragged tail), which is what exercises the online softmax.
+    # One config for the interpreter and pytest: reproducible, and it fits any GPU's shared memory even at
+    # D=256 fp32 (num_stages=1: 128 KiB). BLOCK_N=32 also gives the tests several key blocks (77 keys -> 3
+    # blocks with a ragged tail), which is what exercises the online softmax.
     _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 else:
     _CONFIGS = [
@@ -96,12 +104,22 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     AMA: tl.constexpr,  # warp the values: V_w = m * V_ref[flow] + (1 - m) * V; the plain path compiles without it
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 unless torch allows TF32; ignored for fp16/bf16
+    DOT_PRECISION: tl.constexpr,  # fp32: "tf32x3" unless torch allows TF32; fp16/bf16: None (default)
     INTERP_BF16: tl.constexpr,  # bf16 under TRITON_INTERPRET=1: dot in fp32 (see _interp_bf16)
+    SA: tl.constexpr,  # stride unit, see _stride_unit
 ):
+    # The q/k/v/v_ref/out strides arrive divided by SA (8 when all are multiples of 8); multiplying back by the
+    # constexpr proves 16-byte-aligned rows, so D=40 rows load as 8-wide vectors. Triton only specializes
+    # divisibility by 16, which the head stride 40 misses: without this, D=40 on sm_90 (BLOCK 128x64) compiles
+    # to scalar ld.global.b16 only, 194 registers and no cp.async pipelining; with it, 16-byte loads and 123.
+    stride_qb, stride_qh, stride_qm = stride_qb * SA, stride_qh * SA, stride_qm * SA
+    stride_kb, stride_kh, stride_kn = stride_kb * SA, stride_kh * SA, stride_kn * SA
+    stride_vb, stride_vh, stride_vn = stride_vb * SA, stride_vh * SA, stride_vn * SA
+    stride_rb, stride_rh, stride_rn = stride_rb * SA, stride_rh * SA, stride_rn * SA
+    stride_ob, stride_oh, stride_om = stride_ob * SA, stride_oh * SA, stride_om * SA
     pid_m = tl.program_id(0)
-    # int64: b * stride_qb reaches 2**31 at batch 8 x 9216 tokens x 8 heads x 160 in fp32 views of
-    # larger buffers; the per-row offsets below stay int32.
+    # int64: b * stride_qb passes 2**31 once the storage does (183 images of 9216 tokens x 1280 channels, the
+    # 768² top level, or a view into a larger buffer); offsets within one (b, h) row block stay int32.
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
@@ -123,7 +141,8 @@ def _attention_fwd_kernel(
         f_base = FLOW + b * stride_fb
         w_base = MASK + b * stride_wb
 
-    # fp32 running max / sum / accumulator: fp16 sums of exp overflow past ~4096 keys.
+    # fp32 running max / sum / accumulator: an fp16 sum (11-bit mantissa) drops terms under 2**-11 of itself,
+    # which at 4096 keys is most of them.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -183,10 +202,14 @@ def _attention_fwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launcher
+def _check_tensors(**named) -> None:
+    for name, t in named.items():
+        _common.check(isinstance(t, torch.Tensor), f"attention: {name} must be a tensor, got {type(t).__name__}")
+
+
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_name: str = "v") -> None:
     check = _common.check
     for name, t in (("q", q), ("k", k), (v_name, v)):
-        check(isinstance(t, torch.Tensor), f"attention: {name} must be a tensor, got {type(t).__name__}")
         check(t.dim() == 4, f"attention: {name} must be rank 4 (B, H, L, D), got shape {tuple(t.shape)}")
     check(q.dtype in _DTYPES, f"attention: dtype {q.dtype} unsupported (use float16, bfloat16 or float32)")
     check(k.dtype == q.dtype and v.dtype == q.dtype,
@@ -205,15 +228,13 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_name: str = 
 def _check_ama(q, k, v_tgt, v_ref, flow, mask) -> None:
     check = _common.check
     _check_qkv(q, k, v_tgt, "v_tgt")
-    check(isinstance(v_ref, torch.Tensor) and v_ref.shape == v_tgt.shape,
-          f"ama_attention: v_ref must have v_tgt's shape {tuple(v_tgt.shape)}, got "
-          f"{tuple(v_ref.shape) if isinstance(v_ref, torch.Tensor) else type(v_ref).__name__}")
+    check(v_ref.shape == v_tgt.shape,
+          f"ama_attention: v_ref must have v_tgt's shape {tuple(v_tgt.shape)}, got {tuple(v_ref.shape)}")
     check(v_ref.dtype == v_tgt.dtype, f"ama_attention: v_ref dtype {v_ref.dtype} != v_tgt dtype {v_tgt.dtype}")
     B, _, Lk, _ = k.shape
     for name, t in (("flow", flow), ("mask", mask)):
-        check(isinstance(t, torch.Tensor) and tuple(t.shape) == (B, Lk),
-              f"ama_attention: {name} must have shape (B, Lk) = {(B, Lk)}, got "
-              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        check(tuple(t.shape) == (B, Lk),
+              f"ama_attention: {name} must have shape (B, Lk) = {(B, Lk)}, got {tuple(t.shape)}")
     check(flow.dtype in (torch.int32, torch.int64), f"ama_attention: flow must be int32 or int64, got {flow.dtype}")
     check(mask.is_floating_point(), f"ama_attention: mask must be a float tensor, got {mask.dtype}")
     for name, t in (("v_ref", v_ref), ("flow", flow), ("mask", mask)):
@@ -228,17 +249,28 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 def _interp_bf16(t: torch.Tensor) -> bool:
     """bf16 on the interpreter: it stores bf16 as uint16 and its tl.dot multiplies the raw bit patterns
-    (triton-lang/triton#11584; the debugging guide says the interpreter does not support bf16 ops). The kernel
-    then upcasts the loaded tiles to fp32, which is exact, and rounds P and V_w to bf16 values itself, so the
-    arithmetic is the GPU's (bf16 products, fp32 accumulation)."""
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu"
+    (triton-lang/triton#11584; the debugging guide says the interpreter does not support bf16 ops), and its
+    fp32 -> bf16 cast truncates. The kernel then upcasts the loaded tiles to fp32, which is exact, and rounds
+    P, V_w and the output to bf16 values itself (RTNE), so the arithmetic is the GPU's: bf16 operands, fp32
+    accumulation. Keyed on the interpreter, not the device: TRITON_INTERPRET=1 also interprets CUDA tensors."""
+    return t.dtype == torch.bfloat16 and _common.interpreting()
 
 
-def _dot_precision(t: torch.Tensor) -> str:
-    # fp32 inputs follow torch's own matmul setting: TF32 only when the user allowed it for matmuls.
-    if t.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _dot_precision(t: torch.Tensor) -> str | None:
+    """fp32 inputs follow torch's matmul setting: TF32 when ``torch.backends.cuda.matmul.allow_tf32``, else
+    3xTF32 (fp32-level products on tensor cores). Not "ieee": that lowers to FMA loops which spill 7 KiB of
+    stack per thread at D=80 (sm_80 cubin). fp16/bf16: None, the backend default (the option is fp32-only)."""
+    if t.dtype != torch.float32:
+        return None
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "tf32x3" if torch.version.hip is None else "ieee"
+
+
+def _stride_unit(*ts: torch.Tensor) -> int:
+    """8 when every (B, H, L) stride of ``ts`` is a multiple of 8 elements (the kernel then gets the strides
+    divided by 8 and multiplies back, which tells the compiler that rows are 16-byte aligned), else 1."""
+    return 8 if all(s % 8 == 0 for t in ts for s in t.stride()[:3]) else 1
 
 
 def _attention_fwd(q, k, v, scale: float, v_ref=None, flow=None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,22 +290,22 @@ def _attention_fwd(q, k, v, scale: float, v_ref=None, flow=None, mask=None) -> t
     else:  # unused by the plain path (AMA=False compiles the branch away); any tensor keeps the signature
         v_ref, flow, mask = v, lse, lse
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    sa = _stride_unit(q, k, v, v_ref, out)
+    st = lambda t: [s // sa for s in t.stride()[:3]]
     _attention_fwd_kernel[grid](
         q, k, v, v_ref, flow, mask, out, lse,
         scale * math.log2(math.e),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        v_ref.stride(0), v_ref.stride(1), v_ref.stride(2),
+        *st(q), *st(k), *st(v), *st(v_ref),
         flow.stride(0) if ama else 0, flow.stride(1) if ama else 0,
         mask.stride(0) if ama else 0, mask.stride(1) if ama else 0,
-        out.stride(0), out.stride(1), out.stride(2),
+        *st(out),
         H, Lq, Lk,
         HEAD_DIM=D,
         BLOCK_D=max(16, triton.next_power_of_2(D)),  # 16: the smallest K dim of an MMA
         AMA=ama,
         DOT_PRECISION=_dot_precision(q),
         INTERP_BF16=_interp_bf16(q),
+        SA=sa,
     )
     return out, lse
 
@@ -370,6 +402,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     Differentiable (backward in PyTorch, recomputing the probabilities from the saved lse).
     Raises ``ValueError`` on mismatched shapes, dtypes or devices.
     """
+    _check_tensors(q=q, k=k, v=v)  # here, as the dispatcher rejects non-tensors before the op's own checks run
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     out, lse = torch.ops.dreamfuse.attention(q, k, v, scale)
     return (out, lse) if return_lse else out
@@ -394,6 +427,7 @@ def ama_attention(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_ref: 
     Returns ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32 with ``return_lse``).
     Differentiable w.r.t. q, k, v_tgt, v_ref and mask.
     """
+    _check_tensors(q=q, k=k, v_tgt=v_tgt, v_ref=v_ref, flow=flow, mask=mask)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     out, lse = torch.ops.dreamfuse.ama_attention(q, k, v_tgt, v_ref, flow, mask, scale)
     return (out, lse) if return_lse else out
@@ -412,11 +446,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     (float64 for float64 inputs). Materializes the ``(B, H, Lq, Lk)`` score matrix."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = _compute_dtype(q)
-    scores = scale * (q.to(ct) @ k.to(ct).transpose(-1, -2))
-    lse = torch.logsumexp(scores, dim=-1)
-    out = (torch.exp(scores - lse[..., None]) @ v.to(ct)).to(q.dtype)
+    # scale q (Lq x D) rather than the scores (Lq x Lk), and the fused softmax rather than exp(s - lse): one
+    # pass less over the score matrix each: 2x on CPU at 1024 tokens. Out-of-place, so autograd works through it.
+    scores = (q.to(ct) * scale) @ k.to(ct).transpose(-1, -2)
+    out = (torch.softmax(scores, dim=-1) @ v.to(ct)).to(q.dtype)
     if not return_lse:
         return out
+    lse = torch.logsumexp(scores, dim=-1)
     return out, lse if ct == torch.float64 else lse.float()
 
 

@@ -116,6 +116,8 @@ def cmd_generate(args) -> None:
     output_paths(args.out, len(prompts))  # fail on a bad --out before any model work
     seed = random_seed() if args.seed is None else args.seed
     engine = load_engine(args)
+    if args.relation:
+        engine.load_relation(args.relation)
     images = engine.text2img(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                              guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed)
     save_images(images, args.out)
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per prompt (default 1)")
     gen.add_argument("--out", default="dreamfuse.png",
                      help="output image; with several images, OUT-0.png, OUT-1.png, ... (default dreamfuse.png)")
+    gen.add_argument("--relation", default=None, metavar="FILE",
+                     help="a ReVersion learned_embeds.bin: its relation token (e.g. <R>) becomes usable in prompts")
     add_sampling_args(gen)
     add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -158,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PIPELINE_CLIS = ("dreamfuse.engine.pipelines.personalize", "dreamfuse.engine.pipelines.composite")
+_PIPELINE_CLIS = (
+    "dreamfuse.engine.pipelines.personalize",
+    "dreamfuse.engine.pipelines.composite",
+    "dreamfuse.engine.relation",
+    "dreamfuse.engine.train.cli",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,6 +134,13 @@ class Engine:
 
         return text2img(self, prompts, **kwargs)
 
+    def load_relation(self, path_or_embeds, **kwargs) -> str:
+        """Add a ReVersion relation token to the tokenizer and text encoder; see
+        :func:`dreamfuse.engine.relation.load_relation`. Returns the token."""
+        from .relation import load_relation
+
+        return load_relation(self, path_or_embeds, **kwargs)
+
     def personalize(self, prompts, reference_image, **kwargs):
         """DreamMatcher personalization; see :func:`dreamfuse.engine.pipelines.personalize.personalize`."""
         from .pipelines.personalize import personalize

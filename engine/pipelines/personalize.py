@@ -245,10 +245,8 @@ def _ama_handler(state: _MatchState, ops) -> Callable:
         out = torch.empty_like(q)
         refs = [0, lay.n + 1]
         out[refs] = layer.attend(q[refs], k[refs], v[refs])  # the reference rows stay exactly as without AMA
-        ama = ops.ama_attention
-        if torch.is_grad_enabled() and q.requires_grad:  # semantic matching guidance differentiates the UNet
-            from dreamfuse.kernels.attention import ama_attention_reference as ama
-        out[t_idx] = ama(q[t_idx], k[t_idx], v[t_idx], v[r_idx], flow, mask.to(q.dtype))
+        # differentiable (semantic matching guidance backpropagates through the UNet)
+        out[t_idx] = ops.ama_attention(q[t_idx], k[t_idx], v[t_idx], v[r_idx], flow, mask.to(q.dtype))
         return out
 
     return handler

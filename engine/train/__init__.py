@@ -1,0 +1,1 @@
+"""Training paths in eager PyTorch (SDPA attention, autograd): ReVersion relation inversion, PatchDPO."""

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import open_image
+
 BACKGROUND = "background"
 DEFAULT_TOLERANCE = 224.0
 PRESENT_DISTANCE = 48.0
@@ -158,15 +160,7 @@ def load_layout_image(layout, field: str = "layout") -> np.ndarray:
     """A PIL image, a path or an ``(H, W, 3)`` uint8 array -> ``(H, W, 3)`` uint8 (alpha dropped)."""
     if layout is None:
         raise ValueError(f"{field}: missing (give a PIL image, a path or an (H, W, 3) uint8 array)")
-    if isinstance(layout, (str, Path)):
-        path = Path(layout).expanduser()
-        if not path.is_file():
-            raise ValueError(f"{field}: file {str(layout)!r} does not exist")
-        try:
-            layout = Image.open(path)
-            layout.load()
-        except OSError as e:
-            raise ValueError(f"{field}: cannot read {str(path)!r} as an image ({e})") from None
+    layout = open_image(layout, field)
     if isinstance(layout, Image.Image):
         return np.asarray(layout.convert("RGB"), dtype=np.uint8).copy()
     if isinstance(layout, np.ndarray):

@@ -59,3 +59,27 @@ def cfg_combine(eps: torch.Tensor, n: int, guidance_scale: float) -> torch.Tenso
     """Classifier-free guidance over a batch laid out ``[uncond x n, cond x n]``."""
     uncond, cond = eps[:n], eps[n:]
     return uncond + guidance_scale * (cond - uncond)
+
+
+
+OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+def check_output_type(output_type: str) -> str:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type: must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    return output_type
+
+
+def finish(engine: Engine, latents: torch.Tensor, output_type: str, infos: Sequence[dict]):
+    """The pipelines' output: the latents, the decoded ``(B, 3, H, W)`` tensor in [0, 1], or PIL images whose
+    ``.info`` holds ``infos[i]`` (values as strings: they go into the PNG's text chunks)."""
+    if output_type == "latent":
+        return latents
+    images = engine.decode(latents)
+    if output_type == "pt":
+        return images
+    pil = engine.to_pil(images)
+    for img, info in zip(pil, infos):
+        img.info.update({k: str(v) for k, v in info.items()})
+    return pil

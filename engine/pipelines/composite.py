@@ -30,15 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from ..engine import Engine
+from ..images import image_tensor
 from ..layout import DEFAULT_TOLERANCE, SegmentLayout, parse_layout
 from ..ops import ops_for
-from .common import as_prompt_list, check_guidance, check_steps, resolve_seeds, resolve_size
+from .common import as_prompt_list, check_guidance, check_output_type, check_steps, finish, resolve_seeds, resolve_size
 
 GLOBAL_STEPS = 2
 """Global-diffuser steps without a scaffolding image (MSP-Diffusion, appendix A.5, at 80 steps)."""
@@ -93,30 +91,7 @@ def stage_schedule(steps: int, *, scaffold_image: bool = False, global_steps: in
 def load_scaffold_image(image, height: int, width: int, field: str = "scaffold_image") -> torch.Tensor:
     """PIL image, path, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] -> ``(1, 3, height, width)`` float32,
     resized when its aspect ratio matches the generation size (within 2%), an error otherwise."""
-    if isinstance(image, (str, Path)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise ValueError(f"{field}: file {str(image)!r} does not exist")
-        try:
-            image = Image.open(path)
-            image.load()
-        except OSError as e:
-            raise ValueError(f"{field}: cannot read {str(path)!r} as an image ({e})") from None
-    if isinstance(image, Image.Image):
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    elif isinstance(image, torch.Tensor):
-        x = image.detach().float().cpu()
-        x = x[None] if x.ndim == 3 else x
-        if x.ndim != 4 or x.shape[:2] != (1, 3):
-            raise ValueError(f"{field}: tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-    else:
-        raise ValueError(f"{field}: unsupported type {type(image).__name__} (PIL image, path or tensor)")
-    h, w = x.shape[-2:]
-    if abs(w / h - width / height) > 0.02 * (width / height):
-        raise ValueError(f"{field}: aspect ratio of {w}x{h} does not match the generation size {width}x{height}")
-    if (h, w) != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
-    return x.clamp(0, 1)
+    return image_tensor(image, height, width, field)
 
 
 def load_sal_model(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -342,8 +317,7 @@ def compose_batch(
         f = engine.vae_scale_factor
         resolve_size(engine, f if height is None else height, f if width is None else width)
     seeds = resolve_seeds(seed, len(requests))
-    if output_type not in ("pil", "pt", "latent"):
-        raise ValueError(f"output_type: must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    check_output_type(output_type)
     if harmonize not in HARMONIZE:
         raise ValueError(f"harmonize: must be 'blend' or 'global', got {harmonize!r}")
     if isinstance(sal_scale, bool) or not isinstance(sal_scale, (int, float)) or not sal_scale >= 0:
@@ -473,16 +447,9 @@ def compose_batch(
             bar.update(1)
         finish_scaffold([b for b, r in enumerate(reqs) if r.seg_latents is not None])
 
-    if output_type == "latent":
-        return latents
-    images = engine.decode(latents)
-    if output_type == "pt":
-        return images
-    pil = engine.to_pil(images)
-    for img, r in zip(pil, reqs):
-        img.info.update({"prompt": r.prompt, "seed": str(r.seed), "steps": str(steps),
-                         "guidance_scale": str(guidance_scale), "segments": str(r.s), "harmonize": harmonize})
-    return pil
+    infos = [{"prompt": r.prompt, "seed": r.seed, "steps": steps, "guidance_scale": guidance_scale, "segments": r.s,
+              "harmonize": harmonize} for r in reqs]
+    return finish(engine, latents, output_type, infos)
 
 
 def _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, alpha_t, model, scale) -> list[torch.Tensor]:

@@ -17,15 +17,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from ..engine import Engine
+from ..images import image_tensor
 from ..ops import ops_for
 from ..processors import LayerInfo
-from .common import as_prompt_list, cfg_combine, check_guidance, check_steps, resolve_seeds, resolve_size
+from .common import (
+    as_prompt_list,
+    cfg_combine,
+    check_guidance,
+    check_output_type,
+    check_steps,
+    finish,
+    resolve_seeds,
+    resolve_size,
+)
 
 _INVERSION_CACHE_SIZE = 8
 _PCA_SEED = 0  # pca_lowrank is randomized: a fixed seed (on a forked RNG) keeps runs reproducible
@@ -33,39 +41,9 @@ _PCA_SEED = 0  # pca_lowrank is randomized: a fixed seed (on a forked RNG) keeps
 
 # --------------------------------------------------------------------------------------------- inputs
 def load_reference(image, height: int, width: int) -> torch.Tensor:
-    """A PIL image, a path, or a ``(3, H, W)``/``(1, 3, H, W)`` float tensor in [0, 1] -> ``(1, 3, height, width)``.
-
-    The image is resized to the generation size when its aspect ratio matches (within 2%); another aspect
-    ratio is an error rather than a silent crop or stretch.
-    """
-    if image is None:
-        raise ValueError("reference_image: missing (give a PIL image, a path or a tensor)")
-    if isinstance(image, (str, Path)):
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise ValueError(f"reference_image: file {str(image)!r} does not exist")
-        try:
-            image = Image.open(path)
-            image.load()
-        except OSError as e:
-            raise ValueError(f"reference_image: cannot read {str(path)!r} as an image ({e})") from None
-    if isinstance(image, Image.Image):
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    elif isinstance(image, torch.Tensor):
-        x = image.detach().float().cpu()
-        x = x[None] if x.ndim == 3 else x
-        if x.ndim != 4 or x.shape[:2] != (1, 3):
-            raise ValueError(f"reference_image: tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
-    else:
-        raise ValueError(f"reference_image: unsupported type {type(image).__name__}")
-    h, w = x.shape[-2:]
-    if min(h, w) < 8:
-        raise ValueError(f"reference_image: {w}x{h} is too small")
-    if abs(w / h - width / height) > 0.02 * (width / height):
-        raise ValueError(f"reference_image: aspect ratio {w}x{h} does not match the generation size {width}x{height}")
-    if (h, w) != (height, width):
-        x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    return x
+    """A PIL image, a path, or a ``(3, H, W)``/``(1, 3, H, W)`` float tensor in [0, 1] -> ``(1, 3, height, width)``,
+    resized when the aspect ratio matches (see :func:`common.image_tensor`)."""
+    return image_tensor(image, height, width, "reference_image")
 
 
 def subject_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
@@ -370,8 +348,7 @@ def personalize(
     guidance_scale = check_guidance(guidance_scale)
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
-    if output_type not in ("pil", "pt", "latent"):
-        raise ValueError(f"output_type: must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    check_output_type(output_type)
     if not isinstance(subject_token, str):
         raise ValueError("subject_token: must be a string")
     token_idx = torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token) for p in prompts])
@@ -446,15 +423,8 @@ def personalize(
         if hooks is not None:
             hooks.remove()
 
-    if output_type == "latent":
-        return latents
-    images = engine.decode(latents)
-    if output_type == "pt":
-        return images
-    pil = engine.to_pil(images)
-    for img, p, s in zip(pil, prompts, seeds):
-        img.info.update({"prompt": p, "seed": str(s), "steps": str(steps), "subject_token": subject_token})
-    return pil
+    infos = [{"prompt": p, "seed": s, "steps": steps, "subject_token": subject_token} for p, s in zip(prompts, seeds)]
+    return finish(engine, latents, output_type, infos)
 
 
 def _matching_guidance_grad(state: _MatchState, model_in: torch.Tensor, eps: torch.Tensor, z0_ref: torch.Tensor,

@@ -7,7 +7,16 @@ from collections.abc import Sequence
 import torch
 
 from ..engine import Engine
-from .common import as_prompt_list, cfg_combine, check_guidance, check_steps, resolve_seeds, resolve_size
+from .common import (
+    as_prompt_list,
+    cfg_combine,
+    check_guidance,
+    check_output_type,
+    check_steps,
+    finish,
+    resolve_seeds,
+    resolve_size,
+)
 
 
 @torch.no_grad()
@@ -44,8 +53,7 @@ def text2img(
     guidance_scale = check_guidance(guidance_scale)
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
-    if output_type not in ("pil", "pt", "latent"):
-        raise ValueError(f"output_type: must be 'pil', 'pt' or 'latent', got {output_type!r}")
+    check_output_type(output_type)
     negatives = as_prompt_list(negative_prompt if negative_prompt is not None else [""] * n, "negative_prompt")
     if len(negatives) == 1 and n > 1:
         negatives = negatives * n
@@ -66,12 +74,5 @@ def text2img(
             latents = sched.step(eps, t, latents, return_dict=False)[0]
             bar.update(1)
 
-    if output_type == "latent":
-        return latents
-    images = engine.decode(latents)
-    if output_type == "pt":
-        return images
-    pil = engine.to_pil(images)
-    for img, p, s in zip(pil, prompts, seeds):
-        img.info.update({"prompt": p, "seed": str(s), "steps": str(steps), "guidance_scale": str(guidance_scale)})
-    return pil
+    infos = [{"prompt": p, "seed": s, "steps": steps, "guidance_scale": guidance_scale} for p, s in zip(prompts, seeds)]
+    return finish(engine, latents, output_type, infos)

@@ -1,0 +1,210 @@
+"""ReVersion relation tokens at inference: load a learned ``<R>`` into an engine, and build relation prompts.
+
+A relation file is the official ReVersion / textual-inversion format, ``torch.save({"<R>": tensor})`` with a
+``(D,)`` (or ``(1, D)``) tensor, ``D`` the text encoder's hidden size (768 for SD 1.x). ``.safetensors`` files
+with the same single-key layout are read too. Loading adds the token to the tokenizer, grows the text
+encoder's token-embedding table by one row and writes the embedding there; nothing else in the model changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+DEFAULT_TOKEN = "<R>"
+DEFAULT_TEMPLATE = "{} <R> {}"
+_SLOT = "{}"
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"relation: file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: name the file, not the unpickler's internals
+        raise ValueError(f"relation: cannot read {str(path)!r} as a learned_embeds file ({type(e).__name__}: {e})"
+                         ) from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"relation: {str(path)!r} holds a {type(data).__name__}, expected a dict "
+                         "{token: embedding} (the official learned_embeds.bin format)")
+    return dict(data)
+
+
+def _pick(embeds: dict, token: str | None, source: str) -> tuple[str, torch.Tensor]:
+    if not embeds:
+        raise ValueError(f"relation: {source} holds no embedding")
+    if token is not None and token in embeds:
+        name, value = token, embeds[token]
+    elif len(embeds) == 1:
+        (name, value), = embeds.items()
+        name = token or name
+    else:
+        raise ValueError(f"relation: {source} holds several embeddings {sorted(map(str, embeds))}; "
+                         "pick one with token=")
+    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+        raise ValueError(f"relation: token must be a non-empty string without spaces, got {name!r}")
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise ValueError(f"relation: the embedding of {name!r} in {source} is not a floating-point tensor")
+    if value.dim() == 2 and value.shape[0] == 1:
+        value = value[0]
+    if value.dim() != 1:
+        raise ValueError(f"relation: the embedding of {name!r} in {source} has shape {tuple(value.shape)}, "
+                         "expected (D,) or (1, D)")
+    return name, value
+
+
+@torch.no_grad()
+def add_token(engine, token: str, embedding: torch.Tensor) -> int:
+    """Add ``token`` to the engine's tokenizer and text encoder with ``embedding`` as its row (or overwrite
+    the row when ``token`` was added before), clear the prompt cache, and return the token id.
+
+    Raises ``ValueError`` when the embedding's size is not the text encoder's hidden size, or when ``token``
+    is a word of the base vocabulary (overwriting it would change every prompt that uses the word).
+    """
+    table = engine.text_encoder.get_input_embeddings()
+    dim = table.weight.shape[1]
+    if embedding.shape[-1] != dim:
+        raise ValueError(f"relation: the embedding of {token!r} has size {embedding.shape[-1]} but this text "
+                         f"encoder's hidden size is {dim} (a file trained for another model?)")
+    tok = engine.tokenizer
+    added = tok.get_added_vocab()
+    if token not in added and (token in tok.get_vocab() or len(tok(token, add_special_tokens=False).input_ids) == 1):
+        raise ValueError(f"relation: {token!r} is already a word of the model's vocabulary; choose another "
+                         "token name (e.g. '<R>')")
+    if token not in added:
+        tok.add_tokens([token])
+    token_id = tok.convert_tokens_to_ids(token)
+    if token_id >= table.weight.shape[0]:
+        engine.text_encoder.resize_token_embeddings(len(tok), mean_resizing=False)
+        table = engine.text_encoder.get_input_embeddings()
+        table.weight.requires_grad_(False)  # the resized table is a fresh Parameter; the model stays frozen
+    table.weight[token_id] = embedding.to(device=table.weight.device, dtype=table.weight.dtype)
+    engine._prompt_cache.clear()
+    return token_id
+
+
+def load_relation(engine, path_or_embeds, *, token: str | None = None) -> str:
+    """Make a learned relation token usable in the engine's prompts; return the token.
+
+    Args:
+        engine: a :class:`~dreamfuse.engine.engine.Engine`.
+        path_or_embeds: a ``learned_embeds.bin`` (official format ``{"<R>": tensor}``) or ``.safetensors``
+            path, a dict ``{token: tensor}``, or a bare ``(D,)`` tensor.
+        token: the name the token gets in prompts. Default: the file's key (``"<R>"`` for a bare tensor).
+            With a file holding several embeddings, it selects one.
+
+    Loading a relation under a token that was loaded before replaces it. Example::
+
+        engine.load_relation("out/learned_embeds.bin")
+        engine.text2img("cat <R> box")
+    """
+    if isinstance(path_or_embeds, torch.Tensor):
+        embeds, source = {token or DEFAULT_TOKEN: path_or_embeds}, "the tensor"
+    elif isinstance(path_or_embeds, Mapping):
+        embeds, source = dict(path_or_embeds), "the dict"
+    elif isinstance(path_or_embeds, (str, Path)):
+        path = Path(path_or_embeds).expanduser()
+        embeds, source = _read_file(path), repr(str(path))
+    else:
+        raise ValueError(f"relation: expected a path, a dict or a tensor, got {type(path_or_embeds).__name__}")
+    name, value = _pick(embeds, token, source)
+    add_token(engine, name, value)
+    return name
+
+
+def relation_prompts(template_or_relation: str = DEFAULT_TEMPLATE, *entities: str | Sequence[str]) -> list[str]:
+    """Expand entity lists into inference prompts, as the ReVersion benchmark's inference templates do.
+
+    ``template_or_relation`` is either a template whose ``{}`` are entity slots (``"{} <R> {}"``,
+    ``"a photo of {} <R> {}, in the snow"``) or, without ``{}``, the relation itself (``"<R>"``), which
+    means the template ``"{} <R> {}"``. Then ``entities`` gives one list per slot (a string is a
+    one-entity list) and every combination is produced, first slot outermost; a single list serves every
+    slot (the benchmark's 10 entities x 10 entities = 100 prompts)::
+
+        relation_prompts("<R>", ["cat", "dog"], ["box"])  -> ["cat <R> box", "dog <R> box"]
+        relation_prompts("{} <R> {}", ["man", "cat"])     -> ["man <R> man", "man <R> cat",
+                                                              "cat <R> man", "cat <R> cat"]
+    """
+    template = template_or_relation.strip()
+    if not template:
+        raise ValueError("relation_prompts: the template or relation is empty")
+    if _SLOT not in template:
+        template = f"{_SLOT} {template} {_SLOT}"
+    pieces = template.split(_SLOT)
+    slots = len(pieces) - 1
+    lists = [[e] if isinstance(e, str) else list(e) for e in entities]
+    if not lists:
+        raise ValueError(f"relation_prompts: give entities for the {slots} slot(s) of {template!r}")
+    if len(lists) == 1:
+        lists = lists * slots
+    if len(lists) != slots:
+        raise ValueError(f"relation_prompts: {template!r} has {slots} slot(s) but {len(lists)} entity lists "
+                         "were given (give one list per slot, or one list for all)")
+    for i, lst in enumerate(lists):
+        cleaned = [e.strip() for e in lst]
+        if not cleaned or not all(cleaned):
+            raise ValueError(f"relation_prompts: entity list {i + 1} is empty or holds an empty entity")
+        lists[i] = cleaned
+    out = []
+    for combo in itertools.product(*lists):
+        out.append("".join(p + e for p, e in zip(pieces, combo)) + pieces[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+_PROMPTS_EPILOG = """\
+entity lists (-e/--entities, one per {} slot, or one for all slots):
+  comma-separated ("cat,dog,red panda"), or @FILE with one entity per line.
+
+examples:
+  dreamfuse relation-prompts -e cat,dog -e box,basket          # cat <R> box, cat <R> basket, dog <R> box, ...
+  dreamfuse relation-prompts -e man,woman,child,cat,rabbit     # every pair: the benchmark's N x N prompts
+  dreamfuse relation-prompts "a photo of {} <R> {}, in the snow" -e cat -e box,basket
+  dreamfuse relation-prompts "<S>" -e cat -e box               # another token name: cat <S> box
+  dreamfuse relation-prompts -e cat,dog -e box > prompts.txt   # then, per line:
+      dreamfuse generate --relation out/learned_embeds.bin --prompt "$line" --out x.png
+"""
+
+
+def _entity_list(arg: str) -> list[str]:
+    if arg.startswith("@"):
+        path = Path(arg[1:]).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--entities: file {str(path)!r} does not exist")
+        items = [line.strip() for line in path.read_text().splitlines()]
+        items = [i for i in items if i and not i.startswith("#")]
+    else:
+        items = [i.strip() for i in arg.split(",")]
+    if not items or not all(items):
+        raise ValueError(f"--entities: {arg!r} holds an empty entity (use 'cat,dog' or @FILE)")
+    return items
+
+
+def _cmd_relation_prompts(args) -> None:
+    prompts = relation_prompts(args.template, *[_entity_list(a) for a in args.entities])
+    print("\n".join(prompts))
+
+
+def register_cli(sub) -> None:
+    import argparse
+
+    p = sub.add_parser(
+        "relation-prompts", help="ReVersion: expand entity lists into '<A> <R> <B>' inference prompts",
+        description="Print one inference prompt per line for a learned ReVersion relation token: every "
+                    "combination of the entity lists placed in the template's {} slots (first slot "
+                    "outermost). Use the prompts with `dreamfuse generate --relation learned_embeds.bin`.",
+        epilog=_PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("template", nargs="?", default=DEFAULT_TEMPLATE, metavar="TEMPLATE_OR_RELATION",
+                   help=f"a template with {{}} entity slots, or the relation token alone (meaning "
+                        f"'{{}} TOKEN {{}}'); default {DEFAULT_TEMPLATE!r}")
+    p.add_argument("-e", "--entities", action="append", required=True, metavar="LIST",
+                   help="entities for one slot: 'cat,dog' or @FILE (one per line); repeat per slot, or give "
+                        "once for all slots")
+    p.set_defaults(func=_cmd_relation_prompts)

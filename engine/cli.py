@@ -14,6 +14,8 @@ examples:
   dreamfuse generate --prompt "a photo of a cat" --steps 4 --out cat.png       # embedded tiny model
   dreamfuse generate --model ./stable-diffusion-v1-5 --prompt "a red car" --seed 7 --num-images 4 --out car.png
   dreamfuse generate --model sd15.safetensors --config ./stable-diffusion-v1-5 --prompt "..."  # single file
+  dreamfuse generate --model ./sd15 --prompt "a dog" --ip-adapter ip-adapter-plus_sd15.safetensors \
+      --image-encoder ./image_encoder --image ref.png --ip-scale 0.6                  # image prompt
 """
 
 
@@ -74,6 +76,37 @@ def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: 
                    help=f"image width, a multiple of 8 (default: {size_default})")
 
 
+def _non_negative_float(name: str):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {s}")
+        return v
+    return parse
+
+
+def check_ip_adapter_args(args) -> None:
+    """``--ip-adapter``, ``--image-encoder`` and ``--image`` go together, and must exist (checked before any model
+    work)."""
+    given = {"--ip-adapter": args.ip_adapter, "--image-encoder": args.image_encoder, "--image": args.image}
+    if not any(given.values()):
+        return
+    if not args.ip_adapter:
+        raise CLIError("--image needs --ip-adapter (an IP-Adapter weights file) and --image-encoder")
+    for flag, value in given.items():
+        if not value:
+            raise CLIError(f"{flag} is required with --ip-adapter")
+    if not Path(args.ip_adapter).expanduser().is_file():
+        raise CLIError(f"--ip-adapter: file {args.ip_adapter!r} does not exist")
+    if not Path(args.image_encoder).expanduser().is_dir():
+        raise CLIError(f"--image-encoder: folder {args.image_encoder!r} does not exist")
+    if not Path(args.image).expanduser().is_file():
+        raise CLIError(f"--image: file {args.image!r} does not exist")
+
+
 def load_engine(args):
     from .config import EngineConfig
     from .engine import Engine
@@ -114,12 +147,17 @@ def cmd_generate(args) -> None:
 
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     output_paths(args.out, len(prompts))  # fail on a bad --out before any model work
+    check_ip_adapter_args(args)
     seed = random_seed() if args.seed is None else args.seed
     engine = load_engine(args)
     if args.relation:
         engine.load_relation(args.relation)
+    ip = {}
+    if args.ip_adapter:
+        engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
+        ip = {"ip_image": args.image, "ip_scale": args.ip_scale}
     images = engine.text2img(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
-                             guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed)
+                             guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed, **ip)
     save_images(images, args.out)
 
 
@@ -144,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output image; with several images, OUT-0.png, OUT-1.png, ... (default dreamfuse.png)")
     gen.add_argument("--relation", default=None, metavar="FILE",
                      help="a ReVersion learned_embeds.bin: its relation token (e.g. <R>) becomes usable in prompts")
+    ipa = gen.add_argument_group("image prompt (IP-Adapter / IP-Adapter-Plus, SD 1.x)")
+    ipa.add_argument("--ip-adapter", default=None, metavar="WEIGHTS",
+                     help="IP-Adapter weights in the standard layout (.bin or .safetensors); base vs Plus is detected")
+    ipa.add_argument("--image-encoder", default=None, metavar="DIR",
+                     help="the adapter's CLIP image encoder (a local transformers folder)")
+    ipa.add_argument("--image", default=None, metavar="REF", help="reference image (the image prompt)")
+    ipa.add_argument("--ip-scale", type=_non_negative_float("--ip-scale"), default=0.6,
+                     help="weight of the image prompt's attention (default 0.6; 0 = text only)")
     add_sampling_args(gen)
     add_model_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -166,6 +212,7 @@ _PIPELINE_CLIS = (
     "dreamfuse.engine.pipelines.personalize",
     "dreamfuse.engine.pipelines.composite",
     "dreamfuse.engine.relation",
+    "dreamfuse.engine.patch_quality",
     "dreamfuse.engine.train.cli",
 )
 

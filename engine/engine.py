@@ -42,6 +42,7 @@ class Engine:
             mode = "reduce-overhead" if (self.config.cuda_graphs and self.device.type == "cuda") else None
             self._unet_fn = torch.compile(self.unet, mode=mode, dynamic=False)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.ip_adapter = None  # the loaded IPAdapter (see load_ip_adapter), owner of the IP layers' weights
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "tiny", config: EngineConfig | None = None, *,
@@ -90,9 +91,11 @@ class Engine:
         latents = torch.stack(noise).to(self.device, self.dtype)
         return latents * self.scheduler.init_noise_sigma
 
-    def unet_call(self, latents: torch.Tensor, t: torch.Tensor | int, embeddings: torch.Tensor) -> torch.Tensor:
+    def unet_call(self, latents: torch.Tensor, t: torch.Tensor | int, embeddings: torch.Tensor,
+                  ip_tokens: torch.Tensor | None = None, ip_scale: float = 1.0) -> torch.Tensor:
         """One UNet evaluation for the whole batch. With ``compile``, rows are padded to the next batch bucket
-        so a few compiled graphs serve all request sizes."""
+        so a few compiled graphs serve all request sizes. ``ip_tokens`` ``(rows, T, cross_dim)``: IP-Adapter
+        image tokens, one row per batch row, read by the IP layers for this call only (with ``ip_scale``)."""
         rows = latents.shape[0]
         self.ctx.latent_hw = (latents.shape[-2], latents.shape[-1])
         if self.config.compile:
@@ -101,8 +104,18 @@ class Engine:
                 pad = bucket - rows
                 latents = torch.cat([latents, latents[-1:].expand(pad, *latents.shape[1:])])
                 embeddings = torch.cat([embeddings, embeddings[-1:].expand(pad, *embeddings.shape[1:])])
+                if ip_tokens is not None:
+                    ip_tokens = torch.cat([ip_tokens, ip_tokens[-1:].expand(pad, *ip_tokens.shape[1:])])
         t = torch.as_tensor(t, device=self.device)
-        eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        if ip_tokens is None:
+            eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            return eps[:rows]
+        self.ctx.data["ip_tokens"], self.ctx.data["ip_scale"] = ip_tokens, float(ip_scale)
+        try:
+            eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        finally:
+            self.ctx.data.pop("ip_tokens", None)
+            self.ctx.data.pop("ip_scale", None)
         return eps[:rows]
 
     def progress(self, total: int, desc: str, enabled: bool | None = None):
@@ -140,6 +153,20 @@ class Engine:
         from .relation import load_relation
 
         return load_relation(self, path_or_embeds, **kwargs)
+
+    def load_ip_adapter(self, weights, image_encoder=None):
+        """Load an IP-Adapter / IP-Adapter-Plus (standard ``.bin``/``.safetensors`` file + CLIP image encoder folder,
+        or an :class:`~dreamfuse.engine.ip_adapter.IPAdapter`) into the attention layers; then pass ``ip_image`` to
+        :meth:`text2img`. See :func:`dreamfuse.engine.ip_adapter.load_ip_adapter`."""
+        from .ip_adapter import load_ip_adapter
+
+        return load_ip_adapter(self, weights, image_encoder)
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the loaded IP-Adapter: every layer runs plain cross-attention again."""
+        from .ip_adapter import unload_ip_adapter
+
+        unload_ip_adapter(self)
 
     def personalize(self, prompts, reference_image, **kwargs):
         """DreamMatcher personalization; see :func:`dreamfuse.engine.pipelines.personalize.personalize`."""

@@ -4,6 +4,11 @@ Installed with ``unet.set_attn_processor``: one processor per attention layer, e
 module name (``up_blocks.2.attentions.0.transformer_blocks.0.attn1``) so that a pipeline can change
 what one layer does for one call (AMA value warping, reading cross-attention maps through the
 log-sum-exp) through the :class:`CallContext`, never through globals.
+
+IP-Adapter (decoupled cross-attention): an ``attn2`` processor whose ``ip_layer`` is set (a module with
+``to_k_ip``/``to_v_ip``, owned by the engine's loaded :class:`~dreamfuse.engine.ip_adapter.IPAdapter`) adds
+``ip_scale * Attn(q, to_k_ip(tokens), to_v_ip(tokens))`` to its text attention when the call's context holds
+``data["ip_tokens"]`` (``(B, T, cross_dim)``, one row per UNet batch row) and ``data["ip_scale"]``.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class DreamfuseAttnProcessor:
         self.ctx = ctx
         self.backend = backend
         self.is_cross = name.endswith("attn2")
+        self.ip_layer: torch.nn.Module | None = None
+        """IP-Adapter ``to_k_ip``/``to_v_ip`` of this layer (attn2 only), or None: the layer is plain."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask=None) -> torch.Tensor:
         if attention_mask is not None or q.shape[-1] > 256 or self.backend == "torch":
@@ -124,6 +131,9 @@ class DreamfuseAttnProcessor:
             out = handler(info, q, k, v)
         else:
             out = self.attend(q, k, v, attention_mask)
+        ip_tokens = self.ctx.data.get("ip_tokens") if self.ip_layer is not None else None
+        if ip_tokens is not None:
+            out = out + self.ctx.data.get("ip_scale", 1.0) * self.ip_attention(q, ip_tokens)
 
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
@@ -133,6 +143,16 @@ class DreamfuseAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def ip_attention(self, q: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The image branch of decoupled cross-attention: ``Attn(q, to_k_ip(tokens), to_v_ip(tokens))``,
+        ``q`` ``(B, H, Lq, D)``, ``tokens`` ``(B, T, cross_dim)`` -> ``(B, H, Lq, D)``; no mask (the official
+        IP-Adapter attends to every image token)."""
+        batch, heads, _, head_dim = q.shape
+        tokens = tokens.to(q.dtype)
+        k = self.ip_layer.to_k_ip(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+        v = self.ip_layer.to_v_ip(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+        return self.attend(q, k, v)
 
 
 def install_processors(unet, ctx: CallContext, backend: str) -> dict[str, DreamfuseAttnProcessor]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..engine import Engine
+from ..ip_adapter import check_ip_scale, prompt_tokens
 from .common import (
     as_prompt_list,
     cfg_combine,
@@ -32,6 +33,8 @@ def text2img(
     seed: int | Sequence[int] | None = None,
     progress: bool | None = None,
     output_type: str = "pil",
+    ip_image=None,
+    ip_scale: float = 0.6,
 ):
     """Generate one image per prompt.
 
@@ -46,6 +49,10 @@ def text2img(
         progress: progress bar over the steps (default: the engine config's).
         output_type: ``"pil"`` (list of ``PIL.Image`` whose ``.info`` holds prompt and seed), ``"pt"``
             (float tensor ``(B, 3, H, W)`` in [0, 1]) or ``"latent"`` (the final latents).
+        ip_image: IP-Adapter image prompt (needs ``engine.load_ip_adapter``): one PIL image, path or ``(3, H, W)``
+            tensor for all prompts, or a list with one per prompt. CFG's unconditional rows get the zero-image
+            tokens, as in the official IP-Adapter code.
+        ip_scale: weight of the image attention in the decoupled cross-attention (``>= 0``; 0 = text only).
     """
     prompts = as_prompt_list(prompts)
     n = len(prompts)
@@ -54,6 +61,7 @@ def text2img(
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
     check_output_type(output_type)
+    ip_scale = check_ip_scale(ip_scale)
     negatives = as_prompt_list(negative_prompt if negative_prompt is not None else [""] * n, "negative_prompt")
     if len(negatives) == 1 and n > 1:
         negatives = negatives * n
@@ -61,6 +69,7 @@ def text2img(
         raise ValueError(f"negative_prompt: give one for all prompts or one per prompt ({n}), got {len(negatives)}")
 
     use_cfg = guidance_scale > 1.0
+    ip_tokens = prompt_tokens(engine, ip_image, n, use_cfg) if ip_image is not None else None
     embeddings = engine.encode_prompts(negatives + prompts if use_cfg else prompts)
     latents = engine.initial_latents(seeds, height, width)
     sched = engine.new_scheduler(steps)
@@ -68,11 +77,14 @@ def text2img(
         for t in sched.timesteps:
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            eps = engine.unet_call(model_in, t, embeddings)
+            eps = engine.unet_call(model_in, t, embeddings, ip_tokens, ip_scale)
             if use_cfg:
                 eps = cfg_combine(eps, n, guidance_scale)
             latents = sched.step(eps, t, latents, return_dict=False)[0]
             bar.update(1)
 
     infos = [{"prompt": p, "seed": s, "steps": steps, "guidance_scale": guidance_scale} for p, s in zip(prompts, seeds)]
+    if ip_tokens is not None:
+        for info in infos:
+            info["ip_scale"] = ip_scale
     return finish(engine, latents, output_type, infos)

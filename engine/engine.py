@@ -42,6 +42,8 @@ class Engine:
             mode = "reduce-overhead" if (self.config.cuda_graphs and self.device.type == "cuda") else None
             self._unet_fn = torch.compile(self.unet, mode=mode, dynamic=False)
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.inversion_cache: OrderedDict = OrderedDict()
+        """DDIM inversions of reference images (personalize), LRU, keyed by image content, size, steps, dtype."""
         self.ip_adapter = None  # the loaded IPAdapter (see load_ip_adapter), owner of the IP layers' weights
 
     @classmethod

@@ -97,11 +97,19 @@ def test_foreground_from_lse_equals_materialized_attention():
 
 
 def test_inversion_is_cached(engine, reference):
-    cache = engine.__dict__.get("_inversion_cache", {})
-    before = len(cache)
-    engine.personalize("a photo of a sks dog", reference, subject_token="sks", **KW)
-    engine.personalize("a sks dog", reference, subject_token="sks", **KW)
-    assert len(engine.__dict__["_inversion_cache"]) <= before + 1
+    """The reference is inverted once per (image, size, steps): a second call costs only its denoising steps."""
+    calls = []
+    real = engine.unet_call
+    engine.unet_call = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        fresh = reference.flip(-1)  # an image no other test inverted
+        engine.personalize("a photo of a sks dog", fresh, subject_token="sks", **KW)
+        first = len(calls)
+        engine.personalize("a sks dog", fresh, subject_token="sks", **KW)
+        second = len(calls) - first
+    finally:
+        del engine.unet_call
+    assert (first, second) == (2 * KW["steps"], KW["steps"])
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ semantic matching guidance pulls the targets' predicted x0 toward the warped ref
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +87,7 @@ def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: to
 
 def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress) -> tuple[torch.Tensor, list]:
     """(clean reference latent, inverted trajectory), cached per reference image, size, dtype and step count."""
-    cache: OrderedDict = engine.__dict__.setdefault("_inversion_cache", OrderedDict())
+    cache = engine.inversion_cache
     digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()
     key = (digest, tuple(reference.shape), steps, str(engine.dtype))
     if key not in cache:

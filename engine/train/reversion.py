@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .common import CHECKPOINT_DIR, MIXED_PRECISION, latest_checkpoint, resolve_amp
+
 # Paper, supplementary Table A4: the 56 basis prepositions (positives of the steering loss).
 BASIS_PREPOSITIONS = (
     "aboard", "about", "above", "across", "after", "against", "along", "alongside", "amid", "amidst", "among",
@@ -65,8 +67,6 @@ per via without beside besides despite except plus minus next onto
 
 TEXT_JSON = "text.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-CHECKPOINT_DIR = "checkpoints"
 EMBEDS_FILE = "learned_embeds.bin"
 
 
@@ -284,21 +284,6 @@ class _TokenOverride:
         self.handle.remove()
 
 
-def _resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    if mode == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError("mixed_precision: fp16 autocast needs CUDA (use 'no' or 'bf16' on CPU)")
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / CHECKPOINT_DIR).glob("step-*.pt"))
-    return found[-1] if found else None
-
-
 def save_embeds(path: str | Path, token: str, embedding: torch.Tensor) -> Path:
     """Write the official ``learned_embeds.bin``: ``torch.save({token: (D,) fp32 tensor})``."""
     path = Path(path)
@@ -314,7 +299,7 @@ class _Trainer:
 
         self.engine, self.cfg, self.out = engine, cfg, out
         self.device = engine.device
-        self.amp = _resolve_amp(cfg.mixed_precision, self.device)
+        self.amp = resolve_amp(cfg.mixed_precision, self.device)
         tok, te = engine.tokenizer, engine.text_encoder
         init_ids = tok(cfg.init_token, add_special_tokens=False).input_ids
         if len(init_ids) != 1:
@@ -515,7 +500,7 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
     out = Path(out).expanduser()
     resume = None
     if cfg.resume == "latest":
-        resume = _latest_checkpoint(out)
+        resume = latest_checkpoint(out)
     elif cfg.resume is not None:
         resume = Path(cfg.resume).expanduser()
         if not resume.is_file():

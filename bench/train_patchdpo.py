@@ -1,0 +1,115 @@
+"""PatchDPO training step: steps/s and peak memory, IP layers only vs IP layers + image projection.
+
+One step runs the UNet forward + backward on ``[ref; gen]`` (twice the pairs per micro-batch); training the
+image projection adds its backward (the Plus Resampler). Ratios measured side by side in one run.
+
+    python -m bench.train_patchdpo                       # tiny model, tiny IP-Adapter-Plus, tiny ViT backbone
+    python -m bench.train_patchdpo --model ./sd15 --ip-adapter ip-adapter-plus_sd15.bin \\
+        --image-encoder ./image_encoder --backbone ./dinov2-base --resolution 512 --device cuda
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps (reset per configuration); on
+CPU the process's peak resident set size, which only grows: read the CPU column as "peak so far".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench._util import hardware, print_table, sync, timeit
+
+
+def _make_data(root: Path, n: int, gens: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"s{i}"
+        d.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / "ref.png")
+        for g in range(gens):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"gen{g}.png")
+        (d / "prompt.txt").write_text("a photo of a toy on a wooden table")
+    return root
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.train_patchdpo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="'tiny' (default), a diffusers folder or a .safetensors file")
+    p.add_argument("--ip-adapter", default=None, help="IP-Adapter weights (default: the tiny IP-Adapter-Plus)")
+    p.add_argument("--image-encoder", default=None, help="its image encoder folder (with --ip-adapter)")
+    p.add_argument("--backbone", default=None, help="patch-quality backbone folder (default: a tiny random ViT)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per step (default 1: a UNet batch of 2)")
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
+                   help="autocast (default auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per configuration (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    p.add_argument("--out", default=None, help="also write the table rows as JSON to this file")
+    args = p.parse_args(argv)
+
+    from dreamfuse.engine.config import EngineConfig
+    from dreamfuse.engine.engine import Engine
+    from dreamfuse.engine.ip_adapter import build_tiny_ip_adapter
+    from dreamfuse.engine.patch_quality import PatchQualityEstimator, quality_maps
+    from dreamfuse.engine.train.patchdpo import PatchDPOConfig, training_session
+    from transformers import ViTConfig, ViTModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine.from_pretrained(args.model, EngineConfig(device=args.device, dtype="fp32", backend="torch",
+                                                             progress=False))
+    if args.ip_adapter:
+        engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
+    else:
+        engine.load_ip_adapter(build_tiny_ip_adapter(engine, plus=True))
+    if args.backbone:
+        estimator = PatchQualityEstimator(args.backbone)
+    else:
+        torch.manual_seed(0)
+        estimator = PatchQualityEstimator(ViTModel(ViTConfig(
+            image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64), add_pooling_layer=False))
+    estimator.backbone.to(engine.device)
+    size = args.resolution or engine.default_size
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _make_data(Path(tmp) / "data", 2, 2, size)
+        samples = quality_maps(data, estimator, size // engine.vae_scale_factor, Path(tmp) / "cache")
+        results = {}
+        for name, proj in (("IP layers (to_k_ip/to_v_ip)", False), ("+ image projection", True)):
+            cfg = PatchDPOConfig(batch_size=args.batch_size, resolution=size, train_projection=proj,
+                                 mixed_precision=args.mixed_precision, checkpoint_every=0, progress=False)
+            with training_session(engine, samples, Path(tmp) / "out", cfg, size) as trainer:
+                if engine.device.type == "cuda":
+                    sync(engine.device)
+                    torch.cuda.reset_peak_memory_stats()
+                ms = timeit(trainer.train_step, device=engine.device, warmup=args.warmup, iters=args.iters)
+                results[name] = (ms, _peak_mb(engine.device), sum(t.numel() for t in trainer.params.values()))
+        base_ms = next(iter(results.values()))[0]
+        for name, (ms, mb, n) in results.items():
+            rows.append([name, n, ms, 1e3 / ms, ms / base_ms, mb])
+    title = (f"PatchDPO train step — {args.model}, {size}×{size}, {args.batch_size} pair(s)/step, "
+             f"mixed precision {args.mixed_precision}, {hardware(engine.device)}")
+    print_table(title, ["configuration", "trained params", "ms/step", "steps/s", "time vs IP layers", "peak MiB"],
+                rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+"""PatchDPO training: patch-quality-weighted fine-tuning of an IP-Adapter(-Plus) (SD 1.x, eager PyTorch, SDPA).
+
+Scope: Stable Diffusion 1.x (and 2.x) UNets with a standard IP-Adapter / IP-Adapter-Plus. SDXL (the official
+PatchDPO setting) is not supported: the engine has no SDXL yet (added time ids / text-embeds conditioning, the
+ViT-bigG image encoder, 2048-d cross-attention).
+
+Data: ``DATA/<sample>/{ref.png, gen*.png, prompt.txt}``. Patch-quality maps come from
+:func:`~dreamfuse.engine.patch_quality.quality_maps` with a :class:`PatchQualityEstimator` (a vision backbone
+folder or an estimator object), at the latent grid of the training resolution, cached once in
+``OUT/quality_cache``. Every (ref, gen) pair of every sample is one training item.
+
+One micro-batch of ``B`` pairs (prompt, reference, one generated image, ``q_ref``, ``q_gen``):
+
+- reference and generated image are resized to the training resolution and VAE-encoded (posterior mode; the VAE
+  is frozen, so this is done once);
+- the SAME noise ``ε`` and timestep ``t`` (uniform over the training timesteps) are used for both images of a
+  pair (:func:`pair_batch`);
+- the UNet sees ``[noisy_ref; noisy_gen]`` (2B rows), the prompt's text embedding for both halves and the IP
+  tokens of the *reference* image for both halves (IP-Adapter conditioned on the reference, as in PatchDPO);
+- loss (:func:`patchdpo_loss`) = ``mean((ε̂ − ε)² · w)`` over ``[ref; gen]`` with ``w = [1 − p̃(ref); p̃(gen)]`` at
+  latent resolution, broadcast over channels: the form of DESIGN.md / the official code (``weight_power=1``,
+  the default). The supplementary (Eq. in S1) writes the weighting inside the squared norm,
+  ``‖(ε − ε̂) ⊙ p̃‖²``, i.e. ``w²`` on the squared error: ``weight_power=2``. Both give exactly zero gradient
+  where ``w = 0``. For v-prediction models the target is the velocity instead of ``ε``.
+
+What trains: only the IP-Adapter ``to_k_ip``/``to_v_ip`` weights (``train_projection`` adds the image projection);
+UNet, VAE, text encoder and image encoder stay frozen. AdamW (lr 3e-5). During training every dreamfuse attention
+processor runs the ``torch`` backend (PyTorch SDPA, differentiable; the decoupled cross-attention lives in those
+processors); the backend is restored afterwards. Mixed precision is autocast on CUDA; fp32 on CPU. Trainable
+weights and the optimizer stay fp32 (the engine must be fp32). Checkpoints hold the trainable weights, the
+optimizer, the gradient scaler and all RNG states: a resumed run continues exactly.
+
+Output: ``OUT/ip_adapter.bin`` (or ``.safetensors``), the standard IP-Adapter file (``save_ip_adapter``), which
+``engine.load_ip_adapter(path, image_encoder)`` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import CHECKPOINT_DIR, MIXED_PRECISION, latest_checkpoint, resolve_amp
+
+SAVE_FORMATS = ("bin", "safetensors")
+CACHE_DIR = "quality_cache"
+
+
+@dataclass
+class PatchDPOConfig:
+    """PatchDPO training knobs. Defaults follow the official code (AdamW 3e-5, only to_k_ip/to_v_ip train)."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+
+    lr: float = 3e-5
+    """AdamW learning rate, constant (official: 3e-5)."""
+
+    batch_size: int = 1
+    """(ref, gen) pairs per micro-batch; the UNet batch is twice that (``[ref; gen]``)."""
+
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (effective batch = batch_size · grad_accum pairs)."""
+
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+
+    weight_power: int = 1
+    """1: ``mean((ε̂ − ε)² · w)`` (DESIGN.md / official code); 2: ``mean(((ε̂ − ε) · w)²)`` (the supplementary's
+    squared-norm form)."""
+
+    train_projection: bool = False
+    """Also train the image projection (``image_proj``: the 4-token projection or the Plus Resampler)."""
+
+    ip_scale: float = 1.0
+    """IP-Adapter scale of the image branch during training."""
+
+    resolution: int | None = None
+    """Training image size (square; images are resized, not cropped, as the estimator sees them). Default: the
+    model's native size."""
+
+    mixed_precision: str = "auto"
+    """``auto`` (bf16 autocast on CUDA where supported, else fp16; fp32 on CPU), ``no``, ``fp16``, ``bf16``."""
+
+    seed: int = 0
+    """Seed of all training randomness (pair order, noise, timesteps)."""
+
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every N optimizer steps into ``OUT/checkpoints`` (0 = never)."""
+
+    resume: str | None = None
+    """A checkpoint file to continue from, or ``"latest"`` (the newest in ``OUT/checkpoints``; a fresh start when
+    there is none)."""
+
+    save_format: str = "bin"
+    """Format of the output file: ``bin`` (``OUT/ip_adapter.bin``) or ``safetensors``."""
+
+    progress: bool | None = None
+    """Progress bar with the loss (default: the engine config's ``progress``)."""
+
+    def validate(self) -> PatchDPOConfig:
+        checks = [
+            ("steps", self.steps >= 1, "must be >= 1"), ("lr", self.lr > 0, "must be > 0"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"), ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("weight_power", self.weight_power in (1, 2), "must be 1 or 2"),
+            ("ip_scale", self.ip_scale >= 0, "must be >= 0"),
+            ("mixed_precision", self.mixed_precision in MIXED_PRECISION,
+             f"must be one of {', '.join(MIXED_PRECISION)}"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
+            ("resolution", self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+             "must be a multiple of 8"),
+            ("save_format", self.save_format in SAVE_FORMATS, f"must be one of {', '.join(SAVE_FORMATS)}"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+        return self
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    """The written IP-Adapter file."""
+    adapter: object
+    """The trained :class:`~dreamfuse.engine.ip_adapter.IPAdapter` (loaded in the engine, frozen again)."""
+    losses: list[dict] = field(default_factory=list)
+    """Per optimizer step: ``{"step", "loss"}`` (including resumed history)."""
+
+
+# ----------------------------------------------------------------------------------------------- pure parts
+def pair_weights(q_ref: torch.Tensor, q_gen: torch.Tensor) -> torch.Tensor:
+    """``[1 − q_ref; q_gen]``: ``(2B, h, w)`` loss weights of the UNet batch ``[ref; gen]``."""
+    return torch.cat([1 - q_ref, q_gen])
+
+
+def patchdpo_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, power: int = 1) -> torch.Tensor:
+    """``mean((pred − target)² · w^power)``; ``pred``/``target`` ``(N, C, h, w)``, ``weights`` ``(N, h, w)``
+    (broadcast over channels). Computed in fp32."""
+    if weights.shape != (pred.shape[0], *pred.shape[2:]):
+        raise ValueError(f"weights: shape {tuple(weights.shape)} does not fit predictions {tuple(pred.shape)}")
+    w = weights.float()[:, None]
+    return ((pred.float() - target.float()).square() * (w if power == 1 else w.square())).mean()
+
+
+def pair_batch(ref_latents: torch.Tensor, gen_latents: torch.Tensor, noise_scheduler,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The UNet batch of ``B`` pairs: ``(noisy, noise, t, clean)``, each ``2B`` rows ``[ref; gen]``, with the same
+    noise and timestep for both images of a pair (drawn on the CPU ``generator``: device independent)."""
+    b = ref_latents.shape[0]
+    T = int(noise_scheduler.config.num_train_timesteps)
+    noise = torch.randn(ref_latents.shape, generator=generator).to(ref_latents.device, ref_latents.dtype)
+    t = torch.randint(0, T, (b,), generator=generator).to(ref_latents.device)
+    clean = torch.cat([ref_latents, gen_latents])
+    noise, t = torch.cat([noise, noise]), torch.cat([t, t])
+    return noise_scheduler.add_noise(clean, noise, t), noise, t, clean
+
+
+def check_dataset(data_dir) -> int:
+    """Validate a PatchDPO dataset folder before any model work; returns the number of (ref, gen) pairs.
+    Raises ``ValueError`` naming the problem."""
+    from ..patch_quality import scan_sample
+
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"dataset: folder {str(data_dir)!r} does not exist")
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir()]
+    if not folders:
+        raise ValueError(f"dataset: {str(data_dir)!r} has no sample folders (<sample>/ref.png, gen*.png)")
+    return sum(len(scan_sample(f)[1]) for f in folders)
+
+
+def _load_resized(path, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    from ..images import open_image
+
+    img = open_image(path, "dataset").convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+class _Trainer:
+    def __init__(self, engine, samples, out: Path, cfg: PatchDPOConfig, size: int):
+        from diffusers import DDPMScheduler
+
+        self.engine, self.cfg, self.out = engine, cfg, out
+        self.device = engine.device
+        self.amp = resolve_amp(cfg.mixed_precision, self.device)
+        adapter = engine.ip_adapter
+        self.adapter = adapter
+        for m in (engine.unet, engine.vae, engine.text_encoder, adapter):
+            m.requires_grad_(False)
+        adapter.layers.requires_grad_(True)
+        if cfg.train_projection:
+            adapter.image_proj.requires_grad_(True)
+        self.params = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.noise_sched = DDPMScheduler.from_config(engine.scheduler.config)
+        self.prediction_type = self.noise_sched.config.prediction_type
+        self.generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        self.step = 0
+        self.losses: list[dict] = []
+        self._prepare(samples, size)
+
+    @torch.no_grad()
+    def _prepare(self, samples, size: int) -> None:
+        """Encode once what is frozen: VAE latents of every image, image-encoder features of every reference,
+        text embeddings of every prompt; the items are all (sample, gen) pairs."""
+        e, a = self.engine, self.adapter
+        self.items, self.ref_lat, self.gen_lat, self.feats, self.prompts = [], [], [], [], []
+        self.q_ref, self.q_gen = [], []
+        for s in samples:
+            imgs = torch.stack([_load_resized(p, size) for p in [s.ref, *s.gens]])
+            lat = e.encode_image(imgs).float()
+            self.ref_lat.append(lat[0])
+            pixels = a.preprocess([imgs[0]]).to(self.device, e.dtype)
+            feats = (a.image_encoder(pixels, output_hidden_states=True).hidden_states[-2] if a.plus
+                     else a.image_encoder(pixels).image_embeds)
+            self.feats.append(feats[0])
+            self.prompts.append(s.prompt)
+            for g in range(len(s.gens)):
+                self.items.append((len(self.ref_lat) - 1, len(self.gen_lat)))
+                self.gen_lat.append(lat[1 + g])
+                self.q_gen.append(s.q_gen[g].float().to(self.device))
+                self.q_ref.append(s.q_ref[g].float().to(self.device))
+
+    def micro_batch(self, micro_index: int):
+        """``(noisy, t, target, weights, text embeddings, ip tokens)`` of one micro-batch (2B rows)."""
+        cfg, n = self.cfg, len(self.items)
+        picks = []
+        for j in range(cfg.batch_size):
+            # Epoch-wise shuffling derived from the sample counter alone: a resumed run needs no sampler state.
+            c = micro_index * cfg.batch_size + j
+            perm = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + c // n))
+            picks.append(self.items[int(perm[c % n])])
+        ref = torch.stack([self.ref_lat[r] for r, _ in picks])
+        gen = torch.stack([self.gen_lat[g] for _, g in picks])
+        noisy, noise, t, clean = pair_batch(ref, gen, self.noise_sched, self.generator)
+        target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(clean, noise, t)
+        weights = pair_weights(torch.stack([self.q_ref[g] for _, g in picks]),
+                               torch.stack([self.q_gen[g] for _, g in picks]))
+        emb = self.engine.encode_prompts([self.prompts[r] for r, _ in picks])
+        feats = torch.stack([self.feats[r] for r, _ in picks])
+        return noisy, t, target, weights, torch.cat([emb, emb]), torch.cat([feats, feats])
+
+    def micro_loss(self, micro_index: int) -> torch.Tensor:
+        e = self.engine
+        noisy, t, target, weights, emb, feats = self.micro_batch(micro_index)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            tokens = self.adapter.image_proj(feats)
+            pred = e.unet_call(noisy.to(e.dtype), t, emb, tokens.to(e.dtype), self.cfg.ip_scale)
+        return patchdpo_loss(pred, target, weights, self.cfg.weight_power)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for a in range(cfg.grad_accum):
+            loss = self.micro_loss(self.step * cfg.grad_accum + a) / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        rec = {"step": self.step, "loss": total}
+        self.losses.append(rec)
+        return rec
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        folder = self.out / CHECKPOINT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{self.step:07d}.pt"
+        state = {
+            "step": self.step, "params": {n: p.detach().cpu().clone() for n, p in self.params.items()},
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "losses": list(self.losses), "config": dataclasses.asdict(self.cfg),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"resume: cannot read checkpoint {str(path)!r} ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or "params" not in state or "optimizer" not in state:
+            raise ValueError(f"resume: {str(path)!r} is not a PatchDPO checkpoint")
+        if set(state["params"]) != set(self.params):
+            raise ValueError(f"resume: {str(path)!r} trains other weights than this run (train_projection "
+                             "differs, or another adapter)")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                if state["params"][n].shape != p.shape:
+                    raise ValueError(f"resume: {n} has shape {tuple(state['params'][n].shape)} in {str(path)!r}, "
+                                     f"this adapter needs {tuple(p.shape)}")
+                p.copy_(state["params"][n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+
+
+@contextlib.contextmanager
+def training_session(engine, samples, out: str | Path, cfg: PatchDPOConfig, size: int):
+    """Prepare ``engine`` (with its IP-Adapter loaded) for PatchDPO steps and yield the trainer (``train_step()``,
+    ``micro_batch(i)``, ``save_checkpoint()``, ``load_checkpoint(path)``, ``params``, ``losses``). Inside, every
+    attention processor runs the torch (SDPA) backend; on exit the backends are restored and the adapter is
+    frozen again. ``samples`` is what ``quality_maps`` returns, at the latent grid of ``size``."""
+    if engine.ip_adapter is None:
+        raise ValueError("ip_adapter: no IP-Adapter is loaded in the engine")
+    if engine.dtype != torch.float32:
+        raise ValueError(f"dtype: PatchDPO trains an fp32 engine (mixed precision comes from autocast), got "
+                         f"{engine.dtype}")
+    saved = {name: proc.backend for name, proc in engine.processors.items()}
+    for proc in engine.processors.values():
+        proc.backend = "torch"  # SDPA: differentiable on every device
+    try:
+        yield _Trainer(engine, samples, Path(out), cfg, size)
+    finally:
+        for name, proc in engine.processors.items():
+            proc.backend = saved[name]
+        engine.ip_adapter.requires_grad_(False)
+
+
+def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = ".", backbone=None,
+          out: str | Path = "patchdpo-out", config: PatchDPOConfig | None = None, *, estimator=None,
+          **overrides) -> TrainResult:
+    """Fine-tune an IP-Adapter(-Plus) with PatchDPO; write ``OUT/ip_adapter.bin`` (or ``.safetensors``).
+
+    Args:
+        model: an :class:`~dreamfuse.engine.engine.Engine` (fp32; trained in place: on return its IP-Adapter is
+            the trained one), or what ``Engine.from_pretrained`` takes, loaded fp32 with the torch backend.
+        ip_adapter: a standard IP-Adapter file, state dict or :class:`IPAdapter`; None = the one loaded in
+            ``model``.
+        image_encoder: the CLIP image encoder folder or object (for a file or state dict).
+        data: the dataset folder ``DATA/<sample>/{ref.png, gen*.png, prompt.txt}``.
+        backbone: the patch-quality backbone (a local transformers vision model folder or module), or
+        estimator: a ready :class:`~dreamfuse.engine.patch_quality.PatchQualityEstimator` (keyword).
+        out: output folder (created): the IP-Adapter file, ``quality_cache/``, ``checkpoints/step-NNNNNNN.pt``.
+        config: a :class:`PatchDPOConfig`; keyword ``overrides`` replace its fields (``steps=10``).
+    """
+    from ..config import EngineConfig
+    from ..engine import Engine
+    from ..ip_adapter import load_ip_adapter, save_ip_adapter
+    from ..patch_quality import PatchQualityEstimator, quality_maps
+
+    cfg = dataclasses.replace(config or PatchDPOConfig(), **overrides).validate()
+    check_dataset(data)
+    if (backbone is None) == (estimator is None):
+        raise ValueError("backbone: give exactly one of backbone (a vision model folder) or estimator")
+    out = Path(out).expanduser()
+    resume = None
+    if cfg.resume == "latest":
+        resume = latest_checkpoint(out)
+    elif cfg.resume is not None:
+        resume = Path(cfg.resume).expanduser()
+        if not resume.is_file():
+            raise FileNotFoundError(f"resume: checkpoint {str(resume)!r} does not exist")
+    engine = model if isinstance(model, Engine) else Engine.from_pretrained(
+        model, EngineConfig(dtype="fp32", backend="torch", progress=cfg.progress))
+    if ip_adapter is not None:
+        load_ip_adapter(engine, ip_adapter, image_encoder)
+    elif engine.ip_adapter is None:
+        raise ValueError("ip_adapter: give IP-Adapter weights (none is loaded in the engine)")
+    if estimator is None:
+        estimator = PatchQualityEstimator(backbone)
+        estimator.backbone.to(engine.device)
+    size = cfg.resolution or engine.default_size
+    latent = size // engine.vae_scale_factor
+    out.mkdir(parents=True, exist_ok=True)
+    samples = quality_maps(data, estimator, latent, out / CACHE_DIR)
+
+    with training_session(engine, samples, out, cfg, size) as trainer:
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+        with engine.progress(cfg.steps, "patchdpo", cfg.progress) as bar:
+            bar.update(min(trainer.step, cfg.steps))
+            while trainer.step < cfg.steps:
+                rec = trainer.train_step()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+                bar.update(1)
+                if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                    trainer.save_checkpoint()
+    path = save_ip_adapter(engine.ip_adapter, out / f"ip_adapter.{cfg.save_format}")
+    return TrainResult(path=path, adapter=engine.ip_adapter, losses=trainer.losses)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+_EPILOG = """\
+DATA folder:
+  DATA/<sample>/ref.png       the reference image
+  DATA/<sample>/gen*.png      images generated for it (each (ref, gen) pair is one training item)
+  DATA/<sample>/prompt.txt    the prompt they were generated with
+
+outputs:
+  OUT/ip_adapter.bin                standard IP-Adapter file (loads with --ip-adapter / engine.load_ip_adapter)
+  OUT/quality_cache/                patch-quality maps (computed once)
+  OUT/checkpoints/step-NNNNNNN.pt   resumable state (--checkpoint-every, --resume latest)
+
+SD 1.x/2.x only (no SDXL in the engine yet).
+
+example:
+  dreamfuse train patchdpo --model ./sd15 --ip-adapter ip-adapter-plus_sd15.bin --image-encoder ./image_encoder \\
+      --data ./patchdpo-data --backbone ./dinov2-base --out ./patchdpo-out
+"""
+
+
+def _cmd_train(args) -> None:
+    from ..cli import CLIError, load_engine
+    from ..patch_quality import PatchQualityEstimator
+
+    if args.compile:
+        raise CLIError("--compile: training runs eager (compile the UNet for inference only)")
+    if args.dtype not in (None, "fp32"):
+        raise CLIError(f"--dtype: PatchDPO trains in fp32 (mixed precision via --mixed-precision), got {args.dtype!r}")
+    cfg = PatchDPOConfig(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        weight_decay=args.weight_decay, weight_power=args.weight_power, train_projection=args.train_projection,
+        ip_scale=args.ip_scale, resolution=args.resolution, mixed_precision=args.mixed_precision, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, save_format=args.save_format,
+        progress=False if args.no_progress else None).validate()
+    check_dataset(args.data)  # fail on bad data before loading any model
+    if not Path(args.ip_adapter).expanduser().is_file():
+        raise CLIError(f"--ip-adapter: file {args.ip_adapter!r} does not exist")
+    if not Path(args.image_encoder).expanduser().is_dir():
+        raise CLIError(f"--image-encoder: folder {args.image_encoder!r} does not exist")
+    if not (Path(args.backbone).expanduser() / "config.json").is_file():
+        raise CLIError(f"--backbone: {args.backbone!r} is not a transformers model folder (no config.json)")
+    try:
+        estimator = PatchQualityEstimator(args.backbone)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"--backbone {args.backbone!r}: {first}") from None
+    args.dtype = "fp32"
+    args.backend = args.backend or "torch"
+    engine = load_engine(args)
+    estimator.backbone.to(engine.device)
+    result = train(engine, args.ip_adapter, args.image_encoder, args.data, out=args.out, config=cfg,
+                   estimator=estimator)
+    last = result.losses[-1]["loss"] if result.losses else float("nan")
+    print(f"wrote {result.path} after {cfg.steps} steps (final loss {last:.4f})")
+
+
+def register_cli(methods) -> None:
+    import argparse
+
+    from ..cli import add_model_args
+
+    d = PatchDPOConfig()
+    p = methods.add_parser(
+        "patchdpo", help="PatchDPO: patch-quality-weighted fine-tuning of an IP-Adapter(-Plus)",
+        description="Fine-tune IP-Adapter(-Plus) weights with PatchDPO: a reconstruction loss on reference and "
+                    "generated images (same noise and timestep per pair, IP tokens of the reference), weighted per "
+                    "latent patch by 1 - quality (reference) and quality (generated). Only to_k_ip/to_v_ip train "
+                    "(plus image_proj with --train-projection). SD 1.x/2.x.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ip-adapter", required=True, metavar="W", help="IP-Adapter weights (.bin/.safetensors)")
+    p.add_argument("--image-encoder", required=True, metavar="DIR", help="its CLIP image encoder folder")
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (see below)")
+    p.add_argument("--backbone", required=True, metavar="DIR",
+                   help="patch-quality vision backbone (ViT / DINOv2 / CLIP vision folder)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"(ref, gen) pairs per micro-batch (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help=f"micro-batches per optimizer step (default {d.grad_accum})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW weight decay (default {d.weight_decay:g})")
+    g.add_argument("--weight-power", type=int, choices=(1, 2), default=d.weight_power,
+                   help="1: mean((e'-e)^2 * w) (official code, default); 2: w inside the squared norm "
+                        "(supplementary)")
+    g.add_argument("--train-projection", action="store_true", help="also train the image projection")
+    g.add_argument("--ip-scale", type=float, default=d.ip_scale, help=f"IP-Adapter scale (default {d.ip_scale})")
+    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
+                   help="autocast dtype: auto = bf16/fp16 on CUDA, fp32 on CPU (default auto)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
+    g.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
+    g.add_argument("--save-format", choices=SAVE_FORMATS, default=d.save_format,
+                   help=f"output file format (default {d.save_format})")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"checkpoint every N steps into OUT/checkpoints, 0 = never (default {d.checkpoint_every})")
+    g.add_argument("--resume", default=None, metavar="latest|FILE",
+                   help="continue from a checkpoint ('latest' = newest in OUT/checkpoints, if any)")
+    add_model_args(p)
+    p.set_defaults(func=_cmd_train)
+
+
+__all__ = ["PatchDPOConfig", "TrainResult", "check_dataset", "pair_batch", "pair_weights", "patchdpo_loss", "train",
+           "training_session"]

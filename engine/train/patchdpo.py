@@ -45,7 +45,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import CHECKPOINT_DIR, MIXED_PRECISION, latest_checkpoint, resolve_amp
+from .common import (
+    CHECKPOINT_DIR,
+    MIXED_PRECISION,
+    add_checkpoint_args,
+    add_optimization_args,
+    latest_checkpoint,
+    resolve_amp,
+)
 
 SAVE_FORMATS = ("bin", "safetensors")
 CACHE_DIR = "quality_cache"
@@ -475,31 +482,15 @@ def register_cli(methods) -> None:
     p.add_argument("--backbone", required=True, metavar="DIR",
                    help="patch-quality vision backbone (ViT / DINOv2 / CLIP vision folder)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"(ref, gen) pairs per micro-batch (default {d.batch_size})")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help=f"micro-batches per optimizer step (default {d.grad_accum})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay (default {d.weight_decay:g})")
+    g = add_optimization_args(p, d, batch_help="(ref, gen) pairs per micro-batch")
     g.add_argument("--weight-power", type=int, choices=(1, 2), default=d.weight_power,
                    help="1: mean((e'-e)^2 * w) (official code, default); 2: w inside the squared norm "
                         "(supplementary)")
     g.add_argument("--train-projection", action="store_true", help="also train the image projection")
     g.add_argument("--ip-scale", type=float, default=d.ip_scale, help=f"IP-Adapter scale (default {d.ip_scale})")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
-                   help="autocast dtype: auto = bf16/fp16 on CUDA, fp32 on CPU (default auto)")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
-    g.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
     g.add_argument("--save-format", choices=SAVE_FORMATS, default=d.save_format,
                    help=f"output file format (default {d.save_format})")
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"checkpoint every N steps into OUT/checkpoints, 0 = never (default {d.checkpoint_every})")
-    g.add_argument("--resume", default=None, metavar="latest|FILE",
-                   help="continue from a checkpoint ('latest' = newest in OUT/checkpoints, if any)")
+    add_checkpoint_args(p, d)
     add_model_args(p)
     p.set_defaults(func=_cmd_train)
 

@@ -40,7 +40,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import CHECKPOINT_DIR, MIXED_PRECISION, latest_checkpoint, resolve_amp
+from .common import (
+    CHECKPOINT_DIR,
+    MIXED_PRECISION,
+    add_checkpoint_args,
+    add_optimization_args,
+    latest_checkpoint,
+    resolve_amp,
+)
 
 # Paper, supplementary Table A4: the 56 basis prepositions (positives of the steering loss).
 BASIS_PREPOSITIONS = (
@@ -590,19 +597,7 @@ def register_cli(methods) -> None:
     g = p.add_argument_group("relation token")
     g.add_argument("--token", default=d.token, help=f"the token to learn (default {d.token!r})")
     g.add_argument("--init-token", default=d.init_token, help=f"single-token initializer (default {d.init_token!r})")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"images per micro-batch (default {d.batch_size})")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help=f"micro-batches per optimizer step (default {d.grad_accum})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay (default {d.weight_decay:g})")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
-                   help="autocast dtype: auto = bf16/fp16 on CUDA, fp32 on CPU (default auto)")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
-    g.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
+    g = add_optimization_args(p, d, batch_help="images per micro-batch")
     g.add_argument("--flip-p", type=float, default=d.flip_p,
                    help=f"horizontal flip probability (default {d.flip_p}; 0 for left/right relations)")
     g = p.add_argument_group("ReVersion losses")
@@ -617,11 +612,7 @@ def register_cli(methods) -> None:
                    help=f"importance sampling skew, f(t) ∝ 1 − α·cos(πt/T) (default {d.alpha})")
     g.add_argument("--uniform-timesteps", action="store_true",
                    help="sample timesteps uniformly (ablation of relation-focal importance sampling)")
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"checkpoint every N steps into OUT/checkpoints, 0 = never (default {d.checkpoint_every})")
-    g.add_argument("--resume", default=None, metavar="latest|FILE",
-                   help="continue from a checkpoint ('latest' = newest in OUT/checkpoints, if any)")
+    add_checkpoint_args(p, d)
     add_model_args(p)
     p.set_defaults(func=_cmd_train)
 

@@ -7,6 +7,7 @@ so only side-by-side numbers mean anything; absolute times count only on a GPU.
 from __future__ import annotations
 
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,19 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_step_with_peak(step: Callable[[], object], *, device: torch.device | str, warmup: int,
+                        iters: int) -> tuple[float, float]:
+    """(median ms of ``step()``, peak memory MiB): on CUDA the peak allocated since this call started; on CPU the
+    process's peak resident set so far (it only grows, so compare configurations run in one process with care)."""
+    if torch.device(device).type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+    ms = timeit(step, device=device, warmup=warmup, iters=iters)
+    if torch.device(device).type == "cuda":
+        return ms, torch.cuda.max_memory_allocated() / 2**20
+    return ms, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def hardware(device: torch.device | str) -> str:

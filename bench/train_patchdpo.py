@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._util import hardware, print_table, sync, timeit
+from bench._util import hardware, print_table, time_step_with_peak
 
 
 def _make_data(root: Path, n: int, gens: int, size: int) -> Path:
@@ -36,12 +35,6 @@ def _make_data(root: Path, n: int, gens: int, size: int) -> Path:
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"gen{g}.png")
         (d / "prompt.txt").write_text("a photo of a toy on a wooden table")
     return root
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,11 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg = PatchDPOConfig(batch_size=args.batch_size, resolution=size, train_projection=proj,
                                  mixed_precision=args.mixed_precision, checkpoint_every=0, progress=False)
             with training_session(engine, samples, Path(tmp) / "out", cfg, size) as trainer:
-                if engine.device.type == "cuda":
-                    sync(engine.device)
-                    torch.cuda.reset_peak_memory_stats()
-                ms = timeit(trainer.train_step, device=engine.device, warmup=args.warmup, iters=args.iters)
-                results[name] = (ms, _peak_mb(engine.device), sum(t.numel() for t in trainer.params.values()))
+                ms, mb = time_step_with_peak(trainer.train_step, device=engine.device, warmup=args.warmup,
+                                             iters=args.iters)
+                results[name] = (ms, mb, sum(t.numel() for t in trainer.params.values()))
         base_ms = next(iter(results.values()))[0]
         for name, (ms, mb, n) in results.items():
             rows.append([name, n, ms, 1e3 / ms, ms / base_ms, mb])

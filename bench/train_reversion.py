@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._util import hardware, print_table, sync, timeit
+from bench._util import hardware, print_table, time_step_with_peak
 
 
 def _make_data(root: Path, n: int, size: int) -> Path:
@@ -34,12 +33,6 @@ def _make_data(root: Path, n: int, size: int) -> Path:
         table[f"{i}.png"] = ["cat {} box", "an orange cat {} a black wooden box, with green trees in the background"]
     (root / "text.json").write_text(json.dumps(table))
     return root
-
-
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,11 +69,9 @@ def main(argv: list[str] | None = None) -> None:
             cfg = ReVersionConfig(batch_size=args.batch_size, resolution=size, lambda_steer=lam,
                                   mixed_precision=args.mixed_precision, checkpoint_every=0, progress=False)
             with training_session(engine, exemplars, Path(tmp) / "out", cfg) as trainer:
-                if engine.device.type == "cuda":
-                    sync(engine.device)
-                    torch.cuda.reset_peak_memory_stats()
-                ms = timeit(trainer.train_step, device=engine.device, warmup=args.warmup, iters=args.iters)
-                results[name] = (ms, _peak_mb(engine.device))
+                ms, mb = time_step_with_peak(trainer.train_step, device=engine.device, warmup=args.warmup,
+                                             iters=args.iters)
+                results[name] = (ms, mb)
         base_ms = results["denoise only (λsteer=0)"][0]
         for name, (ms, mb) in results.items():
             rows.append([name, ms, 1e3 / ms, ms / base_ms, mb])

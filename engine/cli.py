@@ -14,6 +14,7 @@ examples:
   dreamfuse generate --prompt "a photo of a cat" --steps 4 --out cat.png       # embedded tiny model
   dreamfuse generate --model ./stable-diffusion-v1-5 --prompt "a red car" --seed 7 --num-images 4 --out car.png
   dreamfuse generate --model sd15.safetensors --config ./stable-diffusion-v1-5 --prompt "..."  # single file
+  dreamfuse generate --model ./stable-diffusion-xl-base-1.0 --prompt "a red car" --steps 30     # SDXL
   dreamfuse generate --model ./sd15 --prompt "a dog" --ip-adapter ip-adapter-plus_sd15.safetensors \
       --image-encoder ./image_encoder --image ref.png --ip-scale 0.6                  # image prompt
 """
@@ -48,8 +49,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every subcommand that loads a model."""
     g = p.add_argument_group("model and runtime")
     g.add_argument("--model", default="tiny",
-                   help="'tiny' (embedded random-weight model, the default), a diffusers folder with "
-                        "model_index.json, or a .safetensors SD 1.x/2.x checkpoint")
+                   help="'tiny' (embedded random-weight SD-layout model, the default), 'tiny-xl' (its SDXL-layout "
+                        "sibling), a diffusers SD 1.x/2.x/SDXL folder with model_index.json, or a .safetensors "
+                        "checkpoint (with --config)")
     g.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file checkpoint: a diffusers folder of the same architecture giving the "
                         "configs and tokenizer (nothing is downloaded)")
@@ -110,10 +112,11 @@ def check_ip_adapter_args(args) -> None:
 def load_engine(args):
     from .config import EngineConfig
     from .engine import Engine
+    from .tiny import TINY_NAMES
 
     config = EngineConfig(device=args.device, dtype=args.dtype, backend=args.backend, compile=args.compile,
                           progress=False if args.no_progress else None)
-    if args.model != "tiny" and not Path(args.model).expanduser().exists():
+    if args.model not in TINY_NAMES and not Path(args.model).expanduser().exists():
         raise CLIError(f"--model: {args.model!r} does not exist")
     return Engine.from_pretrained(args.model, config, config_dir=args.config)
 

@@ -13,16 +13,37 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import EngineConfig
-from .loading import load_components
+from .loading import load_components, vae_upcast
 from .processors import CallContext, install_processors
 
 _PROMPT_CACHE_SIZE = 64
 
 
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                  target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's micro-conditioning ``(6,)``: ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``, the
+    order SDXL was trained with (each pair height first). ``original_size``: the source image's size before any
+    resize; ``crop_top_left``: where the training crop started in the resized image; ``target_size``: the size
+    the model works at. Text-to-image uses ``(H, W), (0, 0), (H, W)``."""
+    values = [*original_size, *crop_top_left, *target_size]
+    for name, pair in (("original_size", original_size), ("crop_top_left", crop_top_left),
+                       ("target_size", target_size)):
+        if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in pair):
+            raise ValueError(f"{name}: must be two numbers >= 0 (height first), got {pair!r}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
 class Engine:
-    """A Stable Diffusion 1.x/2.x model ready for dreamfuse's pipelines.
+    """A Stable Diffusion 1.x/2.x or SDXL model ready for dreamfuse's pipelines.
 
     Build it with :meth:`from_pretrained`; then call a pipeline, e.g. :meth:`text2img`.
+
+    SDXL (``is_xl``): prompts go through both text encoders (:meth:`encode_prompts` gives the concatenated
+    penultimate hidden states, :meth:`encode_pooled` the second encoder's projected pooled embedding) and every
+    UNet call carries the pooled embedding and the six time ids (:func:`sdxl_time_ids`) per row. With
+    ``force_zeros_for_empty_prompt`` (SDXL base) the empty prompt encodes to zeros, as diffusers does for an
+    absent negative prompt: SDXL's unconditional embedding. An fp16 SDXL VAE whose config says
+    ``force_upcast`` runs in fp32 (SDXL's VAE overflows in fp16).
     """
 
     def __init__(self, components: dict, config: EngineConfig | None = None):
@@ -33,6 +54,18 @@ class Engine:
         self.vae = components["vae"].to(self.device)
         self.text_encoder = components["text_encoder"].to(self.device)
         self.tokenizer = components["tokenizer"]
+        self.text_encoder_2 = components.get("text_encoder_2")
+        self.tokenizer_2 = components.get("tokenizer_2")
+        self.is_xl = self.unet.config.addition_embed_type == "text_time"
+        """SDXL: two text encoders, pooled text embedding and time ids in every UNet call."""
+        self.force_zeros_for_empty_prompt = bool(components.get("force_zeros_for_empty_prompt", False))
+        if self.is_xl:
+            self._check_xl()
+            self.text_encoder_2 = self.text_encoder_2.to(self.device)
+            if vae_upcast(components, self.dtype) and self.vae.dtype != torch.float32:
+                self.vae = self.vae.to(torch.float32)
+        elif self.text_encoder_2 is not None:
+            raise ValueError("model: a second text encoder was given but the UNet has no SDXL text_time conditioning")
         self.scheduler = components["scheduler"]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.ctx = CallContext()
@@ -41,7 +74,7 @@ class Engine:
         if self.config.compile:
             mode = "reduce-overhead" if (self.config.cuda_graphs and self.device.type == "cuda") else None
             self._unet_fn = torch.compile(self.unet, mode=mode, dynamic=False)
-        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self.inversion_cache: OrderedDict = OrderedDict()
         """DDIM inversions of reference images (personalize), LRU, keyed by image content, size, steps, dtype."""
         self.ip_adapter = None  # the loaded IPAdapter (see load_ip_adapter), owner of the IP layers' weights
@@ -49,8 +82,9 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "tiny", config: EngineConfig | None = None, *,
                         config_dir: str | Path | None = None) -> Engine:
-        """Load ``"tiny"`` (the embedded model), a local diffusers folder (``model_index.json``), or a single
-        ``.safetensors`` SD checkpoint (its architecture configs from ``config_dir``; see ``loading.py``)."""
+        """Load ``"tiny"`` / ``"tiny-xl"`` (the embedded SD 1.x- and SDXL-layout models), a local diffusers folder
+        (``model_index.json``), or a single ``.safetensors`` SD/SDXL checkpoint (its architecture configs from
+        ``config_dir``; see ``loading.py``)."""
         config = (config or EngineConfig()).resolved()
         return cls(load_components(name_or_path, dtype=config.dtype, config_dir=config_dir), config)
 
@@ -59,24 +93,74 @@ class Engine:
     def default_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
+    def _check_xl(self) -> None:
+        if self.text_encoder_2 is None or self.tokenizer_2 is None:
+            raise ValueError("model: an SDXL UNet (text_time conditioning) needs text_encoder_2 and tokenizer_2")
+        cfg = self.unet.config
+        pooled = int(getattr(self.text_encoder_2.config, "projection_dim", 0) or 0)
+        ids = (int(cfg.projection_class_embeddings_input_dim) - pooled) / int(cfg.addition_time_embed_dim)
+        if ids != 6:
+            raise ValueError(f"model: the UNet's added conditioning takes {ids:g} time ids besides the {pooled}-d "
+                             "pooled text embedding; only SDXL base (6 ids) is supported (the refiner's aesthetic "
+                             "score is not)")
+        width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+        if width != cfg.cross_attention_dim:
+            raise ValueError(f"model: the text encoders give {width} channels, the UNet's cross_attention_dim is "
+                             f"{cfg.cross_attention_dim}")
+
     # ----------------------------------------------------------------------------------------- text
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def ids(tokenizer):
+            return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+
+        if not self.is_xl:
+            return self.text_encoder(ids(self.tokenizer))[0].to(self.dtype), None
+        # SDXL: the penultimate hidden states of both encoders, concatenated; pooled = encoder 2's projection.
+        out1 = self.text_encoder(ids(self.tokenizer), output_hidden_states=True)
+        out2 = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1).to(self.dtype)
+        pooled = out2.text_embeds.to(self.dtype)
+        if self.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=self.device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        return hidden, pooled
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP text embeddings ``(len(prompts), 77, D)`` in the engine dtype. Recent prompts are cached
-        (the empty negative prompt of CFG is encoded once, not once per request)."""
+    def _lookup(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        prompts = list(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            ids = self.tokenizer(list(missing), padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
-            emb = self.text_encoder(ids)[0].to(self.dtype)
-            for p, e in zip(missing, emb):
-                self._prompt_cache[p] = e
-        out = torch.stack([self._prompt_cache[p] for p in prompts])
+            hidden, pooled = self._encode(missing)
+            for i, p in enumerate(missing):
+                self._prompt_cache[p] = (hidden[i], None if pooled is None else pooled[i])
+        out = [self._prompt_cache[p] for p in prompts]
         for p in prompts:
             self._prompt_cache.move_to_end(p)
         while len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return out
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings ``(len(prompts), 77, D)`` in the engine dtype (SDXL: both encoders' penultimate hidden
+        states, ``D = 768 + 1280``). Recent prompts are cached (the empty negative prompt of CFG is encoded once,
+        not once per request)."""
+        return torch.stack([h for h, _ in self._lookup(prompts)])
+
+    def encode_pooled(self, prompts: Sequence[str]) -> torch.Tensor | None:
+        """SDXL: the pooled text embeddings ``(len(prompts), P)`` the UNet's added conditioning takes (pass them to
+        :meth:`unet_call` as ``pooled``); ``None`` for SD 1.x/2.x. Shares :meth:`encode_prompts`' cache."""
+        if not self.is_xl:
+            return None
+        return torch.stack([p for _, p in self._lookup(prompts)])
+
+    def time_ids(self, height: int, width: int, original_size: tuple[int, int] | None = None,
+                 crop_top_left: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """SDXL time ids ``(6,)`` (engine dtype, device) for an image generated at ``height x width``; see
+        :func:`sdxl_time_ids`. ``original_size`` defaults to the target size (diffusers' default)."""
+        ids = sdxl_time_ids(original_size or (height, width), crop_top_left, (height, width))
+        return ids.to(self.device, self.dtype)
 
     # ----------------------------------------------------------------------------------------- sampling
     def new_scheduler(self, steps: int):
@@ -94,31 +178,59 @@ class Engine:
         return latents * self.scheduler.init_noise_sigma
 
     def unet_call(self, latents: torch.Tensor, t: torch.Tensor | int, embeddings: torch.Tensor,
-                  ip_tokens: torch.Tensor | None = None, ip_scale: float = 1.0) -> torch.Tensor:
+                  ip_tokens: torch.Tensor | None = None, ip_scale: float = 1.0, *, pooled: torch.Tensor | None = None,
+                  time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet evaluation for the whole batch. With ``compile``, rows are padded to the next batch bucket
         so a few compiled graphs serve all request sizes. ``ip_tokens`` ``(rows, T, cross_dim)``: IP-Adapter
-        image tokens, one row per batch row, read by the IP layers for this call only (with ``ip_scale``)."""
+        image tokens, one row per batch row, read by the IP layers for this call only (with ``ip_scale``).
+
+        SDXL only: ``pooled`` ``(rows, P)`` (:meth:`encode_pooled` of each row's prompt; required) and
+        ``time_ids`` ``(rows, 6)`` or ``(6,)`` for all rows (default: :meth:`time_ids` of the latents' size)."""
         rows = latents.shape[0]
+        added = None
+        if self.is_xl:
+            added = self._added_cond(latents, pooled, time_ids)
+        elif pooled is not None or time_ids is not None:
+            raise ValueError("pooled/time_ids: only SDXL UNets take added conditioning")
         self.ctx.latent_hw = (latents.shape[-2], latents.shape[-1])
         if self.config.compile:
             bucket = next((b for b in self.config.batch_buckets if b >= rows), rows)
             if bucket > rows:
                 pad = bucket - rows
-                latents = torch.cat([latents, latents[-1:].expand(pad, *latents.shape[1:])])
-                embeddings = torch.cat([embeddings, embeddings[-1:].expand(pad, *embeddings.shape[1:])])
-                if ip_tokens is not None:
-                    ip_tokens = torch.cat([ip_tokens, ip_tokens[-1:].expand(pad, *ip_tokens.shape[1:])])
+
+                def grow(x):
+                    return None if x is None else torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+
+                latents, embeddings, ip_tokens = grow(latents), grow(embeddings), grow(ip_tokens)
+                if added is not None:
+                    added = {k: grow(v) for k, v in added.items()}
         t = torch.as_tensor(t, device=self.device)
-        if ip_tokens is None:
-            eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, return_dict=False)[0]
-            return eps[:rows]
-        self.ctx.data["ip_tokens"], self.ctx.data["ip_scale"] = ip_tokens, float(ip_scale)
+        if ip_tokens is not None:
+            self.ctx.data["ip_tokens"], self.ctx.data["ip_scale"] = ip_tokens, float(ip_scale)
         try:
-            eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+            eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, added_cond_kwargs=added,
+                                return_dict=False)[0]
         finally:
             self.ctx.data.pop("ip_tokens", None)
             self.ctx.data.pop("ip_scale", None)
         return eps[:rows]
+
+    def _added_cond(self, latents: torch.Tensor, pooled, time_ids) -> dict:
+        rows = latents.shape[0]
+        if pooled is None:
+            raise ValueError("pooled: an SDXL UNet needs the pooled text embedding of every row "
+                             "(engine.encode_pooled(prompts))")
+        if pooled.ndim != 2 or pooled.shape[0] != rows:
+            raise ValueError(f"pooled: expected ({rows}, P) for {rows} rows, got {tuple(pooled.shape)}")
+        if time_ids is None:
+            h, w = (s * self.vae_scale_factor for s in latents.shape[-2:])
+            time_ids = self.time_ids(h, w)
+        time_ids = torch.as_tensor(time_ids).to(self.device, self.dtype)
+        if time_ids.ndim == 1:
+            time_ids = time_ids.expand(rows, -1)
+        if time_ids.shape != (rows, 6):
+            raise ValueError(f"time_ids: expected (6,) or ({rows}, 6), got {tuple(time_ids.shape)}")
+        return {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
 
     def progress(self, total: int, desc: str, enabled: bool | None = None):
         on = self.config.progress if enabled is None else enabled
@@ -128,14 +240,14 @@ class Engine:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images ``(B, 3, H, W)`` float32 in [0, 1] on CPU."""
-        x = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
         return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] -> scaled latents (the VAE posterior's mean, deterministic)."""
-        x = images.to(self.device, self.dtype) * 2 - 1
-        return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        return (self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor).to(self.dtype)
 
     @staticmethod
     def to_pil(images: torch.Tensor) -> list[Image.Image]:

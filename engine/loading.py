@@ -12,40 +12,56 @@ from . import tiny
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir: str | Path | None = None) -> dict:
-    """Return ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}`` on CPU in ``dtype``.
+_MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
-    * ``"tiny"``: the embedded model (built from a seed, nothing downloaded).
-    * a folder with ``model_index.json``: a diffusers Stable Diffusion 1.x/2.x pipeline folder.
-    * a ``.safetensors`` (or ``.ckpt``) file: an original-format SD checkpoint. diffusers needs the
-      architecture's configs to convert it; offline they come from ``config_dir`` (a diffusers folder of the
-      same architecture, e.g. your SD1.5 folder), or a ``model_index.json`` folder next to the file.
+
+def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir: str | Path | None = None) -> dict:
+    """Return ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}`` on CPU in ``dtype``; SDXL models add
+    ``"text_encoder_2"``, ``"tokenizer_2"`` and ``"force_zeros_for_empty_prompt"``.
+
+    * ``"tiny"`` / ``"tiny-xl"``: the embedded SD 1.x-layout / SDXL-layout models (built from a seed).
+    * a folder with ``model_index.json``: a diffusers Stable Diffusion 1.x/2.x or SDXL (base) pipeline folder.
+    * a ``.safetensors`` (or ``.ckpt``) file: an original-format SD 1.x/2.x or SDXL checkpoint. diffusers needs
+      the architecture's configs to convert it; offline they come from ``config_dir`` (a diffusers folder of the
+      same architecture, e.g. your SD1.5 or SDXL folder, whose ``model_index.json`` also says which
+      architecture the file is), or a ``model_index.json`` folder next to the file.
     """
-    if str(name_or_path) == "tiny":
-        comps = tiny.build_components()
+    if str(name_or_path) in tiny.TINY_NAMES:
+        comps = tiny.build(str(name_or_path))
     else:
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"model: {str(name_or_path)!r} does not exist (give 'tiny', a diffusers folder "
-                                    f"with model_index.json, or a .safetensors checkpoint)")
+            raise FileNotFoundError(f"model: {str(name_or_path)!r} does not exist (give 'tiny', 'tiny-xl', a "
+                                    f"diffusers folder with model_index.json, or a .safetensors checkpoint)")
         if path.is_dir():
             comps = _load_folder(path, dtype)
         elif path.suffix in _SINGLE_FILE_SUFFIXES:
             comps = _load_single_file(path, config_dir, dtype)
         else:
             raise ValueError(f"model: {str(path)!r} is neither a diffusers folder nor a .safetensors/.ckpt file")
-    for key in ("unet", "vae", "text_encoder"):
+    for key in _MODULES:
+        if key not in comps:
+            continue
         module = comps[key]
+        if key == "vae" and vae_upcast(comps, dtype):
+            continue  # stays fp32 (see vae_upcast)
         if module.dtype != dtype:  # cast only when needed: diffusers warns on every .to(dtype)
             module = module.to(dtype=dtype)
         comps[key] = module.eval().requires_grad_(False)
     return comps
 
 
+def vae_upcast(comps: dict, dtype: torch.dtype) -> bool:
+    """SDXL's VAE overflows in fp16: an fp16 SDXL model whose VAE config says ``force_upcast`` keeps it fp32
+    (diffusers' SDXL pipeline upcasts it at every decode instead)."""
+    return ("text_encoder_2" in comps and dtype == torch.float16
+            and bool(getattr(comps["vae"].config, "force_upcast", False)))
+
+
 def _from_pipe(pipe) -> dict:
     from diffusers import DDIMScheduler
 
-    return {
+    comps = {
         "unet": pipe.unet,
         "vae": pipe.vae,
         "text_encoder": pipe.text_encoder,
@@ -54,37 +70,64 @@ def _from_pipe(pipe) -> dict:
         # scheduler config carries the model's beta schedule and prediction type.
         "scheduler": DDIMScheduler.from_config(pipe.scheduler.config),
     }
+    if hasattr(pipe, "text_encoder_2"):
+        comps.update(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                     force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+    return comps
+
+
+def _pipeline_class(model_index: Path):
+    """The diffusers pipeline class a ``model_index.json`` names: SD 1.x/2.x or SDXL base (ValueError otherwise)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    try:
+        cls = json.loads(model_index.read_text()).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model: cannot read {str(model_index)!r} ({e})") from None
+    if "XL" in cls:
+        if "Img2Img" in cls or "Inpaint" in cls or "Refiner" in cls:
+            raise ValueError(f"model: {cls} is not supported (SD 1.x/2.x and SDXL base text-to-image folders)")
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
+def _pipeline_kwargs(cls) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    if cls is StableDiffusionPipeline:
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return {}
+
+
+def _check_xl_base(comps: dict, source: str) -> dict:
+    if "text_encoder_2" in comps and comps["text_encoder"] is None:
+        raise ValueError(f"model: {source!r} has no first text encoder (an SDXL refiner?): only SDXL base models "
+                         "are supported")
+    return comps
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> dict:
-    from diffusers import StableDiffusionPipeline
-
     index = path / "model_index.json"
     if not index.is_file():
         raise ValueError(f"model: folder {str(path)!r} has no model_index.json (not a diffusers pipeline folder)")
-    cls = json.loads(index.read_text()).get("_class_name", "")
-    if "XL" in cls:
-        raise ValueError(f"model: {cls} is not supported yet (SD 1.x/2.x pipelines only)")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
-        dtype=dtype,
-    )
-    return _from_pipe(pipe)
+    cls = _pipeline_class(index)
+    pipe = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **_pipeline_kwargs(cls))
+    return _check_xl_base(_from_pipe(pipe), str(path))
 
 
 def _load_single_file(path: Path, config_dir: str | Path | None, dtype: torch.dtype) -> dict:
-    from diffusers import StableDiffusionPipeline
-
     if config_dir is None and (path.parent / "model_index.json").is_file():
         config_dir = path.parent
     if config_dir is None:
         raise ValueError(
             f"model: loading the single file {path.name!r} needs the architecture's configs and tokenizer, and "
             "nothing can be downloaded: pass config=DIR (CLI: --config DIR), a diffusers folder of the same "
-            "architecture (e.g. a local SD1.5 or SD2.1 folder)"
+            "architecture (e.g. a local SD1.5, SD2.1 or SDXL folder)"
         )
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False,
-        dtype=dtype,
-    )
-    return _from_pipe(pipe)
+    index = Path(config_dir).expanduser() / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"config: {str(config_dir)!r} is not a diffusers pipeline folder (no model_index.json)")
+    cls = _pipeline_class(index)
+    pipe = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, dtype=dtype,
+                                **_pipeline_kwargs(cls))
+    return _check_xl_base(_from_pipe(pipe), str(path))

@@ -5,10 +5,16 @@ Nothing here downloads anything. The weights are rebuilt from a fixed seed on ev
 ``engine/assets/tiny_tokenizer`` were generated once by ``python -m dreamfuse.engine.tiny``
 and are shipped as package data.
 
-The UNet has Stable Diffusion 1.x's block layout (3 cross-attention down blocks + 1 plain,
+``tiny`` has Stable Diffusion 1.x's block layout (3 cross-attention down blocks + 1 plain,
 1 plain up block + 3 cross-attention up blocks, a cross-attention mid block) so that every
 layer name the pipelines hook (``up_blocks.2.attentions.*.attn1`` ...) exists, with
 channels 40/80/160/160 and 2 heads, i.e. head dims 20/40/80: not powers of two on purpose.
+
+``tiny-xl`` has SDXL's: two text encoders (a CLIPTextModel and a CLIPTextModelWithProjection whose
+projected output is the pooled embedding), cross-attention on their concatenated penultimate hidden
+states, ``text_time`` added conditioning (pooled text embedding + the six micro-conditioning ids), down
+blocks plain / cross / cross (2 transformer layers in the last), linear projections in the transformers,
+head dim 64 everywhere as in SDXL, and SDXL's VAE scaling factor.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 TOKENIZER_DIR = "tiny_tokenizer"
 TINY_SEED = 0
 TINY_RESOLUTION = 64
+TINY_NAMES = ("tiny", "tiny-xl")
 
 # Words that become whole BPE tokens. Everything else still tokenizes (byte-level fallback),
 # only into several tokens: that is how multi-token subject words are exercised in tests.
@@ -98,7 +105,7 @@ def load_tokenizer():
 
 def build_components(seed: int = TINY_SEED) -> dict:
     """UNet, VAE, text encoder, tokenizer and DDIM scheduler of the tiny model (fp32, CPU)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = load_tokenizer()
@@ -130,18 +137,34 @@ def build_components(seed: int = TINY_SEED) -> dict:
             attention_head_dim=2,  # diffusers' legacy name: this is the number of heads (SD1.x: 8)
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 32, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-        )
-    scheduler = DDIMScheduler(
+        vae = _tiny_vae(0.18215)
+    scheduler = _ddim_scheduler()
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _tiny_vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -150,17 +173,72 @@ def build_components(seed: int = TINY_SEED) -> dict:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def save_tiny(path: str | Path, seed: int = TINY_SEED) -> Path:
-    """Write the tiny model as a diffusers folder (``model_index.json`` ...) at ``path``."""
-    from diffusers import StableDiffusionPipeline
+def build_xl_components(seed: int = TINY_SEED) -> dict:
+    """The ``tiny-xl`` model (SDXL layout, fp32, CPU): the keys of :func:`build_components` plus
+    ``text_encoder_2``, ``tokenizer_2`` and ``force_zeros_for_empty_prompt`` (True, as SDXL base)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    c = build_components(seed)
-    pipe = StableDiffusionPipeline(**c, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tokenizer, tokenizer_2 = load_tokenizer(), load_tokenizer()
+
+    def text_config(hidden: int, **kw) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=77,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **kw)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)  # not the SD1.x tiny's weights
+        text_encoder = CLIPTextModel(text_config(32))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(64, projection_dim=48))
+        time_dim = 8  # SDXL: 256
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 128),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(1, 1, 2),  # heads per level: head dim 64 (the first level has no attention)
+            cross_attention_dim=32 + 64,  # the two encoders' hidden states, concatenated
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=48 + 6 * time_dim,  # pooled text embedding + 6 time ids
+            norm_num_groups=8,
+        )
+        vae = _tiny_vae(0.13025)
+    comps = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
+             "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": _ddim_scheduler(),
+             "force_zeros_for_empty_prompt": True}
+    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        comps[key].eval().requires_grad_(False)
+    return comps
+
+
+def build(name: str, seed: int = TINY_SEED) -> dict:
+    """Components of the embedded model ``name`` (``"tiny"`` or ``"tiny-xl"``)."""
+    if name == "tiny":
+        return build_components(seed)
+    if name == "tiny-xl":
+        return build_xl_components(seed)
+    raise ValueError(f"model: unknown embedded model {name!r} (one of {', '.join(TINY_NAMES)})")
+
+
+def save_tiny(path: str | Path, seed: int = TINY_SEED, name: str = "tiny") -> Path:
+    """Write the embedded model ``name`` as a diffusers folder (``model_index.json`` ...) at ``path``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    c = build(name, seed)
+    if name == "tiny-xl":
+        c.pop("force_zeros_for_empty_prompt")
+        pipe = StableDiffusionXLPipeline(**c, force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(**c, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return Path(path)
 

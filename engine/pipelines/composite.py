@@ -343,7 +343,7 @@ def compose_batch(
     # Every distinct prompt once; rows index into the table.
     table = list(dict.fromkeys(p for r in reqs for p in (r.global_negative, r.prompt, *r.negatives, *r.prompts)))
     index = {p: i for i, p in enumerate(table)}
-    emb_table = engine.encode_prompts(table)
+    emb_table, pooled_table = engine.encode_prompts(table), engine.encode_pooled(table)
 
     latents = engine.initial_latents([r.seed for r in reqs], height, width)  # (B, C, h, w), the shared latents
     sched = engine.new_scheduler(steps)
@@ -399,8 +399,9 @@ def compose_batch(
             has_u = [k for k, u in enumerate(rows.uncond) if u >= 0]
             all_u = len(has_u) == len(rows.cond)
             model_in = sched.scale_model_input(torch.cat([x_all if all_u else x_all[has_u], x_all]), t)
-            emb = emb_table[[rows.uncond[k] for k in has_u] + rows.cond]
-            eps = engine.unet_call(model_in, t, emb)
+            pick = [rows.uncond[k] for k in has_u] + rows.cond
+            pooled = None if pooled_table is None else pooled_table[pick]
+            eps = engine.unet_call(model_in, t, emb_table[pick], pooled=pooled)
             eps_c = eps[len(has_u):]
             if all_u:
                 eps_u = eps[: len(has_u)]

@@ -63,7 +63,7 @@ def subject_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
 # --------------------------------------------------------------------------------------------- inversion
 @torch.no_grad()
 def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: torch.Tensor,
-                progress: bool | None = None) -> list[torch.Tensor]:
+                progress: bool | None = None, pooled: torch.Tensor | None = None) -> list[torch.Tensor]:
     """DDIM inversion of a clean latent: returns ``traj`` with ``traj[i]`` the latent at the ``i``-th denoising
     timestep (``traj[0]`` is the noisiest), so that denoising step ``i`` sees the reference at ``traj[i]``."""
     sched = engine.new_scheduler(steps)
@@ -77,7 +77,7 @@ def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: to
             t = timesteps[j]
             a_prev = ac[timesteps[j + 1]] if j + 1 < steps else final
             a_t = ac[t]
-            eps = engine.unet_call(z, t, embedding)
+            eps = engine.unet_call(z, t, embedding, pooled=pooled)
             x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
             traj[j] = z
@@ -92,7 +92,7 @@ def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress) ->
     key = (digest, tuple(reference.shape), steps, str(engine.dtype))
     if key not in cache:
         z0 = engine.encode_image(reference)
-        traj = ddim_invert(engine, z0, steps, engine.encode_prompts([""]), progress)
+        traj = ddim_invert(engine, z0, steps, engine.encode_prompts([""]), progress, engine.encode_pooled([""]))
         cache[key] = (z0, traj)
         while len(cache) > _INVERSION_CACHE_SIZE:
             cache.popitem(last=False)
@@ -286,10 +286,17 @@ def _layer_names(engine: Engine, blocks: Sequence[int], attn: str) -> list[str]:
 
 def _foreground_layers(engine: Engine) -> list[str]:
     """Cross-attention layers on the grid a quarter of the latent's (16x16 at 512², SD's foreground-mask
-    layers): ``down_blocks.2`` and ``up_blocks.1`` in the SD layout."""
-    depth = len(engine.unet.config.block_out_channels)
-    down = [f"down_blocks.{depth - 2}.", f"up_blocks.{1}."]
+    layers): ``down_blocks.2`` and ``up_blocks.1`` in the SD layout, ``down_blocks.2`` and ``up_blocks.0`` in
+    SDXL's (the third level from the top, counted from either end)."""
+    n_up = len(engine.unet.up_blocks)
+    down = ["down_blocks.2.", f"up_blocks.{n_up - 3}."]
     return [n for n in engine.processors if n.endswith("attn2") and any(n.startswith(p) for p in down)]
+
+
+def default_blocks(engine: Engine) -> tuple[list[int], list[int]]:
+    """``(ama_blocks, feature_blocks)`` for the engine's architecture: SD ``[2, 3], [1, 2]``; SDXL ``[1], [0, 1]``
+    (SDXL's last up block has no attention; the feature outputs are at half and full latent size in both)."""
+    return ([1], [0, 1]) if engine.is_xl else ([2, 3], [1, 2])
 
 
 # --------------------------------------------------------------------------------------------- pipeline
@@ -309,8 +316,8 @@ def personalize(
     ama: bool = True,
     ama_start: int | None = None,
     ama_end: int | None = None,
-    ama_blocks: Sequence[int] = (2, 3),
-    feature_blocks: Sequence[int] = (1, 2),
+    ama_blocks: Sequence[int] | None = None,
+    feature_blocks: Sequence[int] | None = None,
     pca_dim: int = 256,
     lambda_c: float = 0.4,
     lambda_g: float = 0.0,
@@ -331,9 +338,10 @@ def personalize(
         ama: appearance-matching self-attention on/off (off: plain generation beside the reference branch).
         ama_start, ama_end: step range ``[start, end)`` for AMA and guidance. Default: from step
             ``round(4/50·steps)`` (at least 1: matching uses the previous step's features) to the end.
-        ama_blocks: ``up_blocks`` whose self-attention becomes AMA (default 2 and 3, the last six transformer
-            blocks of SD).
-        feature_blocks: ``up_blocks`` whose outputs are the matching features (default 1 and 2).
+        ama_blocks: ``up_blocks`` whose self-attention becomes AMA (default: 2 and 3 in SD, the last six
+            transformer blocks; 1 in SDXL, its highest-resolution attention level).
+        feature_blocks: ``up_blocks`` whose outputs are the matching features (default: 1 and 2 in SD, 0 and 1 in
+            SDXL: the outputs at half and full latent resolution in both).
         pca_dim: PCA components per feature block (256 as the official code).
         lambda_c: cycle-consistency threshold factor λc (0.4).
         lambda_g: semantic matching guidance strength λg (0 = off; 50–75 in the paper). Costs a UNet backward
@@ -356,6 +364,8 @@ def personalize(
     if lambda_g < 0:
         raise ValueError(f"lambda_g: must be >= 0, got {lambda_g}")
     n_up = len(engine.unet.up_blocks)
+    ama_blocks = default_blocks(engine)[0] if ama_blocks is None else list(ama_blocks)
+    feature_blocks = default_blocks(engine)[1] if feature_blocks is None else list(feature_blocks)
     for name, blocks in (("ama_blocks", ama_blocks), ("feature_blocks", feature_blocks)):
         if not blocks or any(not (0 <= b < n_up) for b in blocks):
             raise ValueError(f"{name}: up_blocks indices in [0, {n_up}), got {list(blocks)}")
@@ -369,7 +379,8 @@ def personalize(
     ops = ops_for(engine.config.backend)
     lay = _Layout(n)
     z0_ref, traj = _inversion(engine, reference, steps, progress)
-    emb = engine.encode_prompts(["", *negatives, reference_prompt, *prompts])
+    texts = ["", *negatives, reference_prompt, *prompts]
+    emb, pooled = engine.encode_prompts(texts), engine.encode_pooled(texts)
     latents = engine.initial_latents(seeds, height, width)
     sched = engine.new_scheduler(steps)
     ac = sched.alphas_cumprod.to(engine.device)
@@ -401,7 +412,7 @@ def personalize(
                 if guide:
                     model_in = model_in.detach().requires_grad_(True)
                 with torch.set_grad_enabled(guide):
-                    eps = engine.unet_call(model_in, t, emb)
+                    eps = engine.unet_call(model_in, t, emb, pooled=pooled)
                     feats = hooks.take() if hooks is not None else None
                     if need:
                         state.set_features(feats)
@@ -465,7 +476,8 @@ def register_cli(sub) -> None:
     g.add_argument("--no-ama", action="store_true", help="switch appearance-matching self-attention off")
     g.add_argument("--ama-start", type=int, default=None, help="first AMA step (default round(4/50·steps), >= 1)")
     g.add_argument("--ama-end", type=int, default=None, help="AMA stops before this step (default: all steps)")
-    g.add_argument("--ama-blocks", type=int, nargs="+", default=[2, 3], help="up_blocks with AMA (default 2 3)")
+    g.add_argument("--ama-blocks", type=int, nargs="+", default=None,
+                   help="up_blocks with AMA (default: 2 3 for SD, 1 for SDXL)")
     g.add_argument("--lambda-c", type=float, default=0.4, help="cycle-consistency threshold factor (default 0.4)")
     g.add_argument("--lambda-g", type=float, default=0.0,
                    help="semantic matching guidance strength (default 0 = off; the paper uses 50-75)")

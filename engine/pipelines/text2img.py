@@ -70,14 +70,15 @@ def text2img(
 
     use_cfg = guidance_scale > 1.0
     ip_tokens = prompt_tokens(engine, ip_image, n, use_cfg) if ip_image is not None else None
-    embeddings = engine.encode_prompts(negatives + prompts if use_cfg else prompts)
+    rows = negatives + prompts if use_cfg else prompts
+    embeddings, pooled = engine.encode_prompts(rows), engine.encode_pooled(rows)
     latents = engine.initial_latents(seeds, height, width)
     sched = engine.new_scheduler(steps)
     with engine.progress(steps, "text2img", progress) as bar:
         for t in sched.timesteps:
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            eps = engine.unet_call(model_in, t, embeddings, ip_tokens, ip_scale)
+            eps = engine.unet_call(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled)
             if use_cfg:
                 eps = cfg_combine(eps, n, guidance_scale)
             latents = sched.step(eps, t, latents, return_dict=False)[0]

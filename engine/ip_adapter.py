@@ -1,4 +1,9 @@
-"""IP-Adapter and IP-Adapter-Plus (SD 1.x): image prompts through decoupled cross-attention.
+"""IP-Adapter and IP-Adapter-Plus (SD 1.x/2.x and SDXL): image prompts through decoupled cross-attention.
+
+Nothing here is architecture specific: the IP layers take the UNet's ``cross_attention_dim`` (768 for SD 1.x,
+2048 for SDXL) and the image encoder is whatever the weights were trained with (ViT-H/14 for the SD 1.5 files and
+``ip-adapter-plus_sdxl_vit-h``, ViT-bigG/14 for ``ip-adapter_sdxl``); a mismatch is a ``ValueError``, not a shape
+error inside the UNet. The SDXL path is tested against diffusers' own SDXL IP-Adapter loading.
 
 An :class:`IPAdapter` owns everything the method adds to the model: the CLIP image encoder
 (``transformers.CLIPVisionModelWithProjection``), the image projection (diffusers' ``ImageProjection``: linear to

@@ -60,6 +60,14 @@ def _pick(embeds: dict, token: str | None, source: str) -> tuple[str, torch.Tens
     return name, value
 
 
+def check_relation_model(engine) -> None:
+    """ReVersion relation tokens live in one text encoder's embedding table: SD 1.x/2.x only (ValueError for
+    SDXL, whose second text encoder would not know the token)."""
+    if getattr(engine, "is_xl", False):
+        raise ValueError("model: ReVersion relation tokens are for SD 1.x/2.x models (one text encoder); this is an "
+                         "SDXL model, whose second text encoder would not know the token")
+
+
 @torch.no_grad()
 def add_token(engine, token: str, embedding: torch.Tensor) -> int:
     """Add ``token`` to the engine's tokenizer and text encoder with ``embedding`` as its row (or overwrite
@@ -68,6 +76,7 @@ def add_token(engine, token: str, embedding: torch.Tensor) -> int:
     Raises ``ValueError`` when the embedding's size is not the text encoder's hidden size, or when ``token``
     is a word of the base vocabulary (overwriting it would change every prompt that uses the word).
     """
+    check_relation_model(engine)
     table = engine.text_encoder.get_input_embeddings()
     dim = table.weight.shape[1]
     if embedding.shape[-1] != dim:

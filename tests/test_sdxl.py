@@ -161,3 +161,44 @@ def test_compose_one_segment_equals_text2img_on_sdxl(engine):
     out = engine.compose(layout, {"#ff0000": "a photo of a cat"}, prompt="a photo of a cat", steps=STEPS, seed=3,
                          output_type="latent", global_steps=0, scaffold_fraction=0.34)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_relation_tokens_are_refused_on_sdxl(engine):
+    with pytest.raises(ValueError, match="SDXL"):
+        engine.load_relation({"<R>": torch.zeros(engine.text_encoder.config.hidden_size)})
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["base", "plus"])
+def test_ip_adapter_on_sdxl_equals_diffusers(engine, tmp_path, plus):
+    """A tiny SDXL IP-Adapter(-Plus) written as a standard file: the engine (decoupled attention in our
+    processors, our CLIP preprocessing and zero-image uncond tokens) and diffusers' SDXL pipeline with the same
+    file loaded by its own loader give the same images. Scale 0 is text2img."""
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from dreamfuse.engine.ip_adapter import save_tiny_ip_adapter
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    weights, encoder = save_tiny_ip_adapter(engine, tmp_path, plus=plus)
+    engine.load_ip_adapter(weights, encoder)
+    try:
+        assert engine.ip_adapter.cross_attention_dim == engine.unet.config.cross_attention_dim == 96
+        img = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+        prompts = ["a photo of a cat", "a dog"]
+        ours = engine.text2img(prompts, steps=2, seed=[3, 4], ip_image=img, ip_scale=0.7, output_type="latent")
+        zero = engine.text2img(prompts, steps=2, seed=[3, 4], ip_image=img, ip_scale=0.0, output_type="latent")
+    finally:
+        engine.unload_ip_adapter()
+    torch.testing.assert_close(zero, engine.text2img(prompts, steps=2, seed=[3, 4], output_type="latent"))
+    assert (ours - zero).abs().mean() > 1e-2
+
+    c = build_xl_components()
+    c.pop("force_zeros_for_empty_prompt")
+    c["scheduler"] = engine.new_scheduler(2)
+    fe = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = StableDiffusionXLPipeline(**c, feature_extractor=fe, force_zeros_for_empty_prompt=True)
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name=weights.name, image_encoder_folder=str(encoder))
+    pipe.set_ip_adapter_scale(0.7)
+    ref = pipe(prompts, ip_adapter_image=img, num_inference_steps=2, guidance_scale=7.5,
+               latents=engine.initial_latents([3, 4], 64, 64), output_type="latent").images
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)

@@ -302,8 +302,9 @@ class _Trainer:
     def __init__(self, engine, exemplars, out: Path, cfg: ReVersionConfig):
         from diffusers import DDPMScheduler
 
-        from ..relation import add_token
+        from ..relation import add_token, check_relation_model
 
+        check_relation_model(engine)
         self.engine, self.cfg, self.out = engine, cfg, out
         self.device = engine.device
         self.amp = resolve_amp(cfg.mixed_precision, self.device)

@@ -201,3 +201,48 @@ def test_triton_engine_trains_through_sdpa_and_gets_its_backend_back(assets, tmp
     assert np.isfinite(result.losses[0]["loss"])
     assert all(not torch.equal(before[k], v) for k, v in engine.ip_adapter.layers.state_dict().items())
     assert all(p.backend == "triton" for p in engine.processors.values())
+
+
+# ------------------------------------------------------------------------------------------------ SDXL
+def test_sdxl_pairs_carry_per_image_time_ids_and_pooled_embeddings(assets, tmp_path):
+    """tiny-xl + a tiny SDXL IP-Adapter-Plus: every UNet row gets its own image's SDXL time ids
+    (orig_h, orig_w, 0, 0, size, size) and its prompt's pooled embedding; training changes only the IP layers and
+    the written file drives SDXL generation."""
+    engine = Engine.from_pretrained("tiny-xl", EngineConfig(device="cpu", dtype="fp32", backend="torch",
+                                                            progress=False))
+    weights, enc = save_tiny_ip_adapter(engine, tmp_path / "ipa", plus=True)
+    data = tmp_path / "data" / "s0"
+    data.mkdir(parents=True)
+    Image.fromarray(_img(0, 64)[:48]).save(data / "ref.png")  # 48 x 64 (h x w)
+    Image.fromarray(_img(1, 80)[:, :40]).save(data / "gen0.png")  # 80 x 40
+    (data / "prompt.txt").write_text("a photo of a cat")
+    engine.load_ip_adapter(weights, enc)
+    before = {k: v.clone() for k, v in engine.ip_adapter.state_dict().items()}
+
+    seen = []
+    real = engine.unet_call
+
+    def spy(*args, **kw):
+        seen.append((kw["time_ids"], kw["pooled"]))
+        return real(*args, **kw)
+
+    engine.unet_call = spy
+    result = patchdpo.train(engine, data=data.parent, out=tmp_path / "out", steps=2, lr=1e-3, checkpoint_every=0,
+                            estimator=PatchQualityEstimator(ViTModel.from_pretrained(assets["vit"])))
+    del engine.unet_call
+    assert len(seen) == 2
+    want = torch.tensor([[48, 64, 0, 0, 64, 64], [80, 40, 0, 0, 64, 64]], dtype=torch.float32)
+    pooled = engine.encode_pooled(["a photo of a cat"] * 2)
+    for time_ids, p in seen:
+        assert torch.equal(time_ids, want)
+        torch.testing.assert_close(p, pooled)
+    after = engine.ip_adapter.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"layers"} and np.isfinite(result.losses[-1]["loss"])
+
+    def gen(w):
+        e = Engine.from_pretrained("tiny-xl", EngineConfig(device="cpu", backend="torch", progress=False))
+        e.load_ip_adapter(w, enc)
+        return e.text2img("a photo of a cat", steps=2, seed=1, ip_image=data / "ref.png", output_type="latent")
+
+    assert (gen(result.path) - gen(weights)).abs().max() > 1e-5

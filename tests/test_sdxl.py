@@ -28,7 +28,8 @@ def test_prompt_encoding_matches_diffusers(engine):
     c = build_xl_components()
     c.pop("force_zeros_for_empty_prompt")
     pipe = StableDiffusionXLPipeline(**c, force_zeros_for_empty_prompt=True)
-    emb, neg, pooled, neg_pooled = pipe.encode_prompt("a photo of a cat", device="cpu", do_classifier_free_guidance=True)
+    emb, neg, pooled, neg_pooled = pipe.encode_prompt("a photo of a cat", device="cpu",
+                                                      do_classifier_free_guidance=True)
     torch.testing.assert_close(engine.encode_prompts(["a photo of a cat"]), emb)
     torch.testing.assert_close(engine.encode_pooled(["a photo of a cat"]), pooled)
     assert not engine.encode_prompts([""]).any() and not engine.encode_pooled([""]).any()

@@ -1,8 +1,15 @@
-"""PatchDPO training: patch-quality-weighted fine-tuning of an IP-Adapter(-Plus) (SD 1.x, eager PyTorch, SDPA).
+"""PatchDPO training: patch-quality-weighted fine-tuning of an IP-Adapter(-Plus) (eager PyTorch, SDPA).
 
-Scope: Stable Diffusion 1.x (and 2.x) UNets with a standard IP-Adapter / IP-Adapter-Plus. SDXL (the official
-PatchDPO setting) is not supported: the engine has no SDXL yet (added time ids / text-embeds conditioning, the
-ViT-bigG image encoder, 2048-d cross-attention).
+Scope: Stable Diffusion 1.x/2.x and SDXL (the official PatchDPO setting: SDXL IP-Adapter-Plus) UNets with a
+standard IP-Adapter / IP-Adapter-Plus.
+
+SDXL conditioning. Every UNet row carries the pooled text embedding of its prompt and its own six time ids
+``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` (:func:`~dreamfuse.engine.engine.sdxl_time_ids`),
+built per image: ``orig`` is that image's size on disk (a reference and its generated image usually differ),
+the crop is ``(0, 0)`` because images are resized whole to the training resolution (never cropped: the quality
+maps cover the whole image), and the target is the training resolution. The official training code scrambles
+these ids; an adapter trained on scrambled micro-conditioning learns under conditioning that inference (which
+passes correct ids) never gives it.
 
 Data: ``DATA/<sample>/{ref.png, gen*.png, prompt.txt}``. Patch-quality maps come from
 :func:`~dreamfuse.engine.patch_quality.quality_maps` with a :class:`PatchQualityEstimator` (a vision backbone
@@ -182,13 +189,38 @@ def check_dataset(data_dir) -> int:
     return sum(len(scan_sample(f)[1]) for f in folders)
 
 
-def _load_resized(path, size: int) -> torch.Tensor:
+def _load_resized(path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(image (3, size, size) in [0, 1], original (height, width))``."""
     from PIL import Image
 
     from ..images import open_image
 
-    img = open_image(path, "dataset").convert("RGB").resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    img = open_image(path, "dataset").convert("RGB")
+    original = (img.height, img.width)
+    img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1), original
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of ``B`` pairs as the UNet sees it: ``2B`` rows ``[ref; gen]``."""
+
+    noisy: torch.Tensor
+    """Noised latents ``(2B, C, h, w)``, the same noise and timestep for both images of a pair."""
+    t: torch.Tensor
+    """Timesteps ``(2B,)``."""
+    target: torch.Tensor
+    """What the UNet must predict: the noise (or the velocity for v-prediction models)."""
+    weights: torch.Tensor
+    """Loss weights ``(2B, h, w)``: ``[1 − q_ref; q_gen]``."""
+    embeddings: torch.Tensor
+    """Text embeddings ``(2B, 77, D)`` of each pair's prompt (both halves)."""
+    image_features: torch.Tensor
+    """Image-encoder features of each pair's reference (both halves); the projection makes the IP tokens."""
+    pooled: torch.Tensor | None = None
+    """SDXL: pooled text embeddings ``(2B, P)``."""
+    time_ids: torch.Tensor | None = None
+    """SDXL: ``(2B, 6)``, each row from its own image's original size (see the module docstring)."""
 
 
 class _Trainer:
@@ -200,8 +232,9 @@ class _Trainer:
         self.amp = resolve_amp(cfg.mixed_precision, self.device)
         adapter = engine.ip_adapter
         self.adapter = adapter
-        for m in (engine.unet, engine.vae, engine.text_encoder, adapter):
-            m.requires_grad_(False)
+        for m in (engine.unet, engine.vae, engine.text_encoder, engine.text_encoder_2, adapter):
+            if m is not None:
+                m.requires_grad_(False)
         adapter.layers.requires_grad_(True)
         if cfg.train_projection:
             adapter.image_proj.requires_grad_(True)
@@ -218,14 +251,19 @@ class _Trainer:
     @torch.no_grad()
     def _prepare(self, samples, size: int) -> None:
         """Encode once what is frozen: VAE latents of every image, image-encoder features of every reference,
-        text embeddings of every prompt; the items are all (sample, gen) pairs."""
+        SDXL time ids of every image; the items are all (sample, gen) pairs."""
+        from ..engine import sdxl_time_ids
+
         e, a = self.engine, self.adapter
         self.items, self.ref_lat, self.gen_lat, self.feats, self.prompts = [], [], [], [], []
-        self.q_ref, self.q_gen = [], []
+        self.q_ref, self.q_gen, self.ref_ids, self.gen_ids = [], [], [], []
         for s in samples:
-            imgs = torch.stack([_load_resized(p, size) for p in [s.ref, *s.gens]])
+            loaded = [_load_resized(p, size) for p in [s.ref, *s.gens]]
+            imgs = torch.stack([img for img, _ in loaded])
+            ids = [sdxl_time_ids(orig, (0, 0), (size, size)) for _, orig in loaded]
             lat = e.encode_image(imgs).float()
             self.ref_lat.append(lat[0])
+            self.ref_ids.append(ids[0])
             pixels = a.preprocess([imgs[0]]).to(self.device, e.dtype)
             feats = (a.image_encoder(pixels, output_hidden_states=True).hidden_states[-2] if a.plus
                      else a.image_encoder(pixels).image_embeds)
@@ -234,11 +272,12 @@ class _Trainer:
             for g in range(len(s.gens)):
                 self.items.append((len(self.ref_lat) - 1, len(self.gen_lat)))
                 self.gen_lat.append(lat[1 + g])
+                self.gen_ids.append(ids[1 + g])
                 self.q_gen.append(s.q_gen[g].float().to(self.device))
                 self.q_ref.append(s.q_ref[g].float().to(self.device))
 
-    def micro_batch(self, micro_index: int):
-        """``(noisy, t, target, weights, text embeddings, ip tokens)`` of one micro-batch (2B rows)."""
+    def micro_batch(self, micro_index: int) -> MicroBatch:
+        """The :class:`MicroBatch` (2B rows) of micro-batch number ``micro_index``."""
         cfg, n = self.cfg, len(self.items)
         picks = []
         for j in range(cfg.batch_size):
@@ -252,17 +291,23 @@ class _Trainer:
         target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(clean, noise, t)
         weights = pair_weights(torch.stack([self.q_ref[g] for _, g in picks]),
                                torch.stack([self.q_gen[g] for _, g in picks]))
-        emb = self.engine.encode_prompts([self.prompts[r] for r, _ in picks])
+        prompts = [self.prompts[r] for r, _ in picks]
+        emb, pooled = self.engine.encode_prompts(prompts), self.engine.encode_pooled(prompts)
         feats = torch.stack([self.feats[r] for r, _ in picks])
-        return noisy, t, target, weights, torch.cat([emb, emb]), torch.cat([feats, feats])
+        batch = MicroBatch(noisy, t, target, weights, torch.cat([emb, emb]), torch.cat([feats, feats]))
+        if pooled is not None:
+            batch.pooled = torch.cat([pooled, pooled])
+            batch.time_ids = torch.stack([self.ref_ids[r] for r, _ in picks] + [self.gen_ids[g] for _, g in picks])
+        return batch
 
     def micro_loss(self, micro_index: int) -> torch.Tensor:
         e = self.engine
-        noisy, t, target, weights, emb, feats = self.micro_batch(micro_index)
+        b = self.micro_batch(micro_index)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            tokens = self.adapter.image_proj(feats)
-            pred = e.unet_call(noisy.to(e.dtype), t, emb, tokens.to(e.dtype), self.cfg.ip_scale)
-        return patchdpo_loss(pred, target, weights, self.cfg.weight_power)
+            tokens = self.adapter.image_proj(b.image_features)
+            pred = e.unet_call(b.noisy.to(e.dtype), b.t, b.embeddings, tokens.to(e.dtype), self.cfg.ip_scale,
+                               pooled=b.pooled, time_ids=b.time_ids)
+        return patchdpo_loss(pred, b.target, b.weights, self.cfg.weight_power)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -419,7 +464,7 @@ outputs:
   OUT/quality_cache/                patch-quality maps (computed once)
   OUT/checkpoints/step-NNNNNNN.pt   resumable state (--checkpoint-every, --resume latest)
 
-SD 1.x/2.x only (no SDXL in the engine yet).
+SD 1.x/2.x and SDXL (per-image SDXL time ids: original size, crop 0 0, training size).
 
 example:
   dreamfuse train patchdpo --model ./sd15 --ip-adapter ip-adapter-plus_sd15.bin --image-encoder ./image_encoder \\
@@ -474,7 +519,7 @@ def register_cli(methods) -> None:
         description="Fine-tune IP-Adapter(-Plus) weights with PatchDPO: a reconstruction loss on reference and "
                     "generated images (same noise and timestep per pair, IP tokens of the reference), weighted per "
                     "latent patch by 1 - quality (reference) and quality (generated). Only to_k_ip/to_v_ip train "
-                    "(plus image_proj with --train-projection). SD 1.x/2.x.",
+                    "(plus image_proj with --train-projection). SD 1.x/2.x and SDXL.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ip-adapter", required=True, metavar="W", help="IP-Adapter weights (.bin/.safetensors)")
     p.add_argument("--image-encoder", required=True, metavar="DIR", help="its CLIP image encoder folder")
@@ -495,5 +540,5 @@ def register_cli(methods) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-__all__ = ["PatchDPOConfig", "TrainResult", "check_dataset", "pair_batch", "pair_weights", "patchdpo_loss", "train",
-           "training_session"]
+__all__ = ["MicroBatch", "PatchDPOConfig", "TrainResult", "check_dataset", "pair_batch", "pair_weights",
+           "patchdpo_loss", "train", "training_session"]

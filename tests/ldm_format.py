@@ -1,8 +1,12 @@
-"""Write a diffusers SD 1.x pipeline as one original-format (LDM) checkpoint, for testing single-file loading.
+"""Write a diffusers SD 1.x or SDXL pipeline as one original-format (LDM / SGM) checkpoint, for testing
+single-file loading.
 
 The key layout of the original Stable Diffusion checkpoints is a published fact (``model.diffusion_model.``,
 ``first_stage_model.``, ``cond_stage_model.transformer.`` prefixes; ``input_blocks``/``middle_block``/
-``output_blocks``; resnet ``in_layers``/``emb_layers``/``out_layers``); this maps the tiny model onto it.
+``output_blocks``; resnet ``in_layers``/``emb_layers``/``out_layers``); this maps the tiny models onto it.
+SDXL's checkpoints add ``label_emb.0.{0,2}`` (the added-conditioning MLP), keep CLIP-L under
+``conditioner.embedders.0.transformer.`` and the second encoder in OpenCLIP's layout under
+``conditioner.embedders.1.model.`` (``resblocks`` with fused ``in_proj`` q/k/v, ``text_projection`` as D x P).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def unet_to_ldm(sd: dict, layers: int, n_blocks: int) -> dict:
         n = k
         if k.startswith("time_embedding."):
             n = k.replace("time_embedding.linear_1", "time_embed.0").replace("time_embedding.linear_2", "time_embed.2")
+        elif k.startswith("add_embedding."):
+            n = k.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2", "label_emb.0.2")
         elif k.startswith("conv_in."):
             n = k.replace("conv_in", "input_blocks.0.0")
         elif k.startswith("conv_norm_out."):
@@ -91,7 +97,42 @@ def vae_to_ldm(sd: dict, n_blocks: int) -> dict:
 def pipeline_to_ldm(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     sd = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, len(unet.config.block_out_channels))
     sd.update(vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)))
+    sd.update({"cond_stage_model.transformer." + k: v for k, v in _text_model_keys(text_encoder.state_dict()).items()})
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _text_model_keys(sd: dict) -> dict:
     # Original checkpoints nest CLIP under `text_model.`; transformers >= 5.6 flattened CLIPTextModel's keys.
-    sd.update({"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
-               for k, v in text_encoder.state_dict().items()})
+    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in sd.items()}
+
+
+def open_clip_text(sd: dict, prefix: str) -> dict:
+    """A transformers CLIPTextModelWithProjection state dict in OpenCLIP's layout under ``prefix``."""
+    sd = _text_model_keys(sd)
+    out = {
+        prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+        prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+        prefix + "text_projection": sd["text_projection.weight"].T,
+    }
+    layers = {int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")}
+    names = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+             ("self_attn.out_proj", "attn.out_proj")]
+    for i in layers:
+        src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for a, b in names:
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{p}"] = torch.cat([sd[f"{src}self_attn.{x}_proj.{p}"] for x in "qkv"])
+    return out
+
+
+def xl_pipeline_to_ldm(unet, vae, text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    sd = unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, len(unet.config.block_out_channels))
+    sd.update(vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)))
+    sd.update({"conditioner.embedders.0.transformer." + k: v
+               for k, v in _text_model_keys(text_encoder.state_dict()).items()})
+    sd.update(open_clip_text(text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     return {k: v.contiguous() for k, v in sd.items()}

@@ -1,6 +1,8 @@
-"""dreamfuse text2img vs diffusers' StableDiffusionPipeline on the same model, steps and batch.
+"""dreamfuse text2img vs diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline on the same model, steps
+and batch.
 
     python -m bench.text2img                         # tiny model, CPU-sized
+    python -m bench.text2img --model tiny-xl         # the SDXL-layout tiny model against StableDiffusionXLPipeline
     python -m bench.text2img --model ./sd15 --batch 1 4 --steps 20 --height 512 --width 512   # on a GPU
 
 Both run side by side in one process on the same weights; prints seconds per denoising step and the ratio
@@ -21,7 +23,7 @@ from bench._util import hardware, print_table, sync, timeit
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny' or a diffusers SD folder (default tiny)")
+    ap.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl' or a diffusers SD/SDXL folder (default tiny)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
     ap.add_argument("--backend", default=None, choices=("triton", "torch"), help="dreamfuse attention backend")
@@ -33,7 +35,7 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=3, help="timed calls per configuration (median)")
     args = ap.parse_args(argv)
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     cfg = EngineConfig(device=args.device, dtype=args.dtype, backend=args.backend, compile=args.compile,
                        progress=False)
@@ -44,9 +46,14 @@ def main(argv=None) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     ref.unet.set_attn_processor(AttnProcessor2_0())
-    pipe = StableDiffusionPipeline(unet=ref.unet, vae=ref.vae, text_encoder=ref.text_encoder,
-                                   tokenizer=ref.tokenizer, scheduler=ref.new_scheduler(args.steps),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    common = dict(unet=ref.unet, vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer,
+                  scheduler=ref.new_scheduler(args.steps))
+    if ref.is_xl:
+        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=ref.text_encoder_2, tokenizer_2=ref.tokenizer_2,
+                                         force_zeros_for_empty_prompt=ref.force_zeros_for_empty_prompt)
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     h = args.height or eng.default_size
     w = args.width or eng.default_size
@@ -60,13 +67,14 @@ def main(argv=None) -> None:
 
         def run_diffusers(prompts=prompts):
             g = torch.Generator("cpu").manual_seed(0)
-            pipe(prompts, num_inference_steps=args.steps, height=h, width=w, generator=g, output_type="latent")
+            pipe(prompts, num_inference_steps=args.steps, height=h, width=w, guidance_scale=7.5, generator=g,
+                 output_type="latent")
 
         ours = timeit(run_ours, device=device, warmup=1, iters=args.iters) / 1e3 / args.steps
         theirs = timeit(run_diffusers, device=device, warmup=1, iters=args.iters) / 1e3 / args.steps
         sync(device)
         rows.append([b, f"{h}x{w}", args.steps, f"{ours:.4f}", f"{theirs:.4f}", theirs / ours])
-    print(f"# text2img: dreamfuse vs diffusers StableDiffusionPipeline — {hardware(device)}")
+    print(f"# text2img: dreamfuse vs diffusers {type(pipe).__name__} — {hardware(device)}")
     print(f"model={args.model} dtype={str(eng.dtype).removeprefix('torch.')} backend={eng.config.backend} "
           f"compile={args.compile} CFG 7.5 (2 UNet rows per prompt)")
     print_table("seconds per denoising step", ["batch", "size", "steps", "dreamfuse s/step", "diffusers s/step",

@@ -4,6 +4,8 @@ One step runs the UNet forward + backward on ``[ref; gen]`` (twice the pairs per
 image projection adds its backward (the Plus Resampler). Ratios measured side by side in one run.
 
     python -m bench.train_patchdpo                       # tiny model, tiny IP-Adapter-Plus, tiny ViT backbone
+    python -m bench.train_patchdpo --model tiny-xl       # the SDXL path (pooled embeddings + time ids per row)
+    python -m bench.train_patchdpo --model random-sdxl --resolution 1024 --device cuda   # SDXL-sized, random weights
     python -m bench.train_patchdpo --model ./sd15 --ip-adapter ip-adapter-plus_sd15.bin \\
         --image-encoder ./image_encoder --backbone ./dinov2-base --resolution 512 --device cuda
 
@@ -40,7 +42,8 @@ def _make_data(root: Path, n: int, gens: int, size: int) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.train_patchdpo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (default), a diffusers folder or a .safetensors file")
+    p.add_argument("--model", default="tiny", help="'tiny' (default), 'tiny-xl', 'random-sd15', 'random-sdxl', a "
+                   "diffusers folder or a .safetensors file")
     p.add_argument("--ip-adapter", default=None, help="IP-Adapter weights (default: the tiny IP-Adapter-Plus)")
     p.add_argument("--image-encoder", default=None, help="its image encoder folder (with --ip-adapter)")
     p.add_argument("--backbone", default=None, help="patch-quality backbone folder (default: a tiny random ViT)")

@@ -5,6 +5,7 @@ that costs next to the UNet forward + backward, as a ratio measured side by side
 
     python -m bench.train_reversion                 # tiny model, default device
     python -m bench.train_reversion --model ./stable-diffusion-v1-5 --resolution 512 --device cuda
+    python -m bench.train_reversion --model random-sd15 --resolution 512 --device cuda   # SD-sized, random weights
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps (reset per configuration); on
 CPU the process's peak resident set size (``resource.getrusage``), which only grows: read the CPU column as
@@ -38,7 +39,8 @@ def _make_data(root: Path, n: int, size: int) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.train_reversion", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (default), a diffusers folder or a .safetensors file")
+    p.add_argument("--model", default="tiny", help="'tiny' (default), 'random-sd15', a diffusers folder or a "
+                   ".safetensors file")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
     p.add_argument("--batch-size", type=int, default=2, help="images per step (default 2, the paper's)")

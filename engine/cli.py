@@ -50,7 +50,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and runtime")
     g.add_argument("--model", default="tiny",
                    help="'tiny' (embedded random-weight SD-layout model, the default), 'tiny-xl' (its SDXL-layout "
-                        "sibling), a diffusers SD 1.x/2.x/SDXL folder with model_index.json, or a .safetensors "
+                        "sibling), 'random-sd15' / 'random-sdxl' (random weights in the real architectures, for "
+                        "benchmarks), a diffusers SD 1.x/2.x/SDXL folder with model_index.json, or a .safetensors "
                         "checkpoint (with --config)")
     g.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file checkpoint: a diffusers folder of the same architecture giving the "
@@ -112,11 +113,12 @@ def check_ip_adapter_args(args) -> None:
 def load_engine(args):
     from .config import EngineConfig
     from .engine import Engine
+    from .synthetic import SYNTHETIC_NAMES
     from .tiny import TINY_NAMES
 
     config = EngineConfig(device=args.device, dtype=args.dtype, backend=args.backend, compile=args.compile,
                           progress=False if args.no_progress else None)
-    if args.model not in TINY_NAMES and not Path(args.model).expanduser().exists():
+    if args.model not in TINY_NAMES + SYNTHETIC_NAMES and not Path(args.model).expanduser().exists():
         raise CLIError(f"--model: {args.model!r} does not exist")
     return Engine.from_pretrained(args.model, config, config_dir=args.config)
 

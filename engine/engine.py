@@ -82,11 +82,13 @@ class Engine:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "tiny", config: EngineConfig | None = None, *,
                         config_dir: str | Path | None = None) -> Engine:
-        """Load ``"tiny"`` / ``"tiny-xl"`` (the embedded SD 1.x- and SDXL-layout models), a local diffusers folder
+        """Load ``"tiny"`` / ``"tiny-xl"`` (the embedded SD 1.x- and SDXL-layout models), ``"random-sd15"`` /
+        ``"random-sdxl"`` (random weights, real architectures: for benchmarks), a local diffusers folder
         (``model_index.json``), or a single ``.safetensors`` SD/SDXL checkpoint (its architecture configs from
         ``config_dir``; see ``loading.py``)."""
         config = (config or EngineConfig()).resolved()
-        return cls(load_components(name_or_path, dtype=config.dtype, config_dir=config_dir), config)
+        return cls(load_components(name_or_path, dtype=config.dtype, config_dir=config_dir, device=config.device),
+                   config)
 
     # ----------------------------------------------------------------------------------------- defaults
     @property

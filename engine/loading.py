@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
+from . import synthetic, tiny
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -15,11 +15,14 @@ _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 _MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir: str | Path | None = None) -> dict:
+def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> dict:
     """Return ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}`` on CPU in ``dtype``; SDXL models add
     ``"text_encoder_2"``, ``"tokenizer_2"`` and ``"force_zeros_for_empty_prompt"``.
 
     * ``"tiny"`` / ``"tiny-xl"``: the embedded SD 1.x-layout / SDXL-layout models (built from a seed).
+    * ``"random-sd15"`` / ``"random-sdxl"``: random weights in the real SD 1.5 / SDXL architectures, for
+      benchmarks (see ``synthetic.py``); built directly on ``device`` (the only case that is not on CPU).
     * a folder with ``model_index.json``: a diffusers Stable Diffusion 1.x/2.x or SDXL (base) pipeline folder.
     * a ``.safetensors`` (or ``.ckpt``) file: an original-format SD 1.x/2.x or SDXL checkpoint. diffusers needs
       the architecture's configs to convert it; offline they come from ``config_dir`` (a diffusers folder of the
@@ -28,11 +31,14 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
     """
     if str(name_or_path) in tiny.TINY_NAMES:
         comps = tiny.build(str(name_or_path))
+    elif str(name_or_path) in synthetic.SYNTHETIC_NAMES:
+        comps = synthetic.build(str(name_or_path), device)
     else:
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"model: {str(name_or_path)!r} does not exist (give 'tiny', 'tiny-xl', a "
-                                    f"diffusers folder with model_index.json, or a .safetensors checkpoint)")
+            raise FileNotFoundError(f"model: {str(name_or_path)!r} does not exist (give 'tiny', 'tiny-xl', "
+                                    f"'random-sd15', 'random-sdxl', a diffusers folder with model_index.json, or a "
+                                    f".safetensors checkpoint)")
         if path.is_dir():
             comps = _load_folder(path, dtype)
         elif path.suffix in _SINGLE_FILE_SUFFIXES:

@@ -222,3 +222,16 @@ def test_single_file_sdxl_checkpoint_loads_the_same_weights(tmp_path):
         want, got = comps[name].state_dict(), getattr(eng, name).state_dict()
         assert want.keys() == got.keys(), name
         assert all(torch.equal(want[k], got[k]) for k in want), name
+
+
+@pytest.mark.parametrize("name, unet_params", [("random-sd15", 859_520_964), ("random-sdxl", 2_567_463_684)])
+def test_synthetic_models_have_the_published_architectures(name, unet_params):
+    """The benchmark models are the real SD 1.5 / SDXL architectures (built on the meta device: no memory)."""
+    from dreamfuse.engine import synthetic
+
+    comps = synthetic.build(name, device="meta")
+    assert sum(p.numel() for p in comps["unet"].parameters()) == unet_params
+    assert sum(p.numel() for p in comps["vae"].parameters()) == 83_653_863
+    if name == "random-sdxl":
+        assert comps["unet"].config.cross_attention_dim == (comps["text_encoder"].config.hidden_size
+                                                            + comps["text_encoder_2"].config.hidden_size)

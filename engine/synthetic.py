@@ -63,7 +63,8 @@ def build(name: str, device: str | torch.device = "cpu", seed: int = 0) -> dict:
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, **kw)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), device:
         torch.manual_seed(seed)
         comps = {
             "unet": UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET)),

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +52,14 @@ import numpy as np
 import torch
 
 from .common import (
-    CHECKPOINT_DIR,
     MIXED_PRECISION,
     add_checkpoint_args,
     add_optimization_args,
     latest_checkpoint,
+    read_checkpoint,
     resolve_amp,
+    restore_training_state,
+    write_checkpoint,
 )
 
 SAVE_FORMATS = ("bin", "safetensors")
@@ -326,28 +327,10 @@ class _Trainer:
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        folder = self.out / CHECKPOINT_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step-{self.step:07d}.pt"
-        state = {
-            "step": self.step, "params": {n: p.detach().cpu().clone() for n, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "losses": list(self.losses), "config": dataclasses.asdict(self.cfg),
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, str(tmp))
-        os.replace(tmp, path)
-        return path
+        return write_checkpoint(self, {"params": {n: p.detach().cpu().clone() for n, p in self.params.items()}})
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"resume: cannot read checkpoint {str(path)!r} ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or "params" not in state or "optimizer" not in state:
-            raise ValueError(f"resume: {str(path)!r} is not a PatchDPO checkpoint")
+        state = read_checkpoint(path, "PatchDPO", "params")
         if set(state["params"]) != set(self.params):
             raise ValueError(f"resume: {str(path)!r} trains other weights than this run (train_projection "
                              "differs, or another adapter)")
@@ -357,14 +340,7 @@ class _Trainer:
                     raise ValueError(f"resume: {n} has shape {tuple(state['params'][n].shape)} in {str(path)!r}, "
                                      f"this adapter needs {tuple(p.shape)}")
                 p.copy_(state["params"][n].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = int(state["step"])
-        self.losses = list(state["losses"])
+        restore_training_state(self, state)
 
 
 @contextlib.contextmanager

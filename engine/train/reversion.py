@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    CHECKPOINT_DIR,
     MIXED_PRECISION,
     add_checkpoint_args,
     add_optimization_args,
     latest_checkpoint,
+    read_checkpoint,
     resolve_amp,
+    restore_training_state,
+    write_checkpoint,
 )
 
 # Paper, supplementary Table A4: the 56 basis prepositions (positives of the steering loss).
@@ -424,28 +425,10 @@ class _Trainer:
 
     # ---------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        folder = self.out / CHECKPOINT_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"step-{self.step:07d}.pt"
-        state = {
-            "step": self.step, "token": self.cfg.token, "embedding": self.param.detach().cpu().clone(),
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "losses": list(self.losses), "config": dataclasses.asdict(self.cfg),
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, str(tmp))
-        os.replace(tmp, path)
-        return path
+        return write_checkpoint(self, {"token": self.cfg.token, "embedding": self.param.detach().cpu().clone()})
 
     def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"resume: cannot read checkpoint {str(path)!r} ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or "embedding" not in state or "optimizer" not in state:
-            raise ValueError(f"resume: {str(path)!r} is not a ReVersion checkpoint")
+        state = read_checkpoint(path, "ReVersion", "embedding")
         if state["token"] != self.cfg.token:
             raise ValueError(f"resume: {str(path)!r} trains token {state['token']!r}, not {self.cfg.token!r}")
         if state["embedding"].shape != self.param.shape:
@@ -453,14 +436,7 @@ class _Trainer:
                              f"model needs {tuple(self.param.shape)}")
         with torch.no_grad():
             self.param.copy_(state["embedding"].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = int(state["step"])
-        self.losses = list(state["losses"])
+        restore_training_state(self, state)
 
 
 @contextlib.contextmanager

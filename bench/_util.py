@@ -98,3 +98,27 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def add_trainer_args(p, *, batch_size: int, batch_help: str) -> None:
+    """The options both trainer benchmarks take (device, size, batch, precision, timing, threads, JSON out)."""
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
+                   help="autocast (default auto: bf16/fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per configuration (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
+    p.add_argument("--out", default=None, help="also write the table rows as JSON to this file")
+
+
+def trainer_engine(args):
+    """The fp32, torch-backend engine a trainer benchmark times (``--threads`` applied first)."""
+    from dreamfuse.engine.config import EngineConfig
+    from dreamfuse.engine.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return Engine.from_pretrained(args.model, EngineConfig(device=args.device, dtype="fp32", backend="torch",
+                                                           progress=False))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._util import hardware, print_table, time_step_with_peak
+from bench._util import add_trainer_args, hardware, print_table, time_step_with_peak, trainer_engine
 
 
 def _make_data(root: Path, n: int, gens: int, size: int) -> Path:
@@ -47,28 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ip-adapter", default=None, help="IP-Adapter weights (default: the tiny IP-Adapter-Plus)")
     p.add_argument("--image-encoder", default=None, help="its image encoder folder (with --ip-adapter)")
     p.add_argument("--backbone", default=None, help="patch-quality backbone folder (default: a tiny random ViT)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=1, help="pairs per step (default 1: a UNet batch of 2)")
-    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
-                   help="autocast (default auto: bf16/fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--iters", type=int, default=10, help="timed steps per configuration (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
-    p.add_argument("--out", default=None, help="also write the table rows as JSON to this file")
+    add_trainer_args(p, batch_size=1, batch_help='pairs per step (default 1: a UNet batch of 2)')
     args = p.parse_args(argv)
 
-    from dreamfuse.engine.config import EngineConfig
-    from dreamfuse.engine.engine import Engine
     from dreamfuse.engine.ip_adapter import build_tiny_ip_adapter
     from dreamfuse.engine.patch_quality import PatchQualityEstimator, quality_maps
     from dreamfuse.engine.train.patchdpo import PatchDPOConfig, training_session
     from transformers import ViTConfig, ViTModel
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained(args.model, EngineConfig(device=args.device, dtype="fp32", backend="torch",
-                                                             progress=False))
+    engine = trainer_engine(args)
     if args.ip_adapter:
         engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
     else:

@@ -20,10 +20,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from bench._util import hardware, print_table, time_step_with_peak
+from bench._util import add_trainer_args, hardware, print_table, time_step_with_peak, trainer_engine
 
 
 def _make_data(root: Path, n: int, size: int) -> Path:
@@ -41,25 +40,12 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny' (default), 'random-sd15', a diffusers folder or a "
                    ".safetensors file")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per step (default 2, the paper's)")
-    p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "fp16", "bf16"),
-                   help="autocast (default auto: bf16/fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--iters", type=int, default=10, help="timed steps per configuration (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
-    p.add_argument("--out", default=None, help="also write the table rows as JSON to this file")
+    add_trainer_args(p, batch_size=2, batch_help="images per step (default 2, the paper's)")
     args = p.parse_args(argv)
 
-    from dreamfuse.engine.config import EngineConfig
-    from dreamfuse.engine.engine import Engine
     from dreamfuse.engine.train.reversion import ReVersionConfig, load_exemplars, training_session
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained(args.model, EngineConfig(device=args.device, dtype="fp32", backend="torch",
-                                                             progress=False))
+    engine = trainer_engine(args)
     size = args.resolution or engine.default_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

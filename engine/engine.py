@@ -39,7 +39,8 @@ class Engine:
     Build it with :meth:`from_pretrained`; then call a pipeline, e.g. :meth:`text2img`.
 
     SDXL (``is_xl``): prompts go through both text encoders (:meth:`encode_prompts` gives the concatenated
-    penultimate hidden states, :meth:`encode_pooled` the second encoder's projected pooled embedding) and every
+    penultimate hidden states, :meth:`encode_pooled` the second encoder's projected pooled embedding,
+    :meth:`encode_text` both from one cache lookup) and every
     UNet call carries the pooled embedding and the six time ids (:func:`sdxl_time_ids`) per row. With
     ``force_zeros_for_empty_prompt`` (SDXL base) the empty prompt encodes to zeros, as diffusers does for an
     absent negative prompt: SDXL's unconditional embedding. An fp16 SDXL VAE whose config says
@@ -144,18 +145,23 @@ class Engine:
             self._prompt_cache.popitem(last=False)
         return out
 
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(encode_prompts(prompts), encode_pooled(prompts))`` from one cache lookup: what a pipeline passes to
+        :meth:`unet_call` as ``embeddings`` and ``pooled``."""
+        found = self._lookup(prompts)
+        hidden = torch.stack([h for h, _ in found])
+        return hidden, (torch.stack([p for _, p in found]) if self.is_xl else None)
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text embeddings ``(len(prompts), 77, D)`` in the engine dtype (SDXL: both encoders' penultimate hidden
         states, ``D = 768 + 1280``). Recent prompts are cached (the empty negative prompt of CFG is encoded once,
         not once per request)."""
-        return torch.stack([h for h, _ in self._lookup(prompts)])
+        return self.encode_text(prompts)[0]
 
     def encode_pooled(self, prompts: Sequence[str]) -> torch.Tensor | None:
         """SDXL: the pooled text embeddings ``(len(prompts), P)`` the UNet's added conditioning takes (pass them to
         :meth:`unet_call` as ``pooled``); ``None`` for SD 1.x/2.x. Shares :meth:`encode_prompts`' cache."""
-        if not self.is_xl:
-            return None
-        return torch.stack([p for _, p in self._lookup(prompts)])
+        return self.encode_text(prompts)[1]
 
     def time_ids(self, height: int, width: int, original_size: tuple[int, int] | None = None,
                  crop_top_left: tuple[int, int] = (0, 0)) -> torch.Tensor:

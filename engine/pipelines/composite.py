@@ -343,7 +343,7 @@ def compose_batch(
     # Every distinct prompt once; rows index into the table.
     table = list(dict.fromkeys(p for r in reqs for p in (r.global_negative, r.prompt, *r.negatives, *r.prompts)))
     index = {p: i for i, p in enumerate(table)}
-    emb_table, pooled_table = engine.encode_prompts(table), engine.encode_pooled(table)
+    emb_table, pooled_table = engine.encode_text(table)
 
     latents = engine.initial_latents([r.seed for r in reqs], height, width)  # (B, C, h, w), the shared latents
     sched = engine.new_scheduler(steps)

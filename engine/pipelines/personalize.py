@@ -92,7 +92,8 @@ def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress) ->
     key = (digest, tuple(reference.shape), steps, str(engine.dtype))
     if key not in cache:
         z0 = engine.encode_image(reference)
-        traj = ddim_invert(engine, z0, steps, engine.encode_prompts([""]), progress, engine.encode_pooled([""]))
+        emb, pooled = engine.encode_text([""])
+        traj = ddim_invert(engine, z0, steps, emb, progress, pooled)
         cache[key] = (z0, traj)
         while len(cache) > _INVERSION_CACHE_SIZE:
             cache.popitem(last=False)
@@ -380,7 +381,7 @@ def personalize(
     lay = _Layout(n)
     z0_ref, traj = _inversion(engine, reference, steps, progress)
     texts = ["", *negatives, reference_prompt, *prompts]
-    emb, pooled = engine.encode_prompts(texts), engine.encode_pooled(texts)
+    emb, pooled = engine.encode_text(texts)
     latents = engine.initial_latents(seeds, height, width)
     sched = engine.new_scheduler(steps)
     ac = sched.alphas_cumprod.to(engine.device)

@@ -71,7 +71,7 @@ def text2img(
     use_cfg = guidance_scale > 1.0
     ip_tokens = prompt_tokens(engine, ip_image, n, use_cfg) if ip_image is not None else None
     rows = negatives + prompts if use_cfg else prompts
-    embeddings, pooled = engine.encode_prompts(rows), engine.encode_pooled(rows)
+    embeddings, pooled = engine.encode_text(rows)
     latents = engine.initial_latents(seeds, height, width)
     sched = engine.new_scheduler(steps)
     with engine.progress(steps, "text2img", progress) as bar:

@@ -293,7 +293,7 @@ class _Trainer:
         weights = pair_weights(torch.stack([self.q_ref[g] for _, g in picks]),
                                torch.stack([self.q_gen[g] for _, g in picks]))
         prompts = [self.prompts[r] for r, _ in picks]
-        emb, pooled = self.engine.encode_prompts(prompts), self.engine.encode_pooled(prompts)
+        emb, pooled = self.engine.encode_text(prompts)
         feats = torch.stack([self.feats[r] for r, _ in picks])
         batch = MicroBatch(noisy, t, target, weights, torch.cat([emb, emb]), torch.cat([feats, feats]))
         if pooled is not None:

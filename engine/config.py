@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .limits import DEFAULT_LIMITS, Limits
+from .validation import check_device
+
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -59,18 +62,20 @@ class EngineConfig:
     progress: bool | None = None
     """Show a progress bar over denoising steps. ``None``: only when stderr is a terminal."""
 
+    limits: Limits = DEFAULT_LIMITS
+    """Upper bounds on what one call may ask for (image size, images, steps, segments, prompt length, input
+    image pixels), checked before any allocation; see :class:`~dreamfuse.engine.limits.Limits`."""
+
     extra: dict = field(default_factory=dict)
     """Free-form options read by later pipelines; unknown keys are ignored."""
 
     def resolved(self) -> EngineConfig:
         """A copy with every ``None`` filled in and every value validated (``ValueError`` naming the field)."""
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device: unknown device {device!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but CUDA is not available on this machine")
+        if self.device is not None and not isinstance(self.device, (str, torch.device)):
+            raise ValueError(f"device: must be a string such as 'cuda' or 'cpu', got {self.device!r}")
+        device = check_device(str(self.device), "device") if self.device is not None else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
         dtype = parse_dtype(self.dtype) if self.dtype is not None else (
             torch.float16 if dev.type == "cuda" else torch.float32)
         backend = self.backend or ("triton" if dev.type == "cuda" else "torch")
@@ -80,5 +85,7 @@ class EngineConfig:
         if not buckets or buckets[0] < 1:
             raise ValueError("batch_buckets: needs at least one bucket, all >= 1")
         progress = sys.stderr.isatty() if self.progress is None else bool(self.progress)
+        if not isinstance(self.limits, Limits):
+            raise ValueError(f"limits: must be a Limits, got {type(self.limits).__name__}")
         return dataclasses.replace(self, device=str(dev), dtype=dtype, backend=backend, batch_buckets=buckets,
-                                   progress=progress)
+                                   progress=progress, limits=self.limits.validated())

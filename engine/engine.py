@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,11 +12,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .cache import LRUCache
 from .config import EngineConfig
 from .loading import load_components, vae_upcast
-from .processors import CallContext, install_processors
+from .processors import CallContext, install_feature_hooks, install_processors
 
 _PROMPT_CACHE_SIZE = 64
+_INVERSION_CACHE_SIZE = 8
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the text encoder reads (77 tokens for CLIP): the rest is dropped."""
 
 
 def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
@@ -45,6 +51,11 @@ class Engine:
     ``force_zeros_for_empty_prompt`` (SDXL base) the empty prompt encodes to zeros, as diffusers does for an
     absent negative prompt: SDXL's unconditional embedding. An fp16 SDXL VAE whose config says
     ``force_upcast`` runs in fp32 (SDXL's VAE overflows in fp16).
+
+    Thread safety: any number of threads may run pipelines (text2img, IP-Adapter, personalize, compose) on one
+    engine at once; every UNet call carries its own :class:`~dreamfuse.engine.processors.CallContext`, and the
+    prompt and inversion caches are locked around their dictionaries only. Loading or unloading an IP-Adapter or
+    a relation token, and training, change the shared model: do them while no call is running.
     """
 
     def __init__(self, components: dict, config: EngineConfig | None = None):
@@ -69,15 +80,17 @@ class Engine:
             raise ValueError("model: a second text encoder was given but the UNet has no SDXL text_time conditioning")
         self.scheduler = components["scheduler"]
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.ctx = CallContext()
-        self.processors = install_processors(self.unet, self.ctx, self.config.backend)
+        self.processors = install_processors(self.unet, self.config.backend)
+        self._feature_hooks = install_feature_hooks(self.unet)
         self._unet_fn = self.unet
         if self.config.compile:
             mode = "reduce-overhead" if (self.config.cuda_graphs and self.device.type == "cuda") else None
             self._unet_fn = torch.compile(self.unet, mode=mode, dynamic=False)
-        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        self.inversion_cache: OrderedDict = OrderedDict()
-        """DDIM inversions of reference images (personalize), LRU, keyed by image content, size, steps, dtype."""
+        self._prompt_cache = LRUCache(_PROMPT_CACHE_SIZE)
+        """prompt -> (hidden states, pooled or None), LRU (thread-safe)."""
+        self.inversion_cache = LRUCache(_INVERSION_CACHE_SIZE)
+        """DDIM inversions of reference images (personalize), LRU (thread-safe), keyed by image content, size,
+        steps, dtype."""
         self.ip_adapter = None  # the loaded IPAdapter (see load_ip_adapter), owner of the IP layers' weights
 
     @classmethod
@@ -112,10 +125,22 @@ class Engine:
                              f"{cfg.cross_attention_dim}")
 
     # ----------------------------------------------------------------------------------------- text
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        tok = self.tokenizer
+        limit = tok.model_max_length
+        for p, ids in zip(prompts, tok(prompts, truncation=False, verbose=False).input_ids):
+            if len(ids) > limit:
+                dropped = tok.decode(ids[limit - 1:-1]).strip()
+                head = p if len(p) <= 40 else p[:37] + "..."
+                warnings.warn(f"prompt {head!r}: {len(ids)} tokens, the text encoder reads {limit}; dropped "
+                              f"{dropped!r}", PromptTruncatedWarning, stacklevel=4)
+
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         def ids(tokenizer):
             return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                              return_tensors="pt").input_ids.to(self.device)
+
+        self._warn_truncated(prompts)
 
         if not self.is_xl:
             return self.text_encoder(ids(self.tokenizer))[0].to(self.dtype), None
@@ -132,18 +157,18 @@ class Engine:
 
     @torch.no_grad()
     def _lookup(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        prompts = list(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
+        found = {p: self._prompt_cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, v in found.items() if v is None]
+        if missing:  # encoded outside the cache's lock; another thread may encode the same prompt meanwhile
             hidden, pooled = self._encode(missing)
             for i, p in enumerate(missing):
-                self._prompt_cache[p] = (hidden[i], None if pooled is None else pooled[i])
-        out = [self._prompt_cache[p] for p in prompts]
-        for p in prompts:
-            self._prompt_cache.move_to_end(p)
-        while len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
-            self._prompt_cache.popitem(last=False)
-        return out
+                found[p] = (hidden[i], None if pooled is None else pooled[i])
+                self._prompt_cache.put(p, found[p])
+        return [found[p] for p in prompts]
+
+    def clear_prompt_cache(self) -> None:
+        """Forget every cached prompt embedding (after the tokenizer or text encoder changed)."""
+        self._prompt_cache.clear()
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(encode_prompts(prompts), encode_pooled(prompts))`` from one cache lookup: what a pipeline passes to
@@ -187,10 +212,12 @@ class Engine:
 
     def unet_call(self, latents: torch.Tensor, t: torch.Tensor | int, embeddings: torch.Tensor,
                   ip_tokens: torch.Tensor | None = None, ip_scale: float = 1.0, *, pooled: torch.Tensor | None = None,
-                  time_ids: torch.Tensor | None = None) -> torch.Tensor:
+                  time_ids: torch.Tensor | None = None, ctx: CallContext | None = None) -> torch.Tensor:
         """One UNet evaluation for the whole batch. With ``compile``, rows are padded to the next batch bucket
         so a few compiled graphs serve all request sizes. ``ip_tokens`` ``(rows, T, cross_dim)``: IP-Adapter
         image tokens, one row per batch row, read by the IP layers for this call only (with ``ip_scale``).
+        ``ctx``: this call's :class:`~dreamfuse.engine.processors.CallContext` (layer handlers, features to
+        capture), seen by this call only; its ``latent_hw`` is set here.
 
         SDXL only: ``pooled`` ``(rows, P)`` (:meth:`encode_pooled` of each row's prompt; required) and
         ``time_ids`` ``(rows, 6)`` or ``(6,)`` for all rows (default: :meth:`time_ids` of the latents' size)."""
@@ -200,7 +227,6 @@ class Engine:
             added = self._added_cond(latents, pooled, time_ids)
         elif pooled is not None or time_ids is not None:
             raise ValueError("pooled/time_ids: only SDXL UNets take added conditioning")
-        self.ctx.latent_hw = (latents.shape[-2], latents.shape[-1])
         if self.config.compile:
             bucket = next((b for b in self.config.batch_buckets if b >= rows), rows)
             if bucket > rows:
@@ -213,14 +239,15 @@ class Engine:
                 if added is not None:
                     added = {k: grow(v) for k, v in added.items()}
         t = torch.as_tensor(t, device=self.device)
+        kwargs = {}  # nothing for a plain call: the (compiled) UNet then sees exactly the stock call
+        if ctx is not None:
+            ctx.latent_hw = (latents.shape[-2], latents.shape[-1])
+            kwargs["dreamfuse_ctx"] = ctx
         if ip_tokens is not None:
-            self.ctx.data["ip_tokens"], self.ctx.data["ip_scale"] = ip_tokens, float(ip_scale)
-        try:
-            eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, added_cond_kwargs=added,
-                                return_dict=False)[0]
-        finally:
-            self.ctx.data.pop("ip_tokens", None)
-            self.ctx.data.pop("ip_scale", None)
+            kwargs["ip_tokens"], kwargs["ip_scale"] = ip_tokens, float(ip_scale)
+        extra = {"cross_attention_kwargs": kwargs} if kwargs else {}
+        eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, added_cond_kwargs=added,
+                            return_dict=False, **extra)[0]
         return eps[:rows]
 
     def _added_cond(self, latents: torch.Tensor, pooled, time_ids) -> dict:

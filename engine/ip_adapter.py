@@ -35,12 +35,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .files import safetensors_save_atomic, torch_save_atomic
 from .images import image_tensor, open_image
 
 # CLIP's preprocessing constants (openai/clip-vit-*: CLIPImageProcessor's image_mean / image_std).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+_CLIP_MODEL_TYPES = ("clip_vision_model", "clip")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
 
 
 class IPAttnLayer(nn.Module):
@@ -214,8 +218,11 @@ def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]
                 sd[group][rest] = value
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"ip_adapter weights: cannot read {str(path)!r} ({e})") from None
+    except ValueError:
+        raise
+    except Exception as e:  # corrupt, truncated or foreign files raise anything from pickle, zipfile, safetensors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"ip_adapter weights: cannot read {str(path)!r} ({type(e).__name__}: {first})") from None
     if not isinstance(sd, dict) or not sd.get("image_proj") or not sd.get("ip_adapter"):
         raise ValueError(f"ip_adapter weights: {str(path)!r} is not an IP-Adapter file "
                          "(needs 'image_proj' and 'ip_adapter' state dicts)")
@@ -224,33 +231,62 @@ def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]
 
 def save_ip_adapter(adapter: IPAdapter, weights_path: str | Path, image_encoder_dir: str | Path | None = None) -> Path:
     """Write ``adapter`` as a standard IP-Adapter file (format from the suffix: ``.safetensors`` flat keys, else
-    ``torch.save``) and, with ``image_encoder_dir``, its image encoder as a transformers folder."""
+    ``torch.save``; written atomically) and, with ``image_encoder_dir``, its image encoder as a transformers folder."""
     path = Path(weights_path)
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"weights_path: {str(path)!r} must end in .bin, .pt, .pth or .safetensors")
     sd = adapter.standard_state_dict()
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({f"{group}.{k}": v for group, d in sd.items() for k, v in d.items()}, str(path))
+        safetensors_save_atomic({f"{group}.{k}": v for group, d in sd.items() for k, v in d.items()}, path)
     else:
-        torch.save(sd, path)
+        torch_save_atomic(sd, path)
     if image_encoder_dir is not None:
         adapter.image_encoder.save_pretrained(str(image_encoder_dir), safe_serialization=True)
     return path
 
 
-def load_image_encoder(path: str | Path):
-    """A ``CLIPVisionModelWithProjection`` from a local transformers folder (never downloads)."""
-    from transformers import CLIPVisionModelWithProjection
+def check_image_encoder_folder(path: str | Path, field: str = "image_encoder") -> Path:
+    """Cheap checks before any model work: ``path`` is a transformers folder whose config is a CLIP vision model
+    (``clip_vision_model``, or a full ``clip`` model) and holds weights. ``ValueError`` naming ``field``."""
+    import json
 
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"image_encoder: {str(path)!r} is not a transformers model folder (no config.json)")
+    if not folder.is_dir():
+        raise ValueError(f"{field}: folder {str(path)!r} does not exist" if not folder.exists()
+                         else f"{field}: {str(path)!r} is not a folder")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{field}: {str(path)!r} is not a transformers model folder (no config.json)")
     try:
-        return CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"image_encoder: cannot load {str(path)!r} ({str(e).splitlines()[0]})") from None
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{field}: {str(config)!r} is not a valid config ({type(e).__name__})") from None
+    if model_type not in _CLIP_MODEL_TYPES:
+        raise ValueError(f"{field}: {str(path)!r} holds a {model_type!r} model, not a CLIP image encoder "
+                         f"(model_type {' or '.join(_CLIP_MODEL_TYPES)})")
+    if not any((folder / w).is_file() for w in _WEIGHT_FILES):
+        raise ValueError(f"{field}: {str(path)!r} has no weights ({' or '.join(_WEIGHT_FILES)})")
+    return folder
+
+
+def load_image_encoder(path: str | Path, field: str = "image_encoder"):
+    """A ``CLIPVisionModelWithProjection`` from a local transformers folder (never downloads). Refuses a folder
+    that is not a CLIP vision model, or whose weights leave parameters of the encoder unset (a random encoder
+    would silently give meaningless image prompts)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    folder = check_image_encoder_folder(path, field)
+    try:
+        model, info = CLIPVisionModelWithProjection.from_pretrained(str(folder), local_files_only=True,
+                                                                    output_loading_info=True)
+    except Exception as e:  # a corrupt weights file or config: name the folder, not the loader's internals
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{field}: cannot load {str(path)!r} ({type(e).__name__}: {first})") from None
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("text_")]
+    if missing:
+        raise ValueError(f"{field}: {str(path)!r} lacks {len(missing)} weights of a CLIP image encoder (e.g. "
+                         f"{missing[0]!r}); not the adapter's image encoder")
+    return model
 
 
 def ip_adapter_from_state_dict(unet, sd: dict, image_encoder) -> IPAdapter:

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import open_image
+from .limits import DEFAULT_LIMITS, Limits, check_size
+from .validation import check_number, check_text
 
 BACKGROUND = "background"
 DEFAULT_TOLERANCE = 224.0
@@ -39,6 +41,7 @@ PRESENT_DISTANCE = 48.0
 """A listed colour must have at least one pixel this close to it (RGB distance) to count as present in the
 layout: flat regions of a JPEG stay within ~20 of their colour, neighbouring primaries are >= 255 apart."""
 _MAX_UNLISTED = 256  # most frequent unlisted region colours kept in the palette (photos as layouts: bounded work)
+_CHUNK = 8192  # pixels per distance block: 8192 x (64 + 256) palette x 3 float64 = 63 MB at the limits
 _SEGMENT_KEYS = {"prompt", "negative_prompt", "guidance", "subject"}
 _HEX = re.compile(r"#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 
@@ -89,27 +92,50 @@ def parse_color(text: str, field: str = "segments") -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
+def _no_duplicate_keys(field: str):
+    def hook(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise ValueError(f"{field}: the key {k!r} appears twice")
+            out[k] = v
+        return out
+    return hook
+
+
+_MAX_JSON_BYTES = 1 << 20  # a SEGMENTS.json of 64 segments is a few KB
+
+
 def load_segments(segments, field: str = "segments") -> dict:
-    """A mapping, or a path to a SEGMENTS.json file holding one -> the mapping (not yet validated)."""
+    """A mapping, or a path to a SEGMENTS.json file holding one -> the mapping (not yet validated). Duplicate keys,
+    files over 1 MiB and pathologically nested JSON are refused."""
     if isinstance(segments, (str, Path)):
         path = Path(segments).expanduser()
         if not path.is_file():
             raise ValueError(f"{field}: file {str(segments)!r} does not exist")
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise ValueError(f"{field}: {str(path)!r} is {path.stat().st_size} bytes; a segments file is at most "
+                             f"{_MAX_JSON_BYTES}")
         try:
-            segments = json.loads(path.read_text(encoding="utf-8"))
+            segments = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(field))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{field}: {str(path)!r} is not valid JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{field}: {str(path)!r} is nested too deeply to be a segments file") from None
     if not isinstance(segments, Mapping):
         raise ValueError(f"{field}: must be a mapping of colours to prompts, got {type(segments).__name__}")
     return dict(segments)
 
 
-def parse_segments(segments, field: str = "segments") -> list[Segment]:
+def parse_segments(segments, field: str = "segments", limits: Limits = DEFAULT_LIMITS) -> list[Segment]:
     """Validate a segments mapping (or SEGMENTS.json path) -> segments: listed colours in the order given,
     then the ``"background"`` entry if there is one. ValueErrors name the entry and field."""
     segments = load_segments(segments, field)
     if not segments:
         raise ValueError(f"{field}: no segments given (map at least one colour to a prompt)")
+    if len(segments) > limits.max_segments + 1:  # + the background entry
+        raise ValueError(f"{field}: {len(segments)} entries, the limit is {limits.max_segments} segments "
+                         "(limits.max_segments)")
     out: list[Segment] = []
     background = None
     seen: dict[tuple[int, int, int], str] = {}
@@ -131,15 +157,15 @@ def parse_segments(segments, field: str = "segments") -> list[Segment]:
         prompt = spec.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"{where}.prompt: must be a non-empty string, got {prompt!r}")
+        check_text(prompt, f"{where}.prompt", limits.max_prompt_chars)
         neg = spec.get("negative_prompt")
-        if neg is not None and not isinstance(neg, str):
-            raise ValueError(f"{where}.negative_prompt: must be a string, got {neg!r}")
+        if neg is not None:
+            if not isinstance(neg, str):
+                raise ValueError(f"{where}.negative_prompt: must be a string, got {neg!r}")
+            check_text(neg, f"{where}.negative_prompt", limits.max_prompt_chars)
         guidance = spec.get("guidance")
         if guidance is not None:
-            if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-                    or guidance < 0:
-                raise ValueError(f"{where}.guidance: must be a number >= 0, got {guidance!r}")
-            guidance = float(guidance)
+            guidance = check_number(guidance, f"{where}.guidance", low=0)
         subject = spec.get("subject")
         if subject is not None and not isinstance(subject, bool):
             raise ValueError(f"{where}.subject: must be true or false, got {subject!r}")
@@ -156,11 +182,11 @@ def parse_segments(segments, field: str = "segments") -> list[Segment]:
     return out
 
 
-def load_layout_image(layout, field: str = "layout") -> np.ndarray:
+def load_layout_image(layout, field: str = "layout", limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """A PIL image, a path or an ``(H, W, 3)`` uint8 array -> ``(H, W, 3)`` uint8 (alpha dropped)."""
     if layout is None:
         raise ValueError(f"{field}: missing (give a PIL image, a path or an (H, W, 3) uint8 array)")
-    layout = open_image(layout, field)
+    layout = open_image(layout, field, limits=limits)
     if isinstance(layout, Image.Image):
         return np.asarray(layout.convert("RGB"), dtype=np.uint8).copy()
     if isinstance(layout, np.ndarray):
@@ -208,26 +234,34 @@ def assign_labels(image: np.ndarray, colors: list[tuple[int, int, int]], toleran
 
     Raises ValueError (naming ``field``) for a listed colour with no pixel within PRESENT_DISTANCE of it.
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"tolerance: must be a number >= 0 (RGB distance), got {tolerance!r}")
+    tolerance = check_number(tolerance, "tolerance", low=0)
     n = len(colors)
     h, w, _ = image.shape
     listed = np.asarray(colors, np.float64).reshape(n, 3)
+    # The cheap check first, on the image's distinct colours (few in a layout): every listed colour is present.
+    packed = (image[..., 0].astype(np.int64) << 16) | (image[..., 1].astype(np.int64) << 8) | image[..., 2]
+    values = np.unique(packed)
+    distinct = np.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255], axis=1).astype(np.float64)
+    for i, c in enumerate(colors):
+        present = False
+        for start in range(0, len(distinct), _CHUNK):
+            if np.any(np.sqrt(((distinct[start:start + _CHUNK] - listed[i]) ** 2).sum(-1)) <= PRESENT_DISTANCE):
+                present = True
+                break
+        if not present:
+            hexc = "#{:02x}{:02x}{:02x}".format(*c)
+            raise ValueError(f"{field}: colour {hexc} is listed but does not appear in the layout")
     palette = np.concatenate([listed, _unlisted_region_colors(image, listed)])
     pix = image.reshape(-1, 3).astype(np.float64)
     labels = np.full(pix.shape[0], n, np.int64)
-    # Chunked so a photo-like layout (many unlisted colours) stays at O(chunk x palette) memory.
-    for start in range(0, pix.shape[0], 65536):
-        p = pix[start:start + 65536]
+    # Chunked so a photo-like layout (many unlisted colours) stays at O(chunk x palette) memory (~20 MB).
+    for start in range(0, pix.shape[0], _CHUNK):
+        p = pix[start:start + _CHUNK]
         d = np.sqrt(((p[:, None, :] - palette[None, :, :]) ** 2).sum(-1))
         idx = d.argmin(1)
         dist = d[np.arange(len(p)), idx]
         lab = np.where((idx < n) & (dist <= tolerance), idx, n)
-        labels[start:start + 65536] = lab
-    for i, c in enumerate(colors):
-        if not np.any(np.sqrt(((pix - listed[i]) ** 2).sum(-1)) <= PRESENT_DISTANCE):
-            hexc = "#{:02x}{:02x}{:02x}".format(*c)
-            raise ValueError(f"{field}: colour {hexc} is listed but does not appear in the layout")
+        labels[start:start + _CHUNK] = lab
     return labels.reshape(h, w)
 
 
@@ -261,7 +295,8 @@ def build_masks(labels: np.ndarray, num_segments: int, factor: int, blur: float 
 
 # --------------------------------------------------------------------------------------------- all together
 def parse_layout(layout, segments, *, height: int | None = None, width: int | None = None, factor: int = 8,
-                 tolerance: float = DEFAULT_TOLERANCE, blur: float = 0.0, field: str = "") -> SegmentLayout:
+                 tolerance: float = DEFAULT_TOLERANCE, blur: float = 0.0, field: str = "",
+                 limits: Limits = DEFAULT_LIMITS) -> SegmentLayout:
     """Layout image + segments -> :class:`SegmentLayout`.
 
     Args:
@@ -271,11 +306,14 @@ def parse_layout(layout, segments, *, height: int | None = None, width: int | No
         tolerance: RGB distance within which a pixel joins the nearest palette colour (see module doc).
         blur: Gaussian softening of the masks' edges, radius in latent pixels (0 = none: area averaging only).
         field: prefix of the error messages' field names (e.g. ``"requests[1]."``).
+        limits: segments per layout, blur radius, layout size and input pixels (checked before the work).
     """
-    segs = parse_segments(segments, f"{field}segments")
-    image = load_layout_image(layout, f"{field}layout")
+    segs = parse_segments(segments, f"{field}segments", limits)
+    blur = check_number(blur, "blur", low=0, high=limits.max_blur)
+    image = load_layout_image(layout, f"{field}layout", limits)
     h, w = image.shape[:2]
     check_layout_size(image, height or h, width or w, factor, f"{field}layout")
+    check_size(h, w, factor, limits, (f"{field}layout height", f"{field}layout width"))
     listed = [s for s in segs if s.color is not None]
     labels = assign_labels(image, [s.color for s in listed], tolerance, f"{field}segments")
     if (labels == len(listed)).any():  # a background segment only when some pixel belongs to it

@@ -3,12 +3,23 @@
 Installed with ``unet.set_attn_processor``: one processor per attention layer, each knowing its own
 module name (``up_blocks.2.attentions.0.transformer_blocks.0.attn1``) so that a pipeline can change
 what one layer does for one call (AMA value warping, reading cross-attention maps through the
-log-sum-exp) through the :class:`CallContext`, never through globals.
+log-sum-exp) through a :class:`CallContext`, never through globals.
+
+One context per UNet call, carried by the call itself: ``Engine.unet_call(..., ctx=ctx)`` passes it down through
+diffusers' ``cross_attention_kwargs`` (``dreamfuse_ctx``), which the UNet hands to every attention processor
+and every cross-attention block. Processors are stateless between calls, so any number of threads can run
+pipelines on one engine at once and each call sees only its own handlers, features and image tokens. A call
+without a context (plain text-to-image) passes no kwargs at all: the compiled UNet sees the stock signature.
 
 IP-Adapter (decoupled cross-attention): an ``attn2`` processor whose ``ip_layer`` is set (a module with
 ``to_k_ip``/``to_v_ip``, owned by the engine's loaded :class:`~dreamfuse.engine.ip_adapter.IPAdapter`) adds
-``ip_scale * Attn(q, to_k_ip(tokens), to_v_ip(tokens))`` to its text attention when the call's context holds
-``data["ip_tokens"]`` (``(B, T, cross_dim)``, one row per UNet batch row) and ``data["ip_scale"]``.
+``ip_scale * Attn(q, to_k_ip(tokens), to_v_ip(tokens))`` to its text attention when the call passes
+``ip_tokens`` (``(B, T, cross_dim)``, one row per UNet batch row) and ``ip_scale`` (also through
+``cross_attention_kwargs``: tensors, so a compiled UNet takes them as graph inputs).
+
+Decoder features: :func:`install_feature_hooks` puts one permanent forward hook on every cross-attention up
+block; it stores the block's output in ``ctx.features[name]`` when the call's context lists ``name`` in
+``ctx.capture`` (hooks are never added or removed per call: that would race with other threads' forwards).
 """
 
 from __future__ import annotations
@@ -40,22 +51,21 @@ class LayerInfo:
 
 @dataclass
 class CallContext:
-    """What the processors need for one UNet call. Pipelines fill it before the call and clear it after.
+    """What the processors and feature hooks need for one UNet call; a pipeline makes one per call (or per
+    step) and passes it to ``Engine.unet_call(..., ctx=...)``. Never shared between concurrent calls.
 
     ``handlers`` maps a layer name to the handler that computes that layer's attention for this call;
-    layers without one run the plain fused attention. ``latent_hw`` is the latent grid of the call, from
-    which each layer derives its token grid. ``data`` carries pipeline state (branch layout of the batch,
-    flows and masks per resolution, token indices) that handlers close over or read.
+    layers without one run the plain fused attention. ``latent_hw`` is the latent grid of the call (set by
+    ``unet_call``), from which each layer derives its token grid. ``capture`` names the up blocks
+    (``"up_blocks.1"``) whose outputs the call keeps in ``features``. ``data`` carries pipeline state that
+    handlers close over or read.
     """
 
     handlers: dict[str, Handler] = field(default_factory=dict)
     latent_hw: tuple[int, int] | None = None
+    capture: frozenset[str] = frozenset()
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
     data: dict = field(default_factory=dict)
-
-    def clear(self) -> None:
-        self.handlers.clear()
-        self.latent_hw = None
-        self.data.clear()
 
 
 def token_grid(latent_hw: tuple[int, int] | None, tokens: int) -> tuple[int, int] | None:
@@ -76,9 +86,8 @@ class DreamfuseAttnProcessor:
     Falls back to SDPA when the kernel's constraints fail (an attention mask, head dim > 256).
     """
 
-    def __init__(self, name: str, ctx: CallContext, backend: str):
+    def __init__(self, name: str, backend: str):
         self.name = name
-        self.ctx = ctx
         self.backend = backend
         self.is_cross = name.endswith("attn2")
         self.ip_layer: torch.nn.Module | None = None
@@ -89,8 +98,9 @@ class DreamfuseAttnProcessor:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         return fused_attention(q, k, v)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *,
+                 dreamfuse_ctx: CallContext | None = None, ip_tokens: torch.Tensor | None = None,
+                 ip_scale: float | torch.Tensor = 1.0, **kwargs):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -125,15 +135,15 @@ class DreamfuseAttnProcessor:
         if attn.norm_k is not None:
             k = attn.norm_k(k)
 
-        handler = self.ctx.handlers.get(self.name)
+        ctx = dreamfuse_ctx
+        handler = ctx.handlers.get(self.name) if ctx is not None else None
         if handler is not None and attention_mask is None:
-            info = LayerInfo(self.name, self.is_cross, token_grid(self.ctx.latent_hw, q.shape[2]), self.attend)
+            info = LayerInfo(self.name, self.is_cross, token_grid(ctx.latent_hw, q.shape[2]), self.attend)
             out = handler(info, q, k, v)
         else:
             out = self.attend(q, k, v, attention_mask)
-        ip_tokens = self.ctx.data.get("ip_tokens") if self.ip_layer is not None else None
-        if ip_tokens is not None:
-            out = out + self.ctx.data.get("ip_scale", 1.0) * self.ip_attention(q, ip_tokens)
+        if ip_tokens is not None and self.ip_layer is not None:
+            out = out + ip_scale * self.ip_attention(q, ip_tokens)
 
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
@@ -155,11 +165,38 @@ class DreamfuseAttnProcessor:
         return self.attend(q, k, v)
 
 
-def install_processors(unet, ctx: CallContext, backend: str) -> dict[str, DreamfuseAttnProcessor]:
+def install_processors(unet, backend: str) -> dict[str, DreamfuseAttnProcessor]:
     """Give every attention layer of ``unet`` a :class:`DreamfuseAttnProcessor`; returns them by layer name."""
     procs = {}
     for key in unet.attn_processors:  # keys look like "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
         name = key.removesuffix(".processor")
-        procs[name] = DreamfuseAttnProcessor(name, ctx, backend)
+        procs[name] = DreamfuseAttnProcessor(name, backend)
+    # set_attn_processor(dict) pops the entries it uses: give it a copy, keep ours
     unet.set_attn_processor({f"{n}.processor": p for n, p in procs.items()})
     return procs
+
+
+def capturable_blocks(unet) -> list[str]:
+    """The up blocks whose outputs a call can capture: those with cross-attention, which receive the call's
+    ``cross_attention_kwargs`` (``up_blocks.1`` ... in SD, ``up_blocks.0``/``.1`` in SDXL)."""
+    return [f"up_blocks.{i}" for i, b in enumerate(unet.up_blocks) if getattr(b, "has_cross_attention", False)]
+
+
+def _capture_hook(name: str):
+    def hook(module, args, kwargs, output):
+        cak = kwargs.get("cross_attention_kwargs") or {}
+        ctx = cak.get("dreamfuse_ctx")
+        if ctx is not None and name in ctx.capture:
+            ctx.features[name] = (output[0] if isinstance(output, tuple) else output).detach()
+    return hook
+
+
+def install_feature_hooks(unet) -> list:
+    """One permanent forward hook per :func:`capturable_blocks` entry (see the module docstring); returns the
+    hook handles. Idempotent: engines sharing one UNet share its hooks."""
+    handles = getattr(unet, "_dreamfuse_feature_hooks", None)
+    if handles is None:
+        handles = [unet.get_submodule(name).register_forward_hook(_capture_hook(name), with_kwargs=True)
+                   for name in capturable_blocks(unet)]
+        unet._dreamfuse_feature_hooks = handles
+    return handles

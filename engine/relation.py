@@ -8,15 +8,12 @@ encoder's token-embedding table by one row and writes the embedding there; nothi
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-DEFAULT_TOKEN = "<R>"
-DEFAULT_TEMPLATE = "{} <R> {}"
-_SLOT = "{}"
+from .relation_prompts import DEFAULT_TEMPLATE, DEFAULT_TOKEN, relation_prompts  # noqa: F401 (public API)
 
 
 def _read_file(path: Path) -> dict:
@@ -95,7 +92,7 @@ def add_token(engine, token: str, embedding: torch.Tensor) -> int:
         table = engine.text_encoder.get_input_embeddings()
         table.weight.requires_grad_(False)  # the resized table is a fresh Parameter; the model stays frozen
     table.weight[token_id] = embedding.to(device=table.weight.device, dtype=table.weight.dtype)
-    engine._prompt_cache.clear()
+    engine.clear_prompt_cache()
     return token_id
 
 
@@ -126,94 +123,3 @@ def load_relation(engine, path_or_embeds, *, token: str | None = None) -> str:
     name, value = _pick(embeds, token, source)
     add_token(engine, name, value)
     return name
-
-
-def relation_prompts(template_or_relation: str = DEFAULT_TEMPLATE, *entities: str | Sequence[str]) -> list[str]:
-    """Expand entity lists into inference prompts, as the ReVersion benchmark's inference templates do.
-
-    ``template_or_relation`` is either a template whose ``{}`` are entity slots (``"{} <R> {}"``,
-    ``"a photo of {} <R> {}, in the snow"``) or, without ``{}``, the relation itself (``"<R>"``), which
-    means the template ``"{} <R> {}"``. Then ``entities`` gives one list per slot (a string is a
-    one-entity list) and every combination is produced, first slot outermost; a single list serves every
-    slot (the benchmark's 10 entities x 10 entities = 100 prompts)::
-
-        relation_prompts("<R>", ["cat", "dog"], ["box"])  -> ["cat <R> box", "dog <R> box"]
-        relation_prompts("{} <R> {}", ["man", "cat"])     -> ["man <R> man", "man <R> cat",
-                                                              "cat <R> man", "cat <R> cat"]
-    """
-    template = template_or_relation.strip()
-    if not template:
-        raise ValueError("relation_prompts: the template or relation is empty")
-    if _SLOT not in template:
-        template = f"{_SLOT} {template} {_SLOT}"
-    pieces = template.split(_SLOT)
-    slots = len(pieces) - 1
-    lists = [[e] if isinstance(e, str) else list(e) for e in entities]
-    if not lists:
-        raise ValueError(f"relation_prompts: give entities for the {slots} slot(s) of {template!r}")
-    if len(lists) == 1:
-        lists = lists * slots
-    if len(lists) != slots:
-        raise ValueError(f"relation_prompts: {template!r} has {slots} slot(s) but {len(lists)} entity lists "
-                         "were given (give one list per slot, or one list for all)")
-    for i, lst in enumerate(lists):
-        cleaned = [e.strip() for e in lst]
-        if not cleaned or not all(cleaned):
-            raise ValueError(f"relation_prompts: entity list {i + 1} is empty or holds an empty entity")
-        lists[i] = cleaned
-    out = []
-    for combo in itertools.product(*lists):
-        out.append("".join(p + e for p, e in zip(pieces, combo)) + pieces[-1])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-_PROMPTS_EPILOG = """\
-entity lists (-e/--entities, one per {} slot, or one for all slots):
-  comma-separated ("cat,dog,red panda"), or @FILE with one entity per line.
-
-examples:
-  dreamfuse relation-prompts -e cat,dog -e box,basket          # cat <R> box, cat <R> basket, dog <R> box, ...
-  dreamfuse relation-prompts -e man,woman,child,cat,rabbit     # every pair: the benchmark's N x N prompts
-  dreamfuse relation-prompts "a photo of {} <R> {}, in the snow" -e cat -e box,basket
-  dreamfuse relation-prompts "<S>" -e cat -e box               # another token name: cat <S> box
-  dreamfuse relation-prompts -e cat,dog -e box > prompts.txt   # then, per line:
-      dreamfuse generate --relation out/learned_embeds.bin --prompt "$line" --out x.png
-"""
-
-
-def _entity_list(arg: str) -> list[str]:
-    if arg.startswith("@"):
-        path = Path(arg[1:]).expanduser()
-        if not path.is_file():
-            raise ValueError(f"--entities: file {str(path)!r} does not exist")
-        items = [line.strip() for line in path.read_text().splitlines()]
-        items = [i for i in items if i and not i.startswith("#")]
-    else:
-        items = [i.strip() for i in arg.split(",")]
-    if not items or not all(items):
-        raise ValueError(f"--entities: {arg!r} holds an empty entity (use 'cat,dog' or @FILE)")
-    return items
-
-
-def _cmd_relation_prompts(args) -> None:
-    prompts = relation_prompts(args.template, *[_entity_list(a) for a in args.entities])
-    print("\n".join(prompts))
-
-
-def register_cli(sub) -> None:
-    import argparse
-
-    p = sub.add_parser(
-        "relation-prompts", help="ReVersion: expand entity lists into '<A> <R> <B>' inference prompts",
-        description="Print one inference prompt per line for a learned ReVersion relation token: every "
-                    "combination of the entity lists placed in the template's {} slots (first slot "
-                    "outermost). Use the prompts with `dreamfuse generate --relation learned_embeds.bin`.",
-        epilog=_PROMPTS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("template", nargs="?", default=DEFAULT_TEMPLATE, metavar="TEMPLATE_OR_RELATION",
-                   help=f"a template with {{}} entity slots, or the relation token alone (meaning "
-                        f"'{{}} TOKEN {{}}'); default {DEFAULT_TEMPLATE!r}")
-    p.add_argument("-e", "--entities", action="append", required=True, metavar="LIST",
-                   help="entities for one slot: 'cat,dog' or @FILE (one per line); repeat per slot, or give "
-                        "once for all slots")
-    p.set_defaults(func=_cmd_relation_prompts)

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import tiny
-
-SYNTHETIC_NAMES = ("random-sd15", "random-sdxl")
+from .validation import SYNTHETIC_NAMES  # noqa: F401 (defined where the CLI reads it without torch)
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

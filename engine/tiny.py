@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from .validation import TINY_NAMES  # noqa: F401 (defined where the CLI reads it without torch)
+
 TOKENIZER_DIR = "tiny_tokenizer"
 TINY_SEED = 0
 TINY_RESOLUTION = 64
-TINY_NAMES = ("tiny", "tiny-xl")
 
 # Words that become whole BPE tokens. Everything else still tokenizes (byte-level fallback),
 # only into several tokens: that is how multi-token subject words are exercised in tests.

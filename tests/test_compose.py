@@ -11,6 +11,7 @@ from dreamfuse.engine.layout import BACKGROUND, build_masks, parse_layout
 from dreamfuse.engine.pipelines.composite import (
     ComposeRequest,
     compose_batch,
+    load_sal_model,
     stage_schedule,
     subject_aware_guidance,
 )
@@ -206,14 +207,17 @@ def test_subject_aware_guidance_moves_the_latent_only_inside_its_segment(engine)
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # TorchScript is what the issue asks for
 def test_subject_aware_guidance_in_the_pipeline(engine, tmp_path):
-    """Guiding the red (subject) segment at the last step changes the red half only; a TorchScript path works."""
+    """Guiding the red (subject) segment at the last step changes the red half only; a TorchScript file loads with
+    load_sal_model, and the pipeline refuses a path (a TorchScript file is a program: never from a request)."""
     path = tmp_path / "seg.pt"
     torch.jit.script(TinySeg()).save(str(path))
     segs = {"#ff0000": {"prompt": "a red car", "subject": True}, "#0000ff": "a dog"}
     kw = {"global_steps": 0, "scaffold_fraction": 1.0}
     base = latent(engine, stripes(RED, BLUE), segs, **kw)
-    guided = latent(engine, stripes(RED, BLUE), segs, sal_model=str(path), sal_scale=50.0,
+    guided = latent(engine, stripes(RED, BLUE), segs, sal_model=load_sal_model(path, engine.device), sal_scale=50.0,
                     sal_steps=(STEPS - 1, STEPS), **kw)
+    with pytest.raises(ValueError, match="sal_model: pass a loaded model, not a path"):
+        latent(engine, stripes(RED, BLUE), segs, sal_model=str(path), sal_scale=50.0, **kw)
     assert torch.equal(guided[..., 4:], base[..., 4:])
     assert (guided[..., :4] - base[..., :4]).abs().max() > 1e-5
     with pytest.raises(ValueError, match="sal_model"):
@@ -262,7 +266,7 @@ def test_cli_compose(tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--segments", str(tmp_path / "bad.json"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("dreamfuse: error: segments") and len(err.splitlines()) == 1
+    assert err.startswith("dreamfuse: error: --segments") and len(err.splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------- GPU

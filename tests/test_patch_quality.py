@@ -225,11 +225,7 @@ def test_quality_maps_dataset_errors(tmp_path):
 
 # --------------------------------------------------------------------------------------------- CLI
 @pytest.fixture
-def dreamfuse_main(monkeypatch):
-    """``dreamfuse.engine.cli.main`` with the patch-quality subcommand registered (a no-op once cli.py lists it)."""
-    if "dreamfuse.engine.patch_quality" not in cli._PIPELINE_CLIS:
-        monkeypatch.setattr("dreamfuse.engine.cli._PIPELINE_CLIS",
-                            (*cli._PIPELINE_CLIS, "dreamfuse.engine.patch_quality"))
+def dreamfuse_main():
     return cli.main
 
 

@@ -159,6 +159,6 @@ def test_triton_backend_matches_torch_backend(engine, reference):
         got = tri.personalize("a photo of a sks dog", reference, subject_token="sks", lambda_g=5.0, **kw)
     finally:
         engine.processors = __import__("dreamfuse.engine.processors", fromlist=["x"]).install_processors(
-            engine.unet, engine.ctx, "torch")  # the two engines share the UNet: give it back its processors
+            engine.unet, "torch")  # the two engines share the UNet: give it back its processors
     want = engine.personalize("a photo of a sks dog", reference, subject_token="sks", lambda_g=5.0, **kw)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

@@ -23,20 +23,21 @@ def unet_and_inputs():
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the kernel under TRITON_INTERPRET on CPU
 def test_dreamfuse_processors_match_stock(unet_and_inputs, backend):
     unet, (x, t, emb), stock = unet_and_inputs
-    ctx = CallContext()
-    procs = install_processors(unet, ctx, backend)
+    procs = install_processors(unet, backend)
     # 3 down + 1 mid + 3x2 up transformer blocks, each with attn1 and attn2
     assert len(procs) == 20 and sum(n.endswith("attn2") for n in procs) == 10
-    ctx.latent_hw = (8, 8)
     with torch.no_grad():
         ours = unet(x, t, encoder_hidden_states=emb).sample
+        with_ctx = unet(x, t, encoder_hidden_states=emb,
+                        cross_attention_kwargs={"dreamfuse_ctx": CallContext(latent_hw=(8, 8))}).sample
+    torch.testing.assert_close(with_ctx, ours, atol=0, rtol=0)  # an empty context changes nothing
     torch.testing.assert_close(ours, stock, atol=1e-4, rtol=1e-4)
 
 
 def test_handler_takes_over_one_layer_with_its_grid(unet_and_inputs):
     unet, (x, t, emb), stock = unet_and_inputs
-    ctx = CallContext()
-    install_processors(unet, ctx, "torch")
+    install_processors(unet, "torch")
+    ctx = CallContext(latent_hw=(8, 8))
     seen = []
     name = "up_blocks.3.attentions.0.transformer_blocks.0.attn1"
 
@@ -46,10 +47,10 @@ def test_handler_takes_over_one_layer_with_its_grid(unet_and_inputs):
         return torch.zeros_like(q)
 
     ctx.handlers[name] = zero_values
-    ctx.latent_hw = (8, 8)
     with torch.no_grad():
-        out = unet(x, t, encoder_hidden_states=emb).sample
-    ctx.clear()
+        out = unet(x, t, encoder_hidden_states=emb, cross_attention_kwargs={"dreamfuse_ctx": ctx}).sample
+        plain = unet(x, t, encoder_hidden_states=emb).sample  # the handler belongs to that call only
+    torch.testing.assert_close(plain, stock, atol=1e-4, rtol=1e-4)
     assert seen == [(name, False, (8, 8), (2, 2, 64, 20))]
     assert not torch.allclose(out, stock, atol=1e-4)
 

@@ -29,14 +29,27 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..engine import Engine
 from ..images import image_tensor
 from ..layout import DEFAULT_TOLERANCE, SegmentLayout, parse_layout
+from ..limits import DEFAULT_LIMITS, Limits, check_size
 from ..ops import ops_for
-from .common import as_prompt_list, check_guidance, check_output_type, check_steps, finish, resolve_seeds, resolve_size
+from ..validation import check_number, check_text
+from .common import (
+    as_prompt_list,
+    check_batch,
+    check_guidance,
+    check_output_type,
+    check_steps,
+    finish,
+    resolve_seeds,
+)
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 GLOBAL_STEPS = 2
 """Global-diffuser steps without a scaffolding image (MSP-Diffusion, appendix A.5, at 80 steps)."""
@@ -88,29 +101,38 @@ def stage_schedule(steps: int, *, scaffold_image: bool = False, global_steps: in
     return ["global"] * g + ["scaffold"] * k + ["harmonize"] * (steps - g - k)
 
 
-def load_scaffold_image(image, height: int, width: int, field: str = "scaffold_image") -> torch.Tensor:
+def load_scaffold_image(image, height: int, width: int, field: str = "scaffold_image",
+                        limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
     """PIL image, path, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] -> ``(1, 3, height, width)`` float32,
     resized when its aspect ratio matches the generation size (within 2%), an error otherwise."""
-    return image_tensor(image, height, width, field)
+    return image_tensor(image, height, width, field, limits=limits)
 
 
-def load_sal_model(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A ``torch.nn.Module`` (or any callable) or a TorchScript file path -> the model on ``device``.
-    A module is moved to ``device`` in place; its train/eval mode is left as the caller set it."""
+def load_sal_model(path: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Load a TorchScript segmentation model for subject-aware guidance from a file the *user* names.
+
+    A TorchScript file is a program: loading it runs code with the caller's permissions (a crafted file can
+    write anywhere the process can). Load only files you trust, and never a path that arrives in a request:
+    :func:`compose_batch` therefore takes the loaded model, not a path."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"sal_model: file {str(path)!r} does not exist")
+    try:
+        return torch.jit.load(str(p), map_location=device)
+    except Exception as e:  # a corrupt or foreign file: one line naming it
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"sal_model: cannot load {str(p)!r} as TorchScript ({first})") from None
+
+
+def _check_sal_model(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(model, (str, Path)):
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise ValueError(f"sal_model: file {str(model)!r} does not exist")
-        try:
-            return torch.jit.load(str(path), map_location=device)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"sal_model: cannot load {str(path)!r} as TorchScript ({str(e).splitlines()[0]})") \
-                from None
+        raise ValueError("sal_model: pass a loaded model, not a path (a TorchScript file is a program; load one you "
+                         "trust with load_sal_model(path, device))")
     if isinstance(model, torch.nn.Module):
         return model.to(device)
     if callable(model):
         return model
-    raise ValueError(f"sal_model: must be a torch.nn.Module or a TorchScript path, got {type(model).__name__}")
+    raise ValueError(f"sal_model: must be a torch.nn.Module or a callable, got {type(model).__name__}")
 
 
 # --------------------------------------------------------------------------------------------- guidance
@@ -142,6 +164,8 @@ def subject_aware_grad(engine: Engine, latents: torch.Tensor, eps: torch.Tensor,
             raise ValueError(f"sal_model: must map (N, 3, H, W) images to (N, K, H, W) probabilities with K >= 2, "
                              f"got {shape}")
         probs = probs.float()
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError("sal_model: returned non-finite values (NaN/inf) for the predicted image")
         if (probs.sum(1) - 1).abs().max() > 1e-2 or probs.min() < -1e-4:
             raise ValueError("sal_model: its output must be class probabilities (>= 0, summing to 1 over dim 1); "
                              "apply softmax in the model")
@@ -223,6 +247,7 @@ def _parse_requests(engine: Engine, requests, height, width, seeds, guidance_sca
                     steps, tolerance, blur) -> tuple[list[_Request], int, int]:
     reqs: list[_Request] = []
     factor = engine.vae_scale_factor
+    limits = engine.config.limits
     for i, r in enumerate(requests):
         where = f"requests[{i}]." if len(requests) > 1 else ""
         if isinstance(r, dict):
@@ -232,14 +257,14 @@ def _parse_requests(engine: Engine, requests, height, width, seeds, guidance_sca
                 raise ValueError(f"requests[{i}]: {e}") from None
         if not isinstance(r, ComposeRequest):
             raise ValueError(f"requests[{i}]: must be a ComposeRequest or a dict, got {type(r).__name__}")
-        (prompt,) = as_prompt_list(r.prompt, f"{where}prompt")
+        if not isinstance(r.prompt, str):
+            raise ValueError(f"{where}prompt: must be a string, got {type(r.prompt).__name__}")
+        (prompt,) = as_prompt_list(r.prompt, f"{where}prompt", limits)
         if not prompt.strip():
             raise ValueError(f"{where}prompt: empty")
-        neg = r.negative_prompt or ""
-        if not isinstance(neg, str):
-            raise ValueError(f"{where}negative_prompt: must be a string, got {type(neg).__name__}")
+        neg = check_text(r.negative_prompt or "", f"{where}negative_prompt", limits.max_prompt_chars)
         lay = parse_layout(r.layout, r.segments, height=height, width=width, factor=factor, tolerance=tolerance,
-                           blur=blur, field=where)
+                           blur=blur, field=where, limits=limits)
         if height is None or width is None:  # the first layout sets the size of the batch
             height, width = (int(v) for v in lay.labels.shape)
         segs = lay.segments
@@ -255,7 +280,7 @@ def _parse_requests(engine: Engine, requests, height, width, seeds, guidance_sca
             guidance=[s.guidance if s.guidance is not None else guidance_scale for s in segs],
             subjects=subjects)
         if r.scaffold_image is not None:
-            req.scaffold = load_scaffold_image(r.scaffold_image, height, width, f"{where}scaffold_image")
+            req.scaffold = load_scaffold_image(r.scaffold_image, height, width, f"{where}scaffold_image", limits)
         reqs.append(req)
     return reqs, height, width
 
@@ -298,8 +323,9 @@ def compose_batch(
         harmonize: ``"blend"`` (segments' prompts on the shared latent, predictions blended by the masks) or
             ``"global"`` (the global prompt alone).
         tolerance, blur: colour matching and mask softening, see :mod:`dreamfuse.engine.layout`.
-        sal_model: subject-aware guidance model: a ``torch.nn.Module`` or TorchScript path mapping images
-            ``(N, 3, H, W)`` in [0, 1] to class probabilities ``(N, K, H, W)``.
+        sal_model: subject-aware guidance model: a ``torch.nn.Module`` (or callable) mapping images
+            ``(N, 3, H, W)`` in [0, 1] to class probabilities ``(N, K, H, W)``. Not a path: a TorchScript file is
+            a program; :func:`load_sal_model` loads one the user trusts.
         sal_scale: its strength λ (default 0 = off). Guided segments: those with ``"subject": true``; when no
             segment of a request says ``"subject"``, all its colour segments (not the background). Costs a VAE
             decode and backward per guided segment and step (no UNet backward).
@@ -311,17 +337,18 @@ def compose_batch(
     """
     if not isinstance(requests, Sequence) or isinstance(requests, (str, dict)) or not requests:
         raise ValueError("requests: give a non-empty list of ComposeRequest")
-    steps = check_steps(steps)
+    limits = engine.config.limits
+    check_batch(len(requests), limits, "requests")
+    steps = check_steps(steps, limits=limits)
     guidance_scale = check_guidance(guidance_scale)
     if height is not None or width is not None:  # validate what is given; the first layout gives the rest
         f = engine.vae_scale_factor
-        resolve_size(engine, f if height is None else height, f if width is None else width)
+        check_size(f if height is None else height, f if width is None else width, f, limits)
     seeds = resolve_seeds(seed, len(requests))
     check_output_type(output_type)
     if harmonize not in HARMONIZE:
         raise ValueError(f"harmonize: must be 'blend' or 'global', got {harmonize!r}")
-    if isinstance(sal_scale, bool) or not isinstance(sal_scale, (int, float)) or not sal_scale >= 0:
-        raise ValueError(f"sal_scale: must be a number >= 0, got {sal_scale!r}")
+    sal_scale = check_number(sal_scale, "sal_scale", low=0)
     if sal_scale > 0 and sal_model is None:
         raise ValueError("sal_model: needed when sal_scale > 0")
     reqs, height, width = _parse_requests(engine, requests, height, width, seeds, guidance_scale, global_steps,
@@ -332,7 +359,7 @@ def compose_batch(
         raise ValueError(f"sal_steps: must be a (start, end) pair of step indices, got {sal_steps!r}") from None
     if not (0 <= sal_lo <= sal_hi <= steps):
         raise ValueError(f"sal_steps: need 0 <= start <= end <= steps ({steps}), got {sal_steps!r}")
-    guide_model = load_sal_model(sal_model, engine.device) if sal_scale > 0 else None
+    guide_model = _check_sal_model(sal_model, engine.device) if sal_scale > 0 else None
 
     ops = ops_for(engine.config.backend)
     dev, dt = engine.device, engine.dtype
@@ -492,63 +519,3 @@ def compose(engine: Engine, layout, segments, *, prompt: str, negative_prompt: s
     """
     req = ComposeRequest(layout, segments, prompt, negative_prompt, scaffold_image)
     return compose_batch(engine, [req], **kwargs)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def register_cli(sub) -> None:
-    import argparse
-
-    from ..cli import add_model_args, add_sampling_args
-
-    p = sub.add_parser(
-        "compose", help="MSP / Composite Diffusion: a colour layout with a prompt per segment",
-        description="Composite generation: every colour of the layout image is a segment with its own prompt "
-                    "(SEGMENTS.json maps colours to prompts); a global diffuser, per-segment scaffolding and "
-                    "harmonization over the shared latent (MSP-Diffusion).",
-        epilog='SEGMENTS.json:\n  {"#ff0000": "a red car", "#0000ff": {"prompt": "a sks dog", "guidance": 9, '
-               '"subject": true},\n   "background": "a city street"}\n'
-               "example:\n  dreamfuse compose --layout layout.png --segments segments.json "
-               "--prompt \"a dog next to a car in a street\" --seed 0 --out street.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", required=True, help="layout image: one flat colour per segment (PNG recommended)")
-    p.add_argument("--segments", required=True, help="SEGMENTS.json mapping colours ('#rrggbb') to prompts")
-    p.add_argument("--prompt", required=True, help="the global prompt")
-    p.add_argument("--out", default="dreamfuse.png", help="output image (default dreamfuse.png)")
-    g = p.add_argument_group("composite")
-    g.add_argument("--scaffold-image", default=None, help="scaffolding image (changes the default --global-steps to 8)")
-    g.add_argument("--global-steps", type=int, default=None,
-                   help=f"global diffuser steps (default {GLOBAL_STEPS}, {GLOBAL_STEPS_SCAFFOLD} with a scaffold)")
-    g.add_argument("--scaffold-fraction", type=float, default=SCAFFOLD_FRACTION,
-                   help=f"scaffolding steps as a fraction of --steps (default {SCAFFOLD_FRACTION}; our choice)")
-    g.add_argument("--harmonize", choices=HARMONIZE, default="blend",
-                   help="harmonization: blend the segments' predictions (default) or use the global prompt")
-    g.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help=f"colour matching: RGB distance to the nearest layout colour (default {DEFAULT_TOLERANCE:g})")
-    g.add_argument("--blur", type=float, default=0.0, help="mask edge softening, radius in latent pixels (default 0)")
-    g.add_argument("--sal-model", default=None, help="subject-aware guidance: TorchScript segmentation model")
-    g.add_argument("--sal-scale", type=float, default=0.0, help="subject-aware guidance strength (default 0 = off)")
-    add_sampling_args(p, steps=80, guidance=7.5, size_default="the layout's; it must match")
-    add_model_args(p)
-    p.set_defaults(func=_cmd_compose)
-
-
-def _cmd_compose(args) -> None:
-    from ..cli import load_engine, output_paths, save_images
-    from ..engine import random_seed
-    from ..layout import load_layout_image, parse_segments
-
-    output_paths(args.out, 1)  # fail on bad input before any model work
-    parse_segments(args.segments)
-    load_layout_image(args.layout)
-    if args.scaffold_image is not None and not Path(args.scaffold_image).expanduser().is_file():
-        raise ValueError(f"--scaffold-image: file {args.scaffold_image!r} does not exist")
-    if args.sal_scale > 0 and args.sal_model is None:
-        raise ValueError("--sal-model: needed with --sal-scale > 0")
-    engine = load_engine(args)
-    images = compose(
-        engine, args.layout, args.segments, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        scaffold_image=args.scaffold_image, steps=args.steps, guidance_scale=args.guidance, height=args.height,
-        width=args.width, seed=random_seed() if args.seed is None else args.seed, global_steps=args.global_steps,
-        scaffold_fraction=args.scaffold_fraction, harmonize=args.harmonize, tolerance=args.tolerance,
-        blur=args.blur, sal_model=args.sal_model, sal_scale=args.sal_scale)
-    save_images(images, args.out)

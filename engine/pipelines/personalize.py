@@ -14,18 +14,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..engine import Engine
 from ..images import image_tensor
+from ..limits import DEFAULT_LIMITS, Limits
 from ..ops import ops_for
-from ..processors import LayerInfo
+from ..processors import CallContext, LayerInfo, capturable_blocks
+from ..validation import check_number, check_text
 from .common import (
     as_prompt_list,
     cfg_combine,
+    check_batch,
     check_guidance,
     check_output_type,
     check_steps,
@@ -34,15 +36,17 @@ from .common import (
     resolve_size,
 )
 
-_INVERSION_CACHE_SIZE = 8
-_PCA_SEED = 0  # pca_lowrank is randomized: a fixed seed (on a forked RNG) keeps runs reproducible
+if TYPE_CHECKING:
+    from ..engine import Engine
+
+_PCA_SEED = 0  # the randomized PCA's sketch comes from a private generator with this seed: reproducible, thread-safe
 
 
 # --------------------------------------------------------------------------------------------- inputs
-def load_reference(image, height: int, width: int) -> torch.Tensor:
+def load_reference(image, height: int, width: int, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
     """A PIL image, a path, or a ``(3, H, W)``/``(1, 3, H, W)`` float tensor in [0, 1] -> ``(1, 3, height, width)``,
-    resized when the aspect ratio matches (see :func:`common.image_tensor`)."""
-    return image_tensor(image, height, width, "reference_image")
+    resized when the aspect ratio matches (see :func:`dreamfuse.engine.images.image_tensor`)."""
+    return image_tensor(image, height, width, "reference_image", limits=limits)
 
 
 def subject_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
@@ -87,33 +91,38 @@ def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: to
 
 def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress) -> tuple[torch.Tensor, list]:
     """(clean reference latent, inverted trajectory), cached per reference image, size, dtype and step count."""
-    cache = engine.inversion_cache
     digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()
     key = (digest, tuple(reference.shape), steps, str(engine.dtype))
-    if key not in cache:
+    found = engine.inversion_cache.get(key)
+    if found is None:  # computed outside the cache's lock (two threads may both invert a new image: same result)
         z0 = engine.encode_image(reference)
         emb, pooled = engine.encode_text([""])
-        traj = ddim_invert(engine, z0, steps, emb, progress, pooled)
-        cache[key] = (z0, traj)
-        while len(cache) > _INVERSION_CACHE_SIZE:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return cache[key]
+        found = (z0, ddim_invert(engine, z0, steps, emb, progress, pooled))
+        engine.inversion_cache.put(key, found)
+    return found
 
 
 # --------------------------------------------------------------------------------------------- matching state
-def pca_project(x: torch.Tensor, q: int) -> torch.Tensor:
-    """Batched PCA like the reference code: ``x (P, L, C)`` centred per batch item, ``torch.pca_lowrank``
-    to ``q`` components, projected -> ``(P, L, q)``. Runs on a forked, seeded RNG: reproducible and leaves
-    the caller's RNG untouched."""
+def pca_project(x: torch.Tensor, q: int, niter: int = 2, seed: int = _PCA_SEED) -> torch.Tensor:
+    """Batched PCA like the reference code (``torch.pca_lowrank(x, q, center=True, niter=2)``, then projection):
+    ``x (P, L, C)`` centred per batch item, projected on its top ``q`` principal directions -> ``(P, L, q)``.
+
+    The same randomized algorithm as ``torch.pca_lowrank`` (Halko et al. 2009, Alg. 5.1: a Gaussian sketch, ``niter``
+    power iterations with QR re-orthonormalization, SVD of the small projected matrix), with the sketch drawn
+    from a private CPU generator: the result does not depend on (and does not touch) the global RNG, so
+    concurrent calls stay reproducible, and it is the same on every device."""
     q = min(q, x.shape[-1], x.shape[-2])
-    x = x.float()
-    devices = [x.device] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(_PCA_SEED)
-        mean = x.mean(dim=-2, keepdim=True)
-        _, _, v = torch.pca_lowrank(x, q=q, center=True, niter=2)
-    return (x - mean) @ v
+    a = x.float() - x.float().mean(dim=-2, keepdim=True)
+    tall = a.shape[-2] >= a.shape[-1]
+    m = a if tall else a.mT  # the algorithm wants a tall matrix (as torch's _svd_lowrank)
+    sketch = torch.randn(m.shape[-1], q, generator=torch.Generator("cpu").manual_seed(seed)).to(a.device)
+    basis = torch.linalg.qr(m @ sketch).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(m.mT @ basis).Q
+        basis = torch.linalg.qr(m @ basis).Q
+    u, _, vh = torch.linalg.svd(basis.mT @ m, full_matrices=False)
+    v = vh.mT if tall else basis @ u  # right singular vectors of a: (P, C, q)
+    return a @ v
 
 
 @dataclass
@@ -258,29 +267,6 @@ def _foreground_handler(state: _MatchState, ops, token_idx: torch.Tensor) -> Cal
     return handler
 
 
-class _FeatureHooks:
-    """Forward hooks that keep the outputs of chosen ``up_blocks`` (no patched diffusers)."""
-
-    def __init__(self, unet, blocks: Sequence[int]):
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.handles = [unet.up_blocks[b].register_forward_hook(self._hook(b)) for b in blocks]
-        self.blocks = list(blocks)
-
-    def _hook(self, b):
-        def fn(module, args, output):
-            self.outputs[b] = (output[0] if isinstance(output, tuple) else output).detach()
-        return fn
-
-    def take(self) -> list[torch.Tensor]:
-        feats = [self.outputs[b] for b in self.blocks]
-        self.outputs.clear()
-        return feats
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _layer_names(engine: Engine, blocks: Sequence[int], attn: str) -> list[str]:
     return [n for n in engine.processors if n.endswith(attn) and any(n.startswith(f"up_blocks.{b}.") for b in blocks)]
 
@@ -306,7 +292,7 @@ def personalize(
     prompts: str | Sequence[str],
     reference_image,
     *,
-    subject_token: str,
+    subject_token: str | None = None,
     reference_prompt: str = "",
     negative_prompt: str | None = None,
     steps: int = 50,
@@ -332,7 +318,7 @@ def personalize(
         prompts: target prompt(s), each containing ``subject_token`` (e.g. "a photo of a sks dog on the beach").
         reference_image: PIL image, path or tensor in [0, 1]; resized to the generation size (same aspect).
         subject_token: the word naming the subject (may be several BPE tokens); its cross-attention gives the
-            foreground mask.
+            foreground mask. Required unless ``ama=False`` and ``lambda_g=0``.
         reference_prompt: prompt of the reference branch's cond row (default empty, as its inversion).
         negative_prompt, steps, height, width, seed, output_type, progress: as :func:`text2img`.
         guidance_scale: CFG scale (10 in the official code).
@@ -350,32 +336,43 @@ def personalize(
         callback: called after each UNet call with ``{"step", "timestep", "eps", "rows"}`` (eps of every row,
             before guidance and CFG; rows = the batch layout), for inspection and tests.
     """
-    prompts = as_prompt_list(prompts)
-    n = len(prompts)
-    steps = check_steps(steps)
+    limits = engine.config.limits
+    prompts = as_prompt_list(prompts, limits=limits)
+    n = check_batch(len(prompts), limits)
+    steps = check_steps(steps, limits=limits)
     guidance_scale = check_guidance(guidance_scale)
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
     check_output_type(output_type)
-    if not isinstance(subject_token, str):
+    lambda_c = check_number(lambda_c, "lambda_c", low=0, low_open=True)
+    lambda_g = check_number(lambda_g, "lambda_g", low=0)
+    if not isinstance(ama, bool):
+        raise ValueError(f"ama: must be True or False, got {ama!r}")
+    matching = ama or lambda_g > 0
+    if subject_token is None and matching:
+        raise ValueError("subject_token: needed for appearance matching and guidance (its cross-attention gives the "
+                         "foreground mask); pass ama=False and lambda_g=0 to generate without it")
+    if subject_token is not None and not isinstance(subject_token, str):
         raise ValueError("subject_token: must be a string")
-    token_idx = torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token) for p in prompts])
-    if lambda_c <= 0:
-        raise ValueError(f"lambda_c: must be > 0, got {lambda_c}")
-    if lambda_g < 0:
-        raise ValueError(f"lambda_g: must be >= 0, got {lambda_g}")
+    reference_prompt = check_text(reference_prompt, "reference_prompt", limits.max_prompt_chars)
+    token_idx = (torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token) for p in prompts])
+                 if matching else None)
     n_up = len(engine.unet.up_blocks)
     ama_blocks = default_blocks(engine)[0] if ama_blocks is None else list(ama_blocks)
     feature_blocks = default_blocks(engine)[1] if feature_blocks is None else list(feature_blocks)
     for name, blocks in (("ama_blocks", ama_blocks), ("feature_blocks", feature_blocks)):
-        if not blocks or any(not (0 <= b < n_up) for b in blocks):
+        if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or not (0 <= b < n_up) for b in blocks):
             raise ValueError(f"{name}: up_blocks indices in [0, {n_up}), got {list(blocks)}")
+    capturable = capturable_blocks(engine.unet)
+    if any(f"up_blocks.{b}" not in capturable for b in feature_blocks):
+        raise ValueError(f"feature_blocks: only up blocks with cross-attention give matching features "
+                         f"({', '.join(c.removeprefix('up_blocks.') for c in capturable)}), got {list(feature_blocks)}")
     start = max(1, round(4 * steps / 50)) if ama_start is None else ama_start
     end = steps if ama_end is None else ama_end
     if not (1 <= start <= end <= steps):
         raise ValueError(f"ama_start/ama_end: need 1 <= start <= end <= steps ({steps}), got [{start}, {end})")
-    negatives = [negative_prompt or ""] * n
-    reference = load_reference(reference_image, height, width)
+    negatives = as_prompt_list([negative_prompt or ""], "negative_prompt", limits) * n
+    reference = load_reference(reference_image, height, width, limits)
 
     ops = ops_for(engine.config.backend)
     lay = _Layout(n)
@@ -386,55 +383,49 @@ def personalize(
     sched = engine.new_scheduler(steps)
     ac = sched.alphas_cumprod.to(engine.device)
 
-    matching = ama or lambda_g > 0
     state = _MatchState(lay, ops, lambda_c, pca_dim)
-    hooks = _FeatureHooks(engine.unet, feature_blocks) if matching else None
+    capture = frozenset(f"up_blocks.{b}" for b in feature_blocks)
     ama_layers = _layer_names(engine, ama_blocks, "attn1") if ama else []
     fg_layers = _foreground_layers(engine) if matching else []
     t_idx = lay.targets
-    try:
-        with engine.progress(steps, "personalize", progress) as bar:
-            for i, t in enumerate(sched.timesteps):
-                active = start <= i < end
-                guide = active and lambda_g > 0
-                # Features and foreground are read when this step is guided or the next one runs AMA
-                # (AMA at step i uses step i-1's features, as the official code does).
-                need = guide or (ama and start <= i + 1 < end)
-                engine.ctx.clear()
+    with engine.progress(steps, "personalize", progress) as bar:
+        for i, t in enumerate(sched.timesteps):
+            active = start <= i < end
+            guide = active and lambda_g > 0
+            # Features and foreground are read when this step is guided or the next one runs AMA
+            # (AMA at step i uses step i-1's features, as the official code does).
+            need = guide or (ama and start <= i + 1 < end)
+            ctx = CallContext(capture=capture if need else frozenset())  # this step's call only
+            if need:
+                for name in fg_layers:
+                    ctx.handlers[name] = _foreground_handler(state, ops, token_idx.to(engine.device))
+            if active and ama:
+                for name in ama_layers:
+                    ctx.handlers[name] = _ama_handler(state, ops)
+            ref = traj[i]
+            model_in = torch.cat([ref, latents, ref, latents])
+            model_in = sched.scale_model_input(model_in, t)
+            if guide:
+                model_in = model_in.detach().requires_grad_(True)
+            with torch.set_grad_enabled(guide):
+                eps = engine.unet_call(model_in, t, emb, pooled=pooled, ctx=ctx)
                 if need:
-                    for name in fg_layers:
-                        engine.ctx.handlers[name] = _foreground_handler(state, ops, token_idx.to(engine.device))
-                if active and ama:
-                    for name in ama_layers:
-                        engine.ctx.handlers[name] = _ama_handler(state, ops)
-                ref = traj[i]
-                model_in = torch.cat([ref, latents, ref, latents])
-                model_in = sched.scale_model_input(model_in, t)
+                    state.set_features([ctx.features[f"up_blocks.{b}"] for b in feature_blocks])
+                    state.finish_foreground()
+                if callback is not None:
+                    callback({"step": i, "timestep": int(t), "eps": eps.detach(), "rows": lay})
                 if guide:
-                    model_in = model_in.detach().requires_grad_(True)
-                with torch.set_grad_enabled(guide):
-                    eps = engine.unet_call(model_in, t, emb, pooled=pooled)
-                    feats = hooks.take() if hooks is not None else None
-                    if need:
-                        state.set_features(feats)
-                        state.finish_foreground()
-                    if callback is not None:
-                        callback({"step": i, "timestep": int(t), "eps": eps.detach(), "rows": lay})
-                    if guide:
-                        grad = _matching_guidance_grad(state, model_in, eps, z0_ref, ac[t], t_idx)
-                        eps = eps.detach()
-                        eps[t_idx] -= lambda_g * (1 - ac[t]).sqrt() * grad
-                eps = eps.detach()
-                eps_t = eps[t_idx]  # (2n, ...): [uncond x n, cond x n]
-                eps_t = cfg_combine(eps_t, n, guidance_scale) if guidance_scale > 1.0 else eps_t[n:]
-                latents = sched.step(eps_t, t, latents, return_dict=False)[0]
-                bar.update(1)
-    finally:
-        engine.ctx.clear()
-        if hooks is not None:
-            hooks.remove()
+                    grad = _matching_guidance_grad(state, model_in, eps, z0_ref, ac[t], t_idx)
+                    eps = eps.detach()
+                    eps[t_idx] -= lambda_g * (1 - ac[t]).sqrt() * grad
+            eps = eps.detach()
+            eps_t = eps[t_idx]  # (2n, ...): [uncond x n, cond x n]
+            eps_t = cfg_combine(eps_t, n, guidance_scale) if guidance_scale > 1.0 else eps_t[n:]
+            latents = sched.step(eps_t, t, latents, return_dict=False)[0]
+            bar.update(1)
 
-    infos = [{"prompt": p, "seed": s, "steps": steps, "subject_token": subject_token} for p, s in zip(prompts, seeds)]
+    infos = [{"prompt": p, "seed": s, "steps": steps, "subject_token": subject_token or ""}
+             for p, s in zip(prompts, seeds)]
     return finish(engine, latents, output_type, infos)
 
 
@@ -452,53 +443,3 @@ def _matching_guidance_grad(state: _MatchState, model_in: torch.Tensor, eps: tor
     m = mask.float()
     loss = ((dist * m).sum(1) / m.sum(1).clamp_min(1.0)).sum()
     return torch.autograd.grad(loss, model_in)[0][t_idx].to(eps.dtype)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def register_cli(sub) -> None:
-    import argparse
-
-    from ..cli import add_model_args, add_sampling_args
-
-    p = sub.add_parser(
-        "personalize", help="DreamMatcher: put a reference subject into new scenes",
-        description="DreamMatcher personalization (appearance-matching self-attention). The reference image is "
-                    "DDIM-inverted and denoised beside the targets; the targets' self-attention takes values "
-                    "warped from it by semantic matching.",
-        epilog="example:\n  dreamfuse personalize --model ./dreambooth-dog --reference dog.png "
-               "--prompt \"a photo of a sks dog on the beach\" --subject-token sks --seed 0 --out dog.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reference", required=True, help="reference image of the subject")
-    p.add_argument("--prompt", action="append", required=True, help="target prompt (repeat for several targets)")
-    p.add_argument("--subject-token", required=True, help="the word naming the subject in the prompts (e.g. sks)")
-    p.add_argument("--reference-prompt", default="", help="prompt of the reference branch (default empty)")
-    p.add_argument("--out", default="dreamfuse.png", help="output image (OUT-0.png ... for several)")
-    g = p.add_argument_group("DreamMatcher")
-    g.add_argument("--no-ama", action="store_true", help="switch appearance-matching self-attention off")
-    g.add_argument("--ama-start", type=int, default=None, help="first AMA step (default round(4/50·steps), >= 1)")
-    g.add_argument("--ama-end", type=int, default=None, help="AMA stops before this step (default: all steps)")
-    g.add_argument("--ama-blocks", type=int, nargs="+", default=None,
-                   help="up_blocks with AMA (default: 2 3 for SD, 1 for SDXL)")
-    g.add_argument("--lambda-c", type=float, default=0.4, help="cycle-consistency threshold factor (default 0.4)")
-    g.add_argument("--lambda-g", type=float, default=0.0,
-                   help="semantic matching guidance strength (default 0 = off; the paper uses 50-75)")
-    add_sampling_args(p, steps=50, guidance=10.0)
-    add_model_args(p)
-    p.set_defaults(func=_cmd_personalize)
-
-
-def _cmd_personalize(args) -> None:
-    from ..cli import load_engine, output_paths, save_images
-    from ..engine import random_seed
-
-    output_paths(args.out, len(args.prompt))
-    if not Path(args.reference).expanduser().is_file():
-        raise ValueError(f"--reference: file {args.reference!r} does not exist")
-    engine = load_engine(args)
-    images = personalize(
-        engine, args.prompt, args.reference, subject_token=args.subject_token,
-        reference_prompt=args.reference_prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-        guidance_scale=args.guidance, height=args.height, width=args.width,
-        seed=random_seed() if args.seed is None else args.seed, ama=not args.no_ama, ama_start=args.ama_start,
-        ama_end=args.ama_end, ama_blocks=args.ama_blocks, lambda_c=args.lambda_c, lambda_g=args.lambda_g)
-    save_images(images, args.out)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..engine import Engine
 from ..ip_adapter import check_ip_scale, prompt_tokens
 from .common import (
     as_prompt_list,
     cfg_combine,
+    check_batch,
     check_guidance,
     check_output_type,
     check_steps,
@@ -18,6 +19,9 @@ from .common import (
     resolve_seeds,
     resolve_size,
 )
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 
 @torch.no_grad()
@@ -54,15 +58,17 @@ def text2img(
             tokens, as in the official IP-Adapter code.
         ip_scale: weight of the image attention in the decoupled cross-attention (``>= 0``; 0 = text only).
     """
-    prompts = as_prompt_list(prompts)
-    n = len(prompts)
-    steps = check_steps(steps)
+    limits = engine.config.limits
+    prompts = as_prompt_list(prompts, limits=limits)
+    n = check_batch(len(prompts), limits)
+    steps = check_steps(steps, limits=limits)
     guidance_scale = check_guidance(guidance_scale)
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
     check_output_type(output_type)
     ip_scale = check_ip_scale(ip_scale)
-    negatives = as_prompt_list(negative_prompt if negative_prompt is not None else [""] * n, "negative_prompt")
+    negatives = as_prompt_list(negative_prompt if negative_prompt is not None else [""] * n, "negative_prompt",
+                               limits)
     if len(negatives) == 1 and n > 1:
         negatives = negatives * n
     if len(negatives) != n:

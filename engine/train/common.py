@@ -1,4 +1,4 @@
-"""Pieces the trainers share: mixed-precision resolution, checkpoints, CLI options."""
+"""Pieces the trainers share: mixed-precision resolution and checkpoints."""
 
 from __future__ import annotations
 
@@ -72,29 +72,3 @@ def restore_training_state(trainer, state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     trainer.step = int(state["step"])
     trainer.losses = list(state["losses"])
-
-
-def add_optimization_args(p, d, *, batch_help: str):
-    """The options every trainer shares (steps, AdamW, micro-batching, precision, seed, resolution), with defaults
-    from the trainer's config ``d``; returns the argument group so the trainer can add its own."""
-    g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"{batch_help} (default {d.batch_size})")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help=f"micro-batches per optimizer step (default {d.grad_accum})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help=f"AdamW weight decay (default {d.weight_decay:g})")
-    g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
-                   help="autocast dtype: auto = bf16/fp16 on CUDA, fp32 on CPU (default auto)")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"training seed (default {d.seed})")
-    g.add_argument("--resolution", type=int, default=None, help="training image size (default: the model's)")
-    return g
-
-
-def add_checkpoint_args(p, d) -> None:
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"checkpoint every N steps into OUT/checkpoints, 0 = never (default {d.checkpoint_every})")
-    g.add_argument("--resume", default=None, metavar="latest|FILE",
-                   help="continue from a checkpoint ('latest' = newest in OUT/checkpoints, if any)")

@@ -53,8 +53,6 @@ import torch
 
 from .common import (
     MIXED_PRECISION,
-    add_checkpoint_args,
-    add_optimization_args,
     latest_checkpoint,
     read_checkpoint,
     resolve_amp,
@@ -426,94 +424,6 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
                     trainer.save_checkpoint()
     path = save_ip_adapter(engine.ip_adapter, out / f"ip_adapter.{cfg.save_format}")
     return TrainResult(path=path, adapter=engine.ip_adapter, losses=trainer.losses)
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-_EPILOG = """\
-DATA folder:
-  DATA/<sample>/ref.png       the reference image
-  DATA/<sample>/gen*.png      images generated for it (each (ref, gen) pair is one training item)
-  DATA/<sample>/prompt.txt    the prompt they were generated with
-
-outputs:
-  OUT/ip_adapter.bin                standard IP-Adapter file (loads with --ip-adapter / engine.load_ip_adapter)
-  OUT/quality_cache/                patch-quality maps (computed once)
-  OUT/checkpoints/step-NNNNNNN.pt   resumable state (--checkpoint-every, --resume latest)
-
-SD 1.x/2.x and SDXL (per-image SDXL time ids: original size, crop 0 0, training size).
-
-example:
-  dreamfuse train patchdpo --model ./sd15 --ip-adapter ip-adapter-plus_sd15.bin --image-encoder ./image_encoder \\
-      --data ./patchdpo-data --backbone ./dinov2-base --out ./patchdpo-out
-"""
-
-
-def _cmd_train(args) -> None:
-    from ..cli import CLIError, load_engine
-    from ..patch_quality import PatchQualityEstimator
-
-    if args.compile:
-        raise CLIError("--compile: training runs eager (compile the UNet for inference only)")
-    if args.dtype not in (None, "fp32"):
-        raise CLIError(f"--dtype: PatchDPO trains in fp32 (mixed precision via --mixed-precision), got {args.dtype!r}")
-    cfg = PatchDPOConfig(
-        steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        weight_decay=args.weight_decay, weight_power=args.weight_power, train_projection=args.train_projection,
-        ip_scale=args.ip_scale, resolution=args.resolution, mixed_precision=args.mixed_precision, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, save_format=args.save_format,
-        progress=False if args.no_progress else None).validate()
-    check_dataset(args.data)  # fail on bad data before loading any model
-    if not Path(args.ip_adapter).expanduser().is_file():
-        raise CLIError(f"--ip-adapter: file {args.ip_adapter!r} does not exist")
-    if not Path(args.image_encoder).expanduser().is_dir():
-        raise CLIError(f"--image-encoder: folder {args.image_encoder!r} does not exist")
-    if not (Path(args.backbone).expanduser() / "config.json").is_file():
-        raise CLIError(f"--backbone: {args.backbone!r} is not a transformers model folder (no config.json)")
-    try:
-        estimator = PatchQualityEstimator(args.backbone)
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CLIError(f"--backbone {args.backbone!r}: {first}") from None
-    args.dtype = "fp32"
-    args.backend = args.backend or "torch"
-    engine = load_engine(args)
-    estimator.backbone.to(engine.device)
-    result = train(engine, args.ip_adapter, args.image_encoder, args.data, out=args.out, config=cfg,
-                   estimator=estimator)
-    last = result.losses[-1]["loss"] if result.losses else float("nan")
-    print(f"wrote {result.path} after {cfg.steps} steps (final loss {last:.4f})")
-
-
-def register_cli(methods) -> None:
-    import argparse
-
-    from ..cli import add_model_args
-
-    d = PatchDPOConfig()
-    p = methods.add_parser(
-        "patchdpo", help="PatchDPO: patch-quality-weighted fine-tuning of an IP-Adapter(-Plus)",
-        description="Fine-tune IP-Adapter(-Plus) weights with PatchDPO: a reconstruction loss on reference and "
-                    "generated images (same noise and timestep per pair, IP tokens of the reference), weighted per "
-                    "latent patch by 1 - quality (reference) and quality (generated). Only to_k_ip/to_v_ip train "
-                    "(plus image_proj with --train-projection). SD 1.x/2.x and SDXL.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ip-adapter", required=True, metavar="W", help="IP-Adapter weights (.bin/.safetensors)")
-    p.add_argument("--image-encoder", required=True, metavar="DIR", help="its CLIP image encoder folder")
-    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (see below)")
-    p.add_argument("--backbone", required=True, metavar="DIR",
-                   help="patch-quality vision backbone (ViT / DINOv2 / CLIP vision folder)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    g = add_optimization_args(p, d, batch_help="(ref, gen) pairs per micro-batch")
-    g.add_argument("--weight-power", type=int, choices=(1, 2), default=d.weight_power,
-                   help="1: mean((e'-e)^2 * w) (official code, default); 2: w inside the squared norm "
-                        "(supplementary)")
-    g.add_argument("--train-projection", action="store_true", help="also train the image projection")
-    g.add_argument("--ip-scale", type=float, default=d.ip_scale, help=f"IP-Adapter scale (default {d.ip_scale})")
-    g.add_argument("--save-format", choices=SAVE_FORMATS, default=d.save_format,
-                   help=f"output file format (default {d.save_format})")
-    add_checkpoint_args(p, d)
-    add_model_args(p)
-    p.set_defaults(func=_cmd_train)
 
 
 __all__ = ["MicroBatch", "PatchDPOConfig", "TrainResult", "check_dataset", "pair_batch", "pair_weights",

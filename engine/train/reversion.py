@@ -41,8 +41,6 @@ import torch.nn.functional as F
 
 from .common import (
     MIXED_PRECISION,
-    add_checkpoint_args,
-    add_optimization_args,
     latest_checkpoint,
     read_checkpoint,
     resolve_amp,
@@ -458,7 +456,7 @@ def training_session(engine, exemplars, out: str | Path, cfg: ReVersionConfig):
         if hook is not None:
             hook.remove()
         engine.unet.set_attn_processor(saved_processors)
-        engine._prompt_cache.clear()
+        engine.clear_prompt_cache()
 
 
 def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out",
@@ -507,91 +505,10 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
                     trainer.save_checkpoint()
     with torch.no_grad():
         engine.text_encoder.get_input_embeddings().weight[trainer.token_id] = trainer.param.to(trainer.table.dtype)
-    engine._prompt_cache.clear()
+    engine.clear_prompt_cache()
     embedding = trainer.param.detach().float().cpu().clone()
     path = save_embeds(out / EMBEDS_FILE, cfg.token, embedding)
     return TrainResult(token=cfg.token, embedding=embedding, path=path, losses=trainer.losses)
-
-
-# ----------------------------------------------------------------------------------------------------- CLI
-_EPILOG = """\
-DATA folder (the ReVersion benchmark layout):
-  DATA/1.jpg, DATA/2.jpg, ...
-  DATA/text.json   {"1.jpg": ["cat {} box", "an orange cat {} a black box"], "2.jpg": [...]}
-                   ({} is where the relation token goes)
-
-outputs:
-  OUT/learned_embeds.bin            {"<R>": tensor} (official format; loads in the official code too)
-  OUT/checkpoints/step-NNNNNNN.pt   resumable state (--checkpoint-every, --resume latest)
-
-examples:
-  dreamfuse train reversion --data ./painted_on --out ./painted_on-out           # tiny model, paper defaults
-  dreamfuse train reversion --model ./stable-diffusion-v1-5 --data ./painted_on --out ./out --resume latest
-  dreamfuse generate --relation ./out/learned_embeds.bin --prompt "cat <R> wall" --out cat.png
-"""
-
-
-def _cmd_train(args) -> None:
-    from ..cli import CLIError, load_engine
-
-    if args.compile:
-        raise CLIError("--compile: training runs eager (compile the UNet for inference only)")
-    cfg = ReVersionConfig(
-        token=args.token, init_token=args.init_token, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, weight_decay=args.weight_decay, num_positives=args.num_positives,
-        temperature=args.temperature, lambda_steer=args.lambda_steer, lambda_denoise=args.lambda_denoise,
-        importance_sampling=not args.uniform_timesteps, alpha=args.alpha, resolution=args.resolution,
-        flip_p=args.flip_p, mixed_precision=args.mixed_precision, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
-        progress=False if args.no_progress else None).validate()
-    load_exemplars(args.data)  # fail on bad data before loading the model
-    args.dtype = args.dtype or "fp32"
-    args.backend = args.backend or "torch"
-    engine = load_engine(args)
-    result = train(engine, args.data, args.out, cfg)
-    last = result.losses[-1] if result.losses else None
-    tail = f" (final denoise {last['denoise']:.4f}, steer {last['steer']:.4f})" if last else ""
-    if last and not cfg.lambda_steer:
-        tail = f" (final denoise {last['denoise']:.4f}, steering off)"
-    print(f"wrote {result.path}: {result.token} after {cfg.steps} steps{tail}")
-
-
-def register_cli(methods) -> None:
-    import argparse
-
-    from ..cli import add_model_args
-
-    d = ReVersionConfig()
-    p = methods.add_parser(
-        "reversion", help="ReVersion: learn a relation token <R> from exemplar images",
-        description="Learn a relation prompt <R> (ReVersion): only the token's embedding trains, with the "
-                    "denoising loss at relation-focal importance-sampled timesteps plus the relation-steering "
-                    "contrastive loss (basis prepositions as positives, caption words as negatives). Defaults "
-                    "are the paper's (SD 1.5).",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, metavar="DIR", help="exemplar images + text.json (see below)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    g = p.add_argument_group("relation token")
-    g.add_argument("--token", default=d.token, help=f"the token to learn (default {d.token!r})")
-    g.add_argument("--init-token", default=d.init_token, help=f"single-token initializer (default {d.init_token!r})")
-    g = add_optimization_args(p, d, batch_help="images per micro-batch")
-    g.add_argument("--flip-p", type=float, default=d.flip_p,
-                   help=f"horizontal flip probability (default {d.flip_p}; 0 for left/right relations)")
-    g = p.add_argument_group("ReVersion losses")
-    g.add_argument("--lambda-steer", type=float, default=d.lambda_steer,
-                   help=f"steering loss weight (default {d.lambda_steer}; 0 disables it)")
-    g.add_argument("--lambda-denoise", type=float, default=d.lambda_denoise,
-                   help=f"denoising loss weight (default {d.lambda_denoise})")
-    g.add_argument("--num-positives", type=int, default=d.num_positives,
-                   help=f"basis prepositions per step as positives (default {d.num_positives})")
-    g.add_argument("--temperature", type=float, default=d.temperature, help=f"InfoNCE τ (default {d.temperature})")
-    g.add_argument("--alpha", type=float, default=d.alpha,
-                   help=f"importance sampling skew, f(t) ∝ 1 − α·cos(πt/T) (default {d.alpha})")
-    g.add_argument("--uniform-timesteps", action="store_true",
-                   help="sample timesteps uniformly (ablation of relation-focal importance sampling)")
-    add_checkpoint_args(p, d)
-    add_model_args(p)
-    p.set_defaults(func=_cmd_train)
 
 
 __all__ = [

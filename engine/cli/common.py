@@ -1,0 +1,273 @@
+"""What the subcommands share: argument types, the model/runtime and sampling options, engine loading, output
+paths checked before any model work, and atomic image writing. Imports nothing heavy at module level."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+_USER_ERRORS = (CLIError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message of a user error (bad input, a missing or unwritable file), None for anything else."""
+    if not isinstance(e, _USER_ERRORS):
+        return None
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename is not None:
+        return f"{e.strerror or type(e).__name__}: {e.filename!r}"
+    text = str(e).strip() or type(e).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+def positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+    return parse
+
+
+def non_negative_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+    return parse
+
+
+def multiple_of_8(name: str):
+    def parse(s: str) -> int:
+        v = positive_int(name)(s)
+        if v % 8:
+            raise argparse.ArgumentTypeError(f"{name} must be a multiple of 8, got {v}")
+        return v
+    return parse
+
+
+def finite_float(name: str, *, low: float | None = None, low_open: bool = False, high: float | None = None):
+    """A finite float (``nan``/``inf`` refused), optionally ``>= low`` (``> low`` with ``low_open``), ``<= high``."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {s}")
+        if low is not None and (v <= low if low_open else v < low):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {s}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high:g}, got {s}")
+        return v
+    return parse
+
+
+def seed_int(name: str = "--seed"):
+    def parse(s: str) -> int:
+        try:
+            v = int(s, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if not 0 <= v < 2**64:
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 2**64), got {s}")
+        return v
+    return parse
+
+
+# ------------------------------------------------------------------------------------------------ shared options
+def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, dtype_option: bool = True,
+                   backend_default: str = "triton on CUDA, torch on CPU") -> None:
+    """Options shared by every subcommand that loads a model. Trainers leave out what they cannot honour."""
+    g = p.add_argument_group("model and runtime")
+    g.add_argument("--model", default="tiny",
+                   help="'tiny' (embedded random-weight SD-layout model, the default), 'tiny-xl' (its SDXL-layout "
+                        "sibling), 'random-sd15' / 'random-sdxl' (random weights in the real architectures, for "
+                        "benchmarks), a diffusers SD 1.x/2.x/SDXL folder with model_index.json, or a .safetensors "
+                        "checkpoint (with --config)")
+    g.add_argument("--config", default=None, metavar="DIR",
+                   help="for a single-file checkpoint only: a diffusers folder of the same architecture giving the "
+                        "configs and tokenizer (nothing is downloaded)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    if dtype_option:
+        g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--backend", default=None, choices=("triton", "torch"),
+                   help=f"attention backend (default: {backend_default})")
+    if compile_option:
+        g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or loading messages (also the default when stderr is not a terminal)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: float = 7.5,
+                      size_default: str = "the model's native size") -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty)")
+    g.add_argument("--steps", type=positive_int("--steps"), default=steps, help=f"DDIM steps (default {steps})")
+    g.add_argument("--guidance", type=finite_float("--guidance", low=0), default=guidance,
+                   help=f"classifier-free guidance scale; <= 1 disables CFG (default {guidance})")
+    g.add_argument("--seed", type=seed_int(), default=None,
+                   help="seed of the first image, in [0, 2**64); image i uses seed + i (default: random, printed)")
+    g.add_argument("--height", type=multiple_of_8("--height"), default=None,
+                   help=f"image height, a multiple of 8 (default: {size_default})")
+    g.add_argument("--width", type=multiple_of_8("--width"), default=None,
+                   help=f"image width, a multiple of 8 (default: {size_default})")
+
+
+def out_image_help(default: str = "dreamfuse.png") -> str:
+    stem, suffix = os.path.splitext(default)
+    return (f"output image (.png, .jpg, .webp; default {default}); with several images {stem}-0{suffix}, "
+            f"{stem}-1{suffix}, ...")
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_file(flag: str, value: str | None, what: str = "file") -> Path | None:
+    """``value`` must be an existing file (``CLIError`` naming ``flag``); None passes."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CLIError(f"{flag}: {what} {value!r} does not exist" if not path.exists()
+                       else f"{flag}: {value!r} is not a file")
+    return path
+
+
+def check_dir(flag: str, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise CLIError(f"{flag}: folder {value!r} does not exist" if not path.exists()
+                       else f"{flag}: {value!r} is not a folder")
+    return path
+
+
+def output_paths(out: str, n: int, flag: str = "--out") -> list[Path]:
+    """``out`` for one image; ``stem-0.png``, ``stem-1.png``... for several. Checked before any model work: an
+    image suffix, an existing writable folder, and no folder in the way of a file to write."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise CLIError(f"{flag}: {out!r} needs an image extension (.png, .jpg, .webp)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise CLIError(f"{flag}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{flag}: folder {str(parent)!r} is not writable")
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+    for p in paths:
+        if p.is_dir():
+            raise CLIError(f"{flag}: {str(p)!r} is a folder, not an image file")
+    return paths
+
+
+def output_folder(out: str, flag: str = "--out") -> Path:
+    """An output folder to create (or reuse): refused when a file is in the way or its parent is missing."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{flag}: {out!r} exists and is not a folder")
+    parent = path.parent if not path.exists() else path
+    if not parent.is_dir():
+        raise CLIError(f"{flag}: folder {str(path.parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{flag}: {str(parent)!r} is not writable")
+    return path
+
+
+def check_model_args(args) -> None:
+    """``--model``/``--config``/``--device``/``--dtype`` before any model work."""
+    from ..validation import EMBEDDED_MODELS, check_device
+
+    if args.model not in EMBEDDED_MODELS:
+        path = Path(args.model).expanduser()
+        if not path.exists():
+            raise CLIError(f"--model: {args.model!r} does not exist")
+    elif args.config is not None:
+        raise CLIError(f"--config: only for a single-file checkpoint; {args.model!r} is an embedded model")
+    if args.config is not None:
+        check_dir("--config", args.config)
+        if Path(args.model).expanduser().is_dir():
+            raise CLIError(f"--config: only for a single-file checkpoint; {args.model!r} is a diffusers folder")
+    check_device(args.device, "--device")
+    if getattr(args, "dtype", None) is not None:
+        from ..validation import DTYPE_NAMES
+
+        if args.dtype.lower() not in DTYPE_NAMES:
+            raise CLIError(f"--dtype: unknown dtype {args.dtype!r} (use one of fp16, bf16, fp32)")
+
+
+def quiet_libraries(enabled: bool) -> None:
+    """Silence the libraries' own loading chatter (transformers/diffusers progress bars and info warnings,
+    accelerate's notices) when progress output is off."""
+    if not enabled:
+        return
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "diffusers", "accelerate", "torchvision"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="accelerate")
+    warnings.filterwarnings("ignore", module="torchvision")
+    try:
+        from diffusers.utils import logging as d_logging
+        from transformers.utils import logging as t_logging
+
+        t_logging.set_verbosity_error()
+        t_logging.disable_progress_bar()
+        d_logging.set_verbosity_error()
+        d_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def progress_enabled(args) -> bool:
+    import sys
+
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+def load_engine(args, **overrides):
+    """The Engine the options describe (checked by :func:`check_model_args` first)."""
+    check_model_args(args)
+    quiet_libraries(not progress_enabled(args))
+    from ..config import EngineConfig
+    from ..engine import Engine
+
+    fields = {"device": args.device, "dtype": getattr(args, "dtype", None), "backend": args.backend,
+              "compile": getattr(args, "compile", False), "progress": progress_enabled(args)}
+    fields.update(overrides)
+    return Engine.from_pretrained(args.model, EngineConfig(**fields), config_dir=args.config)
+
+
+def save_images(images, out: str) -> None:
+    """Write the images to :func:`output_paths` atomically (a temporary file renamed into place: an interrupted
+    run never leaves a truncated image), with their ``.info`` as PNG text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from ..files import save_image_atomic
+
+    for img, path in zip(images, output_paths(out, len(images))):
+        meta = None
+        if path.suffix.lower() == ".png":
+            meta = PngInfo()
+            for k, v in img.info.items():
+                if isinstance(v, str):
+                    meta.add_text(k, v)
+        save_image_atomic(img, path, pnginfo=meta)
+        print(f"wrote {path} (seed {img.info.get('seed', '?')})")

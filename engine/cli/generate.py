@@ -1,0 +1,117 @@
+"""``dreamfuse generate``: text-to-image, optionally with an IP-Adapter image prompt or a ReVersion relation."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import (
+    CLIError,
+    add_model_args,
+    add_sampling_args,
+    check_file,
+    finite_float,
+    out_image_help,
+    output_paths,
+    positive_int,
+    save_images,
+)
+
+EXAMPLES = """\
+examples:
+  dreamfuse generate --prompt "a photo of a cat" --steps 4 --out cat.png       # embedded tiny model
+  dreamfuse generate --model ./stable-diffusion-v1-5 --prompt "a red car" --seed 7 --num-images 4 --out car.png
+  dreamfuse generate --model sd15.safetensors --config ./stable-diffusion-v1-5 --prompt "..."  # single file
+  dreamfuse generate --model ./stable-diffusion-xl-base-1.0 --prompt "a red car" --steps 30     # SDXL
+  dreamfuse generate --model ./sd15 --prompt "a dog" --ip-adapter ip-adapter-plus_sd15.safetensors \\
+      --image-encoder ./image_encoder --image ref.png --ip-scale 0.6                  # image prompt
+  dreamfuse generate --ip-adapter tiny --image-encoder tiny --image ref.png --prompt "a dog"   # tiny adapter
+  dreamfuse generate --relation ./out/learned_embeds.bin --prompt "cat <R> box"       # ReVersion relation
+"""
+
+
+def register(sub, name: str, help_: str, rest: list[str]) -> None:
+    p = sub.add_parser(name, help=help_, epilog=EXAMPLES,
+                       description="Generate images from text prompts (DDIM + classifier-free guidance, one "
+                                   "batched UNet call per step).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text prompt; repeat the flag for a batch of different prompts")
+    p.add_argument("--num-images", type=positive_int("--num-images"), default=1, help="images per prompt (default 1)")
+    p.add_argument("--out", default="dreamfuse.png", help=out_image_help())
+    p.add_argument("--relation", default=None, metavar="FILE",
+                   help="a ReVersion learned_embeds.bin: its relation token (e.g. <R>) becomes usable in prompts "
+                        "(SD 1.x/2.x)")
+    ipa = p.add_argument_group("image prompt (IP-Adapter / IP-Adapter-Plus; SD 1.x/2.x and SDXL)")
+    ipa.add_argument("--ip-adapter", default=None, metavar="WEIGHTS",
+                     help="IP-Adapter weights in the standard layout (.bin or .safetensors; base vs Plus is "
+                          "detected), or 'tiny' / 'tiny-base' for the embedded tiny adapters (with --model tiny or "
+                          "tiny-xl)")
+    ipa.add_argument("--image-encoder", default=None, metavar="DIR",
+                     help="the adapter's CLIP image encoder (a local transformers folder), or 'tiny' with a tiny "
+                          "adapter")
+    ipa.add_argument("--image", default=None, metavar="REF", help="reference image (the image prompt)")
+    ipa.add_argument("--ip-scale", type=finite_float("--ip-scale", low=0), default=0.6,
+                     help="weight of the image prompt's attention (default 0.6; 0 = text only)")
+    add_sampling_args(p)
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def check_ip_adapter_args(args) -> None:
+    """``--ip-adapter``, ``--image-encoder`` and ``--image`` go together and must exist (before any model work)."""
+    from ..tiny_adapters import TINY_ADAPTERS
+
+    given = {"--ip-adapter": args.ip_adapter, "--image-encoder": args.image_encoder, "--image": args.image}
+    if not any(given.values()):
+        return
+    if not args.ip_adapter:
+        raise CLIError("--image needs --ip-adapter (an IP-Adapter weights file) and --image-encoder")
+    for flag, value in given.items():
+        if not value:
+            raise CLIError(f"{flag} is required with --ip-adapter")
+    if args.ip_adapter in TINY_ADAPTERS:
+        if args.image_encoder != "tiny":
+            raise CLIError(f"--image-encoder: the embedded adapter {args.ip_adapter!r} comes with its own encoder; "
+                           "pass --image-encoder tiny")
+    else:
+        check_file("--ip-adapter", args.ip_adapter)
+        if args.image_encoder == "tiny":
+            raise CLIError("--image-encoder: 'tiny' goes with --ip-adapter tiny or tiny-base")
+        from ..ip_adapter import check_image_encoder_folder
+
+        check_image_encoder_folder(args.image_encoder, "--image-encoder")
+    check_file("--image", args.image)
+
+
+def run(args) -> None:
+    from ..pipelines.common import check_prompts
+    from ..validation import check_seed
+
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    check_prompts(prompts, "--prompt")
+    if args.negative_prompt is not None:
+        check_prompts([args.negative_prompt], "--negative-prompt")
+    output_paths(args.out, len(prompts))  # every check on the output before any model work
+    check_ip_adapter_args(args)
+    check_file("--relation", args.relation)
+    from ..engine import random_seed
+
+    seed = random_seed() if args.seed is None else args.seed
+    check_seed(seed + len(prompts) - 1, "--seed")  # image i uses seed + i
+    from .common import load_engine
+
+    engine = load_engine(args)
+    if args.relation:
+        engine.load_relation(args.relation)
+    ip = {}
+    if args.ip_adapter:
+        from ..tiny_adapters import TINY_ADAPTERS, build_tiny_ip_adapter
+
+        if args.ip_adapter in TINY_ADAPTERS:
+            engine.load_ip_adapter(build_tiny_ip_adapter(engine, plus=args.ip_adapter == "tiny"))
+        else:
+            engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
+        ip = {"ip_image": args.image, "ip_scale": args.ip_scale}
+    images = engine.text2img(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
+                             guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed, **ip)
+    save_images(images, args.out)

@@ -1,0 +1,53 @@
+"""Writing files atomically: a final artifact (image, ``learned_embeds.bin``, IP-Adapter weights, checkpoint) is
+written to a temporary file in the same folder and renamed into place, so an interrupted run never leaves a
+truncated file where a complete one is expected, and a reader never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; when the block succeeds it replaces ``path`` (``os.replace``,
+    atomic on POSIX and Windows), when it fails the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def torch_save_atomic(obj, path: str | Path) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, str(tmp))
+    return Path(path)
+
+
+def safetensors_save_atomic(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def save_image_atomic(image, path: str | Path, **save_kwargs) -> Path:
+    """``PIL.Image.save`` through :func:`atomic_path` (format from ``path``'s suffix)."""
+    path = Path(path)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(path.suffix.lower())
+    save_kwargs = {k: v for k, v in save_kwargs.items() if v is not None}
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **save_kwargs)
+    return path

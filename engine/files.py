@@ -51,3 +51,38 @@ def save_image_atomic(image, path: str | Path, **save_kwargs) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format=fmt, **save_kwargs)
     return path
+
+
+def torch_load_weights(path: str | Path, field: str):
+    """``torch.load(path, weights_only=True)`` on CPU for a user-named weights file, with one-line errors naming
+    ``field``. A pickle that needs more than tensors and containers (i.e. code execution) is refused, never
+    retried unsafely; torch's own advice to pass ``weights_only=False`` is not repeated to the user."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing on garbage
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{field}: {str(path)!r} is not a weights file dreamfuse can read safely (corrupt, or a "
+                         "pickle holding more than tensors; dreamfuse never executes code from a file)") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError,
+            IndexError, TypeError, MemoryError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{field}: cannot read {str(path)!r} ({type(e).__name__}: {first})") from None
+
+
+def safetensors_load(path: str | Path, field: str) -> dict:
+    """``safetensors.torch.load_file`` with one-line errors naming ``field``."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (not an OSError), OSError, ...: a corrupt or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{field}: cannot read {str(path)!r} ({type(e).__name__}: {first})") from None

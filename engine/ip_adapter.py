@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .files import safetensors_save_atomic, torch_save_atomic
+from .files import safetensors_load, safetensors_save_atomic, torch_load_weights, torch_save_atomic
 from .images import image_tensor, open_image
 
 # CLIP's preprocessing constants (openai/clip-vit-*: CLIPImageProcessor's image_mean / image_std).
@@ -205,24 +205,16 @@ def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]
         raise ValueError(f"ip_adapter weights: file {str(path)!r} does not exist")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"ip_adapter weights: {str(path)!r} must be .bin, .pt, .pth or .safetensors")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = {"image_proj": {}, "ip_adapter": {}}
-            for key, value in load_file(str(path)).items():
-                group, _, rest = key.partition(".")
-                if group not in sd:
-                    raise ValueError(f"ip_adapter weights: unexpected key {key!r} in {str(path)!r} "
-                                     "(expected image_proj.* and ip_adapter.*)")
-                sd[group][rest] = value
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except ValueError:
-        raise
-    except Exception as e:  # corrupt, truncated or foreign files raise anything from pickle, zipfile, safetensors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"ip_adapter weights: cannot read {str(path)!r} ({type(e).__name__}: {first})") from None
+    if path.suffix == ".safetensors":
+        sd = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in safetensors_load(path, "ip_adapter weights").items():
+            group, _, rest = key.partition(".")
+            if group not in sd:
+                raise ValueError(f"ip_adapter weights: unexpected key {key!r} in {str(path)!r} "
+                                 "(expected image_proj.* and ip_adapter.*)")
+            sd[group][rest] = value
+    else:
+        sd = torch_load_weights(path, "ip_adapter weights")
     if not isinstance(sd, dict) or not sd.get("image_proj") or not sd.get("ip_adapter"):
         raise ValueError(f"ip_adapter weights: {str(path)!r} is not an IP-Adapter file "
                          "(needs 'image_proj' and 'ip_adapter' state dicts)")

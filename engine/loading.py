@@ -29,6 +29,9 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
       same architecture, e.g. your SD1.5 or SDXL folder, whose ``model_index.json`` also says which
       architecture the file is), or a ``model_index.json`` folder next to the file.
     """
+    if config_dir is not None and (str(name_or_path) in tiny.TINY_NAMES + synthetic.SYNTHETIC_NAMES
+                                   or Path(name_or_path).expanduser().is_dir()):
+        raise ValueError(f"config: only for a single-file checkpoint; {str(name_or_path)!r} brings its own configs")
     if str(name_or_path) in tiny.TINY_NAMES:
         comps = tiny.build(str(name_or_path))
     elif str(name_or_path) in synthetic.SYNTHETIC_NAMES:
@@ -39,12 +42,15 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
             raise FileNotFoundError(f"model: {str(name_or_path)!r} does not exist (give 'tiny', 'tiny-xl', "
                                     f"'random-sd15', 'random-sdxl', a diffusers folder with model_index.json, or a "
                                     f".safetensors checkpoint)")
-        if path.is_dir():
-            comps = _load_folder(path, dtype)
-        elif path.suffix in _SINGLE_FILE_SUFFIXES:
-            comps = _load_single_file(path, config_dir, dtype)
-        else:
+        if not path.is_dir() and path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise ValueError(f"model: {str(path)!r} is neither a diffusers folder nor a .safetensors/.ckpt file")
+        try:
+            comps = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, config_dir, dtype)
+        except ValueError:
+            raise
+        except Exception as e:  # corrupt or truncated weights, a broken config: one line naming the model
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"model: cannot load {str(path)!r} ({type(e).__name__}: {first})") from None
     for key in _MODULES:
         if key not in comps:
             continue

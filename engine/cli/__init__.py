@@ -81,8 +81,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line each (``dreamfuse: warning: ...``), not the source line that raised them."""
-    print(f"dreamfuse: warning: {message}", file=sys.stderr)
+    """Warnings as one line each (``dreamfuse: warning: ...``), not the source line that raised them. Pillow's
+    decompression-bomb warning is dropped: dreamfuse checks every input image against its own, lower limit
+    (``Limits.max_input_pixels``) and refuses it with an error."""
+    from PIL import Image
+
+    if issubclass(category, Image.DecompressionBombWarning):
+        return
+    text = " ".join(str(message).split())
+    print(f"dreamfuse: warning: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = _show_warning
+    # torch's notice that TorchScript is deprecated (compose --sal-model): about torch's API, not the user's input
+    warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

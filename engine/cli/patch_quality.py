@@ -66,8 +66,8 @@ def make_estimator(value: str, flag: str = "--backbone", **kwargs):
         return PatchQualityEstimator(build_tiny_backbone(), **kwargs)
     try:
         return PatchQualityEstimator(value, **kwargs)
-    except (OSError, KeyError, ValueError, RuntimeError) as e:  # an unknown, broken or unsuitable model folder
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    except Exception as e:  # noqa: BLE001 - an unknown, corrupt or unsuitable model folder, whatever raised
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CLIError(f"{flag} {value!r}: {first}") from None
 
 

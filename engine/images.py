@@ -1,4 +1,19 @@
-"""Reading input images (references, scaffolds, layouts) with errors that name the argument."""
+"""Reading input images (references, scaffolds, layouts, training images) with errors that name the argument.
+
+One loader for the pipelines and the trainers, so an image means the same thing everywhere:
+
+- the pixel count is checked from the file header before anything is decoded (``limits.max_input_pixels``);
+  a corrupt or truncated file is a ``ValueError`` naming the field, never a decoder traceback;
+- the EXIF orientation is applied (``PIL.ImageOps.exif_transpose``): a phone photo stored sideways with an
+  orientation tag is read the way every viewer shows it;
+- 16-bit grayscale (Pillow modes ``I;16``, ``I;16B``, ``I``) keeps its real values, scaled to [0, 1]
+  (``convert("RGB")`` would clip everything above 255 of 65535 to white); 16-bit RGB(A) PNGs are reduced to
+  8 bits per channel by Pillow itself (it has no 16-bit RGB mode), which is correct to 1/255;
+- transparency (RGBA, LA, PA, P or L/RGB with a ``tRNS`` colour key) is composited over white: the colour
+  stored under a fully transparent pixel is arbitrary (often black, sometimes leftovers of an edit) and is
+  never what the image shows;
+- grayscale and palette images become RGB.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .limits import DEFAULT_LIMITS, Limits
+
+_EXIF_ORIENTATION = 0x0112  # the EXIF "Orientation" tag; 1 = stored upright
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def check_pixels(width: int, height: int, field: str, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -18,13 +36,24 @@ def check_pixels(width: int, height: int, field: str, limits: Limits = DEFAULT_L
                          f"{limits.max_input_pixels} (limits.max_input_pixels)")
 
 
+def _orient(img: Image.Image, field: str) -> Image.Image:
+    """``img`` turned upright by its EXIF orientation (the same object when it has none, or 1)."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation not in range(2, 9):  # 1 = upright; anything else is not an orientation
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception as e:  # a malformed EXIF block
+        raise ValueError(f"{field}: cannot read the image's EXIF orientation ({type(e).__name__}: {e})") from None
+
+
 def open_image(image, field: str, limits: Limits = DEFAULT_LIMITS):
-    """A path -> the opened PIL image (``ValueError`` naming ``field`` if missing, unreadable, or larger than
-    ``limits.max_input_pixels``, checked from the header before decoding); a PIL image is size-checked; anything
-    else is returned as it is."""
+    """A path -> the decoded PIL image, EXIF orientation applied (``ValueError`` naming ``field`` if missing,
+    unreadable, corrupt, truncated, or larger than ``limits.max_input_pixels``, checked from the header before
+    decoding); a PIL image is size-checked and oriented; anything else is returned as it is."""
     if isinstance(image, Image.Image):
         check_pixels(image.width, image.height, field, limits)
-        return image
+        return _orient(image, field)
     if not isinstance(image, (str, Path)):
         return image
     path = Path(image).expanduser()
@@ -32,22 +61,77 @@ def open_image(image, field: str, limits: Limits = DEFAULT_LIMITS):
         raise ValueError(f"{field}: file {str(image)!r} does not exist")
     try:
         img = Image.open(path)  # reads the header only
-        check_pixels(img.width, img.height, field, limits)
+    except Image.DecompressionBombError as e:  # Pillow's own bound (2 x Image.MAX_IMAGE_PIXELS), from the header
+        raise ValueError(f"{field}: {str(path)!r} is too large to decode ({e}); the limit for input images is "
+                         f"{limits.max_input_pixels} pixels (limits.max_input_pixels)") from None
+    except Exception as e:  # not an image, or a header no decoder accepts
+        raise ValueError(f"{field}: cannot read {str(path)!r} as an image ({type(e).__name__}: {e})") from None
+    check_pixels(img.width, img.height, field, limits)
+    try:
         img.load()
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ValueError(f"{field}: cannot read {str(path)!r} as an image ({e})") from None
-    return img
+    except Exception as e:  # truncated or corrupt data: decoders raise OSError, SyntaxError, EOFError, zlib errors...
+        raise ValueError(f"{field}: cannot decode {str(path)!r} ({type(e).__name__}: {e})") from None
+    return _orient(img, field)
+
+
+def rgb_array(img: Image.Image, field: str) -> np.ndarray:
+    """A PIL image -> ``(H, W, 3)`` float32 RGB in [0, 1]: 16-bit grayscale at its real values (/65535),
+    transparency composited over white, grayscale and palette images expanded to RGB."""
+    alpha = None
+    try:
+        if img.mode in _SIXTEEN_BIT:
+            a = np.asarray(img)
+            gray = np.clip(a.astype(np.float32) / 65535.0, 0.0, 1.0)
+            key = img.info.get("transparency")
+            if isinstance(key, int):  # a tRNS grey key: pixels of exactly that value are transparent
+                alpha = (a != key).astype(np.float32)[..., None]
+            rgb = np.repeat(gray[..., None], 3, axis=-1)
+        elif img.mode == "F":  # 32-bit float samples: taken as [0, 1] intensities
+            gray = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+            rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=-1)
+        elif "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+            x = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+            rgb, alpha = x[..., :3], x[..., 3:]
+        else:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except ValueError as e:  # a mode Pillow cannot convert to RGB (e.g. LAB)
+        raise ValueError(f"{field}: cannot convert a {img.mode} image to RGB ({e})") from None
+    if alpha is not None:
+        rgb = rgb * alpha + (1.0 - alpha)  # over white
+    return np.ascontiguousarray(rgb, dtype=np.float32)
+
+
+def load_rgb(image, field: str, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+    """A path or PIL image -> ``(3, H, W)`` float32 RGB in [0, 1] on CPU, read by :func:`open_image` and
+    :func:`rgb_array` (orientation, 16-bit, transparency, size limit)."""
+    img = open_image(image, field, limits)
+    if not isinstance(img, Image.Image):
+        raise ValueError(f"{field}: unsupported type {type(img).__name__} (a PIL image or a path)")
+    return torch.from_numpy(rgb_array(img, field)).permute(2, 0, 1)
+
+
+def resize_whole(x: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
+    """``(3, H, W)`` or ``(B, 3, H, W)`` in [0, 1] resized whole to ``height x width`` (default square): bicubic,
+    antialiased (as Pillow's bicubic resize), no crop, so a non-matching aspect ratio is stretched. Clamped to
+    [0, 1] (bicubic overshoots at edges)."""
+    width = height if width is None else width
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    batch = x[None] if x.ndim == 3 else x
+    out = F.interpolate(batch, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    out = out.clamp(0, 1)
+    return out[0] if x.ndim == 3 else out
 
 
 def image_tensor(image, height: int, width: int, field: str, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
     """PIL image, path, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] -> ``(1, 3, height, width)`` float32
     on CPU, resized when its aspect ratio matches the generation size (within 2%), an error otherwise: never a
-    silent crop or stretch."""
+    silent crop or stretch. Images are read as :func:`rgb_array` describes."""
     if image is None:
         raise ValueError(f"{field}: missing (give a PIL image, a path or a tensor)")
     image = open_image(image, field, limits)
     if isinstance(image, Image.Image):
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        x = torch.from_numpy(rgb_array(image, field)).permute(2, 0, 1)[None]
     elif isinstance(image, torch.Tensor):
         if image.ndim not in (3, 4) or tuple(image.shape[-3:-2]) != (3,) or (image.ndim == 4 and image.shape[0] != 1):
             raise ValueError(f"{field}: tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")

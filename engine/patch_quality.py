@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import open_image
+from .images import load_rgb, open_image
 from .ops import ops_for
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -56,18 +56,44 @@ def _pair(hw, field: str) -> tuple[int, int]:
 
 
 def _load_backbone(path) -> torch.nn.Module:
-    """A vision backbone from a local transformers folder (nothing is downloaded)."""
+    """A vision backbone from a local transformers folder (nothing is downloaded). ``ValueError`` naming the
+    folder when its config or weights cannot be read (missing, truncated or garbage files) or when the weights
+    leave parameters unset (transformers would fill them with random values and carry on)."""
     from transformers import AutoConfig, AutoModel, CLIPVisionModel
 
     p = Path(path).expanduser()
     if not (p / "config.json").is_file():
         raise ValueError(f"backbone: {str(path)!r} is not a transformers model folder (no config.json)")
-    config = AutoConfig.from_pretrained(p, local_files_only=True)
-    if config.model_type in ("clip", "clip_vision_model"):  # a full CLIP folder: keep only its vision tower
-        return CLIPVisionModel.from_pretrained(p, local_files_only=True)
-    # ViT's pooler reads only the CLS token: not built (checkpoints saved without it would get random weights)
-    kwargs = {"add_pooling_layer": False} if config.model_type == "vit" else {}
-    return AutoModel.from_pretrained(p, local_files_only=True, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(p, local_files_only=True)
+    except Exception as e:  # invalid JSON, an unknown model_type...: one line naming the folder
+        raise ValueError(f"backbone: cannot read the config of {str(path)!r} ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
+    try:
+        if config.model_type in ("clip", "clip_vision_model"):  # a full CLIP folder: keep only its vision tower
+            model, info = CLIPVisionModel.from_pretrained(p, local_files_only=True, output_loading_info=True)
+        else:
+            # ViT's pooler reads only the CLS token: not built (checkpoints saved without it would get random
+            # weights)
+            kwargs = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+            model, info = AutoModel.from_pretrained(p, local_files_only=True, output_loading_info=True, **kwargs)
+    except Exception as e:  # no weights file, a truncated or garbage safetensors/bin file (SafetensorError...)
+        raise ValueError(f"backbone: cannot load the weights in {str(path)!r} ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
+    # A pooler reads the CLS token only (never a patch feature; the fingerprint skips it too): may be absent.
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if missing or mismatched or info.get("error_msgs"):
+        what = (f"{len(missing)} parameter(s) missing from the weights (e.g. {missing[0]})" if missing
+                else f"{len(mismatched)} parameter(s) of the wrong shape (e.g. {mismatched[0]})" if mismatched
+                else _first_line(info["error_msgs"][0]))
+        raise ValueError(f"backbone: the weights in {str(path)!r} do not fit its config.json: {what}; the model "
+                         "would run with random values there")
+    return model
+
+
+def _first_line(e) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _load_quietly(path) -> torch.nn.Module:
@@ -101,12 +127,12 @@ def _vision_config(backbone):
 
 def _to_batch(images, field: str) -> torch.Tensor:
     """PIL image, path or ``(3, H, W)`` / ``(B, 3, H, W)`` float tensor in [0, 1] -> ``(B, 3, H, W)`` float32
-    (on CPU; tensors keep their device)."""
+    (on CPU; tensors keep their device). Images are read by :func:`dreamfuse.engine.images.load_rgb` (EXIF
+    orientation, 16-bit at real values, transparency over white)."""
     if images is None:
         raise ValueError(f"{field}: missing (give a PIL image, a path, a tensor or a list)")
-    images = open_image(images, field)
-    if isinstance(images, Image.Image):
-        return torch.from_numpy(np.asarray(images.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    if isinstance(images, (str, Path, Image.Image)):
+        return load_rgb(images, field)[None]
     if isinstance(images, torch.Tensor):
         if not images.is_floating_point():
             raise ValueError(f"{field}: tensor must be float in [0, 1], got {images.dtype}")

@@ -4,6 +4,9 @@ A relation file is the official ReVersion / textual-inversion format, ``torch.sa
 ``(D,)`` (or ``(1, D)``) tensor, ``D`` the text encoder's hidden size (768 for SD 1.x). ``.safetensors`` files
 with the same single-key layout are read too. Loading adds the token to the tokenizer, grows the text
 encoder's token-embedding table by one row and writes the embedding there; nothing else in the model changes.
+
+An embedding must be finite with an L2 norm of at most :data:`MAX_EMBEDDING_NORM`: anything else is refused
+(``ValueError`` naming the file) instead of silently turning every prompt that uses the token into NaN or noise.
 """
 
 from __future__ import annotations
@@ -14,6 +17,25 @@ from pathlib import Path
 import torch
 
 from .relation_prompts import DEFAULT_TEMPLATE, DEFAULT_TOKEN, relation_prompts  # noqa: F401 (public API)
+
+MAX_EMBEDDING_NORM = 1000.0
+"""Largest L2 norm of a relation embedding. transformers initializes CLIP's token-embedding rows with std 0.02
+(norm about 0.55 at D = 768), and trained rows, like the embeddings learned next to them by textual inversion or
+ReVersion, stay of order 1. 1000 is three orders of magnitude beyond that, so no working file is refused, while a
+corrupt file or a diverged run (1e30, a float read from garbage) is."""
+
+
+def check_embedding(value: torch.Tensor, name: str, source: str) -> None:
+    """``ValueError`` naming ``source`` when the embedding holds NaN/inf or its norm exceeds
+    :data:`MAX_EMBEDDING_NORM`."""
+    v = value.detach().float()
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"relation: the embedding of {name!r} in {source} holds NaN or inf")
+    norm = float(v.norm())
+    if norm > MAX_EMBEDDING_NORM:
+        raise ValueError(f"relation: the embedding of {name!r} in {source} has norm {norm:.4g}, beyond "
+                         f"{MAX_EMBEDDING_NORM:g} (CLIP token embeddings have norms below a few units); a "
+                         "corrupt or diverged file?")
 
 
 def _read_file(path: Path) -> dict:
@@ -54,6 +76,7 @@ def _pick(embeds: dict, token: str | None, source: str) -> tuple[str, torch.Tens
     if value.dim() != 1:
         raise ValueError(f"relation: the embedding of {name!r} in {source} has shape {tuple(value.shape)}, "
                          "expected (D,) or (1, D)")
+    check_embedding(value, name, source)
     return name, value
 
 
@@ -70,12 +93,19 @@ def add_token(engine, token: str, embedding: torch.Tensor) -> int:
     """Add ``token`` to the engine's tokenizer and text encoder with ``embedding`` as its row (or overwrite
     the row when ``token`` was added before), clear the prompt cache, and return the token id.
 
-    Raises ``ValueError`` when the embedding's size is not the text encoder's hidden size, or when ``token``
-    is a word of the base vocabulary (overwriting it would change every prompt that uses the word).
+    Raises ``ValueError`` when the embedding is not a ``(D,)`` floating-point tensor of the text encoder's hidden
+    size, holds NaN/inf or is absurdly large (:data:`MAX_EMBEDDING_NORM`), or when ``token`` is a word of the base
+    vocabulary (overwriting it would change every prompt that uses the word).
     """
     check_relation_model(engine)
     table = engine.text_encoder.get_input_embeddings()
     dim = table.weight.shape[1]
+    if isinstance(embedding, torch.Tensor) and embedding.dim() == 2 and embedding.shape[0] == 1:
+        embedding = embedding[0]
+    if not isinstance(embedding, torch.Tensor) or not embedding.is_floating_point() or embedding.dim() != 1:
+        raise ValueError(f"relation: the embedding of {token!r} must be a (D,) floating-point tensor, got "
+                         f"{type(embedding).__name__} {tuple(getattr(embedding, 'shape', ()))}")
+    check_embedding(embedding, token, "the embedding given")
     if embedding.shape[-1] != dim:
         raise ValueError(f"relation: the embedding of {token!r} has size {embedding.shape[-1]} but this text "
                          f"encoder's hidden size is {dim} (a file trained for another model?)")

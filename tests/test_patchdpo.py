@@ -246,3 +246,84 @@ def test_sdxl_pairs_carry_per_image_time_ids_and_pooled_embeddings(assets, tmp_p
         return e.text2img("a photo of a cat", steps=2, seed=1, ip_image=data / "ref.png", output_type="latent")
 
     assert (gen(result.path) - gen(weights)).abs().max() > 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ hostile input
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("weight_decay", float("inf")), ("ip_scale", float("nan")),
+    ("steps", "2"), ("batch_size", 0), ("weight_power", 1.0), ("checkpoint_every", -1), ("seed", 2**64),
+])
+def test_config_refuses_non_finite_and_ill_typed_values(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        patchdpo.PatchDPOConfig(**{field: value}).validate()
+
+
+def test_resume_with_other_settings_lists_the_differences(assets, tmp_path, monkeypatch):
+    from dreamfuse.engine import engine as engine_module
+
+    _run(assets, tmp_path, steps=1, lr=1e-3, checkpoint_every=1)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000001.pt"]  # no temporaries
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(engine_module.Engine, "from_pretrained", no_model)
+    with pytest.raises(ValueError) as e:
+        patchdpo.train("tiny", assets["weights"], assets["enc"], assets["data"], out=tmp_path, estimator=object(),
+                       steps=3, lr=2e-3, weight_power=2, save_format="safetensors", resume="latest")
+    msg = str(e.value)
+    assert "lr: 0.001 in the checkpoint, 0.002 now" in msg and "weight_power: 1 in the checkpoint, 2 now" in msg
+    assert msg.count(" in the checkpoint, ") == 2  # steps, save_format, checkpoint_every, resume may change
+    monkeypatch.undo()
+    _, more = _run(assets, tmp_path, steps=2, lr=1e-3, save_format="safetensors", resume="latest")
+    assert [r["step"] for r in more.losses] == [1, 2] and more.path.name == "ip_adapter.safetensors"
+
+
+def _bad_backbones(assets, root):
+    """A folder with a valid config.json and a garbage model.safetensors, and one whose weights lack a layer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    garbage, partial = root / "garbage", root / "partial"
+    for d in (garbage, partial):
+        shutil.copytree(assets["vit"], d)
+    (garbage / "model.safetensors").write_bytes(b"\x00garbage" * 16)
+    sd = load_file(assets["vit"] / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if ".1." not in k}, partial / "model.safetensors", metadata={"format": "pt"})
+    return {"garbage": (garbage, "cannot load the weights"), "partial": (partial, "missing from the weights")}
+
+
+def test_broken_backbone_is_one_line_in_patchdpo_and_patch_quality(assets, tmp_path, capsys):
+    ref = assets["data"] / "s0" / "ref.png"
+    for name, (folder, needle) in _bad_backbones(assets, tmp_path).items():
+        with pytest.raises(ValueError, match=f"^backbone: .*/{name}'") as e:  # names the folder
+            PatchQualityEstimator(folder)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+        for argv in (["train", "patchdpo", "--ip-adapter", str(assets["weights"]), "--image-encoder",
+                      str(assets["enc"]), "--data", str(assets["data"]), "--backbone", str(folder),
+                      "--out", str(tmp_path / "out"), "--steps", "1", "--no-progress"],
+                     ["patch-quality", "--backbone", str(folder), "--ref", str(ref), "--gen", str(ref),
+                      "--out", str(tmp_path / "map.png"), "--no-progress"]):
+            assert main(argv) == 2, argv[0]
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "ip_adapter.bin").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_any_model_loads(assets, tmp_path, capsys, monkeypatch):
+    from dreamfuse.engine import engine as engine_module
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(engine_module.Engine, "from_pretrained", no_model)
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "patchdpo", "--ip-adapter", str(assets["weights"]), "--image-encoder", str(assets["enc"]),
+                 "--data", str(assets["data"]), "--backbone", str(assets["vit"]), "--out", str(tmp_path / "file"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "not a folder" in err
+    with pytest.raises(ValueError, match="^out: "):
+        patchdpo.train("tiny", assets["weights"], assets["enc"], assets["data"], out=tmp_path / "file",
+                       estimator=object())

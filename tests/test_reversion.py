@@ -13,13 +13,16 @@ from dreamfuse.engine.engine import Engine
 from dreamfuse.engine.relation import load_relation, relation_prompts
 from dreamfuse.engine.train.reversion import (
     BASIS_PREPOSITIONS,
+    STOP_WORDS,
     ReVersionConfig,
     load_exemplars,
+    negative_token_ids,
     negative_words,
     sample_timesteps,
     steering_loss,
     timestep_probabilities,
     train,
+    training_session,
 )
 from PIL import Image
 
@@ -34,7 +37,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-FAST = dict(steps=3, batch_size=2, num_positives=4, checkpoint_every=0, progress=False)
+FAST = dict(steps=3, batch_size=2, grad_accum=1, num_positives=4, checkpoint_every=0, progress=False)
 
 
 def make_data(root, n=3, templates=None):
@@ -256,3 +259,248 @@ def test_cli_train_generate_and_prompts(data, tmp_path, capsys):
     make_data(bad, n=1, templates=["cat box"])
     assert main(["train", "reversion", "--data", str(bad), "--out", str(tmp_path / "o2"), "--steps", "1"]) == 2
     assert "'cat box'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ official fidelity
+def test_defaults_are_the_official_run_and_the_paper_recipe_is_an_option():
+    from dreamfuse.engine.cli import build_parser
+    from dreamfuse.engine.cli.train_reversion import config_from_args
+
+    d = ReVersionConfig()
+    assert (d.lr, d.batch_size, d.grad_accum) == (pytest.approx(2.5e-4 * 2 * 4), 2, 4)
+    assert (d.flip_p, d.num_positives, d.negatives, d.steps) == (0.0, 4, "tokens", 3000)
+    paper = ReVersionConfig.from_recipe("paper")
+    assert (paper.lr, paper.batch_size, paper.grad_accum) == (2.5e-4, 2, 1)
+    assert ReVersionConfig.from_recipe("paper", lr=1e-3).lr == 1e-3  # explicit values win
+    with pytest.raises(ValueError, match="recipe"):
+        ReVersionConfig.from_recipe("nope")
+
+    def cli(*extra):
+        argv = ["train", "reversion", "--data", "d", "--out", "o", *extra]
+        return config_from_args(build_parser(argv).parse_args(argv))
+
+    assert (cli().lr, cli().grad_accum) == (d.lr, 4)
+    assert (cli("--recipe", "paper").lr, cli("--recipe", "paper").grad_accum) == (2.5e-4, 1)
+    c = cli("--recipe", "paper", "--grad-accum", "3", "--max-steps", "7")
+    assert (c.lr, c.grad_accum, c.steps) == (2.5e-4, 3, 7)
+    assert cli("--lr", "0.001").lr == 0.001 and cli("--negatives", "words").negatives == "words"
+
+
+def _steering_data(root):
+    return make_data(root, n=2, templates=[
+        "an orange cat {} a black box, with trees!", "a teddy bear astride {} the giraffe's back; at noon...",
+        "cat {} box " + " ".join(["extraordinarily"] * 12),  # longer than 77 tokens: truncated like the forward
+    ])
+
+
+def test_steering_negatives_and_positives_are_official_token_ids(tmp_path):
+    """Reference: the official computation, written out plainly on the tiny tokenizer (it splits most words
+    into BPE pieces, and 31 of the 56 prepositions, e.g. 'astride' into 5)."""
+    exemplars = load_exemplars(_steering_data(tmp_path / "d"))
+    engine = Engine.from_pretrained("tiny", EngineConfig(device="cpu"))
+    tok = engine.tokenizer
+    assert len(tok("astride", add_special_tokens=False).input_ids) > 1
+    assert len(STOP_WORDS) == 127 and {"s", "t", "don", "now", "and"} <= set(STOP_WORDS) and "onto" not in STOP_WORDS
+    cfg = ReVersionConfig(**{**FAST, "batch_size": 3})
+    with training_session(engine, exemplars, tmp_path / "out", cfg) as trainer:
+        rid = tok.convert_tokens_to_ids("<R>")
+        stop = set(tok(" ".join(STOP_WORDS + BASIS_PREPOSITIONS), truncation=False).input_ids)  # BOS/EOS too
+        stop |= {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, rid}
+        table = trainer.table.detach().float()
+        seen_truncated = False
+        for i in range(4):
+            b = trainer.micro_batch(i)
+            want_neg = []
+            for caption in b.captions:
+                ids = tok(caption, truncation=True, max_length=77).input_ids
+                want_neg += [t for t in ids if t not in stop]
+                seen_truncated |= len(tok(caption).input_ids) > 77
+            assert b.negative_ids.tolist() == want_neg
+            want_pos = [t for words in b.positive_words
+                        for t in tok(" ".join(words), add_special_tokens=False).input_ids]
+            assert b.positive_ids.tolist() == want_pos
+            assert [len(w) for w in b.positive_words] == [cfg.num_positives] * 3  # drawn per image
+            assert all(len(set(w)) == len(w) for w in b.positive_words)  # without replacement within an image
+            torch.testing.assert_close(b.negatives, table[b.negative_ids])
+            torch.testing.assert_close(b.positives, table[b.positive_ids])
+        assert seen_truncated
+        # punctuation and BPE pieces are negatives; pieces of stop words / prepositions are not, wherever they occur
+        ids = tok("an orange cat <R> a black box, with trees!", add_special_tokens=False).input_ids
+        negs = negative_token_ids(torch.tensor([ids]), torch.ones(1, len(ids)), trainer.excluded_ids).tolist()
+        pieces = tok.convert_ids_to_tokens(negs)
+        assert ",</w>" in pieces and "!</w>" in pieces and "cat</w>" in pieces and "bl" in pieces
+        assert "e</w>" not in pieces  # orange's last piece: also astride's (official: exclusion is by id)
+        assert "s</w>" not in pieces and "an</w>" not in pieces and "<R>" not in pieces
+    # a multi-piece preposition is one positive per piece: all 56 per image -> every piece of every preposition
+    cfg_all = ReVersionConfig(**{**FAST, "num_positives": len(BASIS_PREPOSITIONS)})
+    with training_session(Engine.from_pretrained("tiny", EngineConfig(device="cpu")), exemplars,
+                          tmp_path / "out2", cfg_all) as trainer:
+        b = trainer.micro_batch(0)
+        n_pieces = sum(len(tok(w, add_special_tokens=False).input_ids) for w in BASIS_PREPOSITIONS)
+        assert len(b.positive_ids) == cfg_all.batch_size * n_pieces > cfg_all.batch_size * 56
+
+
+def test_word_level_negatives_are_an_option(tmp_path):
+    exemplars = load_exemplars(_steering_data(tmp_path / "d"))
+    engine = Engine.from_pretrained("tiny", EngineConfig(device="cpu"))
+    cfg = ReVersionConfig(**FAST, negatives="words")
+    with training_session(engine, exemplars, tmp_path / "out", cfg) as trainer:
+        b = trainer.micro_batch(0)
+        assert b.negative_ids is None
+        templates = [next(t for t in trainer.templates[0] + trainer.templates[1]
+                          if t.replace("{}", " <R> ").strip() == c) for c in b.captions]
+        words = [w for t in templates for w in negative_words(t)]
+        torch.testing.assert_close(b.negatives, torch.stack([trainer.word_embedding(w) for w in words]))
+        torch.testing.assert_close(b.positives, torch.stack([trainer.word_embedding(w) for ws in b.positive_words
+                                                             for w in ws]))
+        assert b.positives.shape[0] == cfg.batch_size * cfg.num_positives  # one mean row per preposition
+    result = train(Engine.from_pretrained("tiny", EngineConfig(device="cpu")), exemplars[0][0].parent,
+                   tmp_path / "w", cfg, steps=1)
+    assert math.isfinite(result.losses[0]["steer"])
+
+
+def test_no_flip_by_default_and_flipped_latents_only_when_asked(data, tmp_path):
+    exemplars = load_exemplars(data)
+    with training_session(Engine.from_pretrained("tiny"), exemplars, tmp_path, ReVersionConfig(**FAST)) as t:
+        assert t.posteriors[1::2] == [None] * len(exemplars)  # never drawn: not even encoded
+    flip = ReVersionConfig(**FAST, flip_p=1.0)
+    with training_session(Engine.from_pretrained("tiny"), exemplars, tmp_path, flip) as t:
+        assert all(p is not None for p in t.posteriors)
+        t.micro_batch(0)  # draws only flipped images
+
+
+# ------------------------------------------------------------------------------------------------ text.json
+@pytest.mark.parametrize("case, needle", [
+    ("absolute", "no absolute path"), ("dotdot", "no absolute path, no '..'"), ("symlink_out", "leads out"),
+    ("duplicate", "twice"), ("same_image_twice", "twice"), ("deep", "nested too deeply"), ("huge", "bytes"),
+    ("not_utf8", "not UTF-8"), ("nul_in_template", "NUL"),
+])
+def test_text_json_hostile_content_is_refused(tmp_path, case, needle):
+    root = make_data(tmp_path / "d", n=2)
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    tj = root / "text.json"
+    if case == "absolute":
+        tj.write_text(json.dumps({"0.png": ["a {} b"], "1.png": ["a {} b"], str(outside): ["a {} b"]}))
+    elif case == "dotdot":
+        tj.write_text(json.dumps({"0.png": ["a {} b"], "1.png": ["a {} b"], "../secret.png": ["a {} b"]}))
+    elif case == "symlink_out":
+        (root / "link.png").symlink_to(outside)
+        tj.write_text(json.dumps({"0.png": ["a {} b"], "1.png": ["a {} b"], "link.png": ["a {} b"]}))
+    elif case == "duplicate":
+        tj.write_text('{"0.png": ["a {} b"], "1.png": ["c {} d"], "0.png": ["e {} f"]}')
+    elif case == "same_image_twice":
+        tj.write_text(json.dumps({"0.png": ["a {} b"], "1.png": ["a {} b"], "./0.png": ["a {} b"]}))
+    elif case == "deep":
+        tj.write_text('{"0.png": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    elif case == "huge":
+        tj.write_text(json.dumps({"0.png": ["a {} b" + " " * (5 * 2**20)], "1.png": ["a {} b"]}))
+    elif case == "not_utf8":
+        tj.write_bytes(b'{"0.png": ["caf\xe9 {} b"], "1.png": ["a {} b"]}')
+    elif case == "nul_in_template":
+        tj.write_text(json.dumps({"0.png": ["a {} b\u0000"], "1.png": ["a {} b"]}))
+    with pytest.raises(ValueError, match=needle) as e:
+        load_exemplars(root)
+    assert str(e.value).startswith("data: ") and "\n" not in str(e.value)
+
+
+def test_text_json_keys_may_name_files_in_subfolders(tmp_path):
+    root = make_data(tmp_path / "d", n=1)
+    (root / "more").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "more" / "x.png")
+    (root / "text.json").write_text(json.dumps({"0.png": ["a {} b"], "more/x.png": "c {} d"}))
+    assert [(p.name, t) for p, t in load_exemplars(root)] == [("0.png", ["a {} b"]), ("x.png", ["c {} d"])]
+
+
+# ------------------------------------------------------------------------------------------------ files, resume
+def test_embeds_and_checkpoints_are_written_atomically(data, tmp_path, monkeypatch):
+    from dreamfuse.engine.train.reversion import save_embeds
+
+    path = tmp_path / "learned_embeds.bin"
+    save_embeds(path, "<R>", torch.ones(64))
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *a, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_embeds(path, "<R>", torch.zeros(64))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["<R>"], torch.ones(64))  # the old file, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["learned_embeds.bin"]  # no temporary left behind
+    out = tmp_path / "run"
+    train(Engine.from_pretrained("tiny"), data, out, ReVersionConfig(**{**FAST, "steps": 1, "checkpoint_every": 1}))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "learned_embeds.bin"]
+
+
+def test_resume_with_other_settings_lists_the_differences(data, tmp_path, monkeypatch):
+    from dreamfuse.engine import engine as engine_module
+
+    out = tmp_path / "run"
+    cfg = ReVersionConfig(**{**FAST, "steps": 1, "checkpoint_every": 1}, lr=0.002)
+    train(Engine.from_pretrained("tiny"), data, out, cfg)
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(engine_module.Engine, "from_pretrained", no_model)
+    with pytest.raises(ValueError) as e:
+        train("tiny", data, out, cfg, lr=0.001, batch_size=1, steps=5, checkpoint_every=0, resume="latest")
+    msg = str(e.value)
+    assert "lr: 0.002 in the checkpoint, 0.001 now" in msg and "batch_size: 2 in the checkpoint, 1 now" in msg
+    assert msg.count(" in the checkpoint, ") == 2  # steps, checkpoint_every and resume may change
+    monkeypatch.undo()
+    more = train(Engine.from_pretrained("tiny"), data, out, cfg, steps=2, resume="latest", progress=False)
+    assert [r["step"] for r in more.losses] == [1, 2]  # extending the run is fine
+
+
+# ------------------------------------------------------------------------------------------------ hostile values
+@pytest.mark.parametrize("field, value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("temperature", float("inf")), ("alpha", float("nan")),
+    ("lambda_steer", float("inf")), ("weight_decay", float("nan")), ("flip_p", float("nan")), ("steps", "3"),
+    ("steps", True), ("batch_size", 2.0), ("negatives", "pos"), ("seed", -1), ("resolution", 60),
+])
+def test_config_refuses_non_finite_and_ill_typed_values(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        ReVersionConfig(**{field: value}).validate()
+
+
+def test_relation_embeddings_must_be_finite_and_of_sane_size(tmp_path):
+    from dreamfuse.engine.relation import MAX_EMBEDDING_NORM, add_token
+
+    engine = Engine.from_pretrained("tiny")
+    for name, value in [("nan", torch.full((64,), float("nan"))), ("inf", torch.full((64,), float("inf"))),
+                        ("huge", torch.full((64,), MAX_EMBEDDING_NORM))]:
+        f = tmp_path / f"{name}.bin"
+        torch.save({"<R>": value}, f)
+        with pytest.raises(ValueError, match=f"{name}.bin"):
+            load_relation(engine, f)
+        with pytest.raises(ValueError, match="NaN or inf|norm"):
+            add_token(engine, "<Q>", value)
+    assert "<R>" not in engine.tokenizer.get_added_vocab()  # nothing was added on the way
+    load_relation(engine, {"<R>": torch.randn(64)})  # an ordinary one still loads
+
+
+def test_cli_refuses_out_file_and_corrupt_relation_in_one_line(data, tmp_path, capsys, monkeypatch):
+    from dreamfuse.engine import engine as engine_module
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(engine_module.Engine, "from_pretrained", no_model)
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "reversion", "--data", str(data), "--out", str(tmp_path / "file"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "not a folder" in err
+    with pytest.raises(ValueError, match="^out: "):
+        train("tiny", data, tmp_path / "file", ReVersionConfig(**FAST))
+    monkeypatch.undo()
+    (tmp_path / "learned_embeds.bin").write_bytes(b"\x80\x02garbage")
+    assert main(["generate", "--relation", str(tmp_path / "learned_embeds.bin"), "--prompt", "cat <R> box",
+                 "--steps", "1", "--out", str(tmp_path / "x.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "learned_embeds.bin" in err and "Traceback" not in err

@@ -37,8 +37,10 @@ processors); the backend is restored afterwards. Mixed precision is autocast on 
 weights and the optimizer stay fp32 (the engine must be fp32). Checkpoints hold the trainable weights, the
 optimizer, the gradient scaler and all RNG states: a resumed run continues exactly.
 
-Output: ``OUT/ip_adapter.bin`` (or ``.safetensors``), the standard IP-Adapter file (``save_ip_adapter``), which
-``engine.load_ip_adapter(path, image_encoder)`` loads.
+Output: ``OUT/ip_adapter.bin`` (or ``.safetensors``), the standard IP-Adapter file (``save_ip_adapter``, written
+atomically), which ``engine.load_ip_adapter(path, image_encoder)`` loads. Checkpoints are written atomically too;
+resuming with other settings than the checkpoint's (``steps``, ``checkpoint_every``, ``progress`` and
+``save_format`` may change) is refused with the differences listed, before any model loads.
 """
 
 from __future__ import annotations
@@ -48,20 +50,28 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..validation import is_int
 from .common import (
     MIXED_PRECISION,
-    latest_checkpoint,
+    RESUMABLE_CHANGES,
+    check_choice,
+    check_int,
+    check_numbers,
+    check_resume_config,
+    output_folder,
     read_checkpoint,
     resolve_amp,
     restore_training_state,
+    resume_path,
     write_checkpoint,
 )
 
 SAVE_FORMATS = ("bin", "safetensors")
 CACHE_DIR = "quality_cache"
+RESUMABLE = RESUMABLE_CHANGES | {"save_format"}
+"""Config fields a resumed run may change (``save_format`` only picks the output file's format)."""
 
 
 @dataclass
@@ -117,22 +127,26 @@ class PatchDPOConfig:
     """Progress bar with the loss (default: the engine config's ``progress``)."""
 
     def validate(self) -> PatchDPOConfig:
-        checks = [
-            ("steps", self.steps >= 1, "must be >= 1"), ("lr", self.lr > 0, "must be > 0"),
-            ("batch_size", self.batch_size >= 1, "must be >= 1"), ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("weight_power", self.weight_power in (1, 2), "must be 1 or 2"),
-            ("ip_scale", self.ip_scale >= 0, "must be >= 0"),
-            ("mixed_precision", self.mixed_precision in MIXED_PRECISION,
-             f"must be one of {', '.join(MIXED_PRECISION)}"),
-            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
-            ("resolution", self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-             "must be a multiple of 8"),
-            ("save_format", self.save_format in SAVE_FORMATS, f"must be one of {', '.join(SAVE_FORMATS)}"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+        from ..validation import check_seed
+
+        for name in ("steps", "batch_size", "grad_accum"):
+            check_int(getattr(self, name), name, low=1)
+        check_int(self.checkpoint_every, "checkpoint_every", low=0)
+        check_seed(self.seed)
+        check_numbers(self, {"lr": {"low": 0, "low_open": True}, "weight_decay": {"low": 0},
+                             "ip_scale": {"low": 0}})
+        if not is_int(self.weight_power) or self.weight_power not in (1, 2):
+            raise ValueError(f"weight_power: must be 1 or 2, got {self.weight_power!r}")
+        if not isinstance(self.train_projection, bool):
+            raise ValueError(f"train_projection: must be True or False, got {self.train_projection!r}")
+        check_choice(self.mixed_precision, "mixed_precision", MIXED_PRECISION)
+        check_choice(self.save_format, "save_format", SAVE_FORMATS)
+        if self.resolution is not None:
+            check_int(self.resolution, "resolution", low=8)
+            if self.resolution % 8:
+                raise ValueError(f"resolution: must be a multiple of 8, got {self.resolution!r}")
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise ValueError(f"resume: must be 'latest' or a checkpoint path, got {self.resume!r}")
         return self
 
 
@@ -189,15 +203,14 @@ def check_dataset(data_dir) -> int:
 
 
 def _load_resized(path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``(image (3, size, size) in [0, 1], original (height, width))``."""
-    from PIL import Image
+    """``(image (3, size, size) in [0, 1], original (height, width))``: the whole image resized (bicubic,
+    antialiased, no crop), read by :func:`dreamfuse.engine.images.load_rgb` (EXIF orientation applied, so the
+    original size is the upright one; 16-bit at real values; transparency over white)."""
+    from ..images import load_rgb, resize_whole
 
-    from ..images import open_image
-
-    img = open_image(path, "dataset").convert("RGB")
-    original = (img.height, img.width)
-    img = img.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1), original
+    img = load_rgb(path, "dataset")
+    original = (int(img.shape[1]), int(img.shape[2]))
+    return resize_whole(img, size), original
 
 
 @dataclass
@@ -327,15 +340,18 @@ class _Trainer:
     def save_checkpoint(self) -> Path:
         return write_checkpoint(self, {"params": {n: p.detach().cpu().clone() for n, p in self.params.items()}})
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = read_checkpoint(path, "PatchDPO", "params")
+    def load_checkpoint(self, checkpoint: Path | dict) -> None:
+        """Continue from a checkpoint file (or the dict :func:`~dreamfuse.engine.train.common.read_checkpoint`
+        returned for it); ``ValueError`` when it was trained with other settings (listed) or other weights."""
+        source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, dict) else "the checkpoint"
+        state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, "PatchDPO", "params")
+        check_resume_config(state["config"], self.cfg, source, ignore=RESUMABLE)
         if set(state["params"]) != set(self.params):
-            raise ValueError(f"resume: {str(path)!r} trains other weights than this run (train_projection "
-                             "differs, or another adapter)")
+            raise ValueError(f"resume: {source} trains other weights than this run (another adapter)")
         with torch.no_grad():
             for n, p in self.params.items():
                 if state["params"][n].shape != p.shape:
-                    raise ValueError(f"resume: {n} has shape {tuple(state['params'][n].shape)} in {str(path)!r}, "
+                    raise ValueError(f"resume: {n} has shape {tuple(state['params'][n].shape)} in {source}, "
                                      f"this adapter needs {tuple(p.shape)}")
                 p.copy_(state["params"][n].to(p.device, p.dtype))
         restore_training_state(self, state)
@@ -385,18 +401,19 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
     from ..ip_adapter import load_ip_adapter, save_ip_adapter
     from ..patch_quality import PatchQualityEstimator, quality_maps
 
-    cfg = dataclasses.replace(config or PatchDPOConfig(), **overrides).validate()
+    cfg = dataclasses.replace(config or PatchDPOConfig(), **overrides)
+    if isinstance(cfg.resume, Path):
+        cfg = dataclasses.replace(cfg, resume=str(cfg.resume))
+    cfg.validate()
     check_dataset(data)
     if (backbone is None) == (estimator is None):
         raise ValueError("backbone: give exactly one of backbone (a vision model folder) or estimator")
-    out = Path(out).expanduser()
-    resume = None
-    if cfg.resume == "latest":
-        resume = latest_checkpoint(out)
-    elif cfg.resume is not None:
-        resume = Path(cfg.resume).expanduser()
-        if not resume.is_file():
-            raise FileNotFoundError(f"resume: checkpoint {str(resume)!r} does not exist")
+    out = output_folder(out)
+    resume = resume_path(cfg.resume, out)
+    state = None
+    if resume is not None:  # readable and trained with these settings: checked before any model loads
+        state = read_checkpoint(resume, "PatchDPO", "params")
+        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}", ignore=RESUMABLE)
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(
         model, EngineConfig(dtype="fp32", backend="torch", progress=cfg.progress))
     if ip_adapter is not None:
@@ -412,8 +429,8 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
     samples = quality_maps(data, estimator, latent, out / CACHE_DIR)
 
     with training_session(engine, samples, out, cfg, size) as trainer:
-        if resume is not None:
-            trainer.load_checkpoint(resume)
+        if state is not None:
+            trainer.load_checkpoint(state)
         with engine.progress(cfg.steps, "patchdpo", cfg.progress) as bar:
             bar.update(min(trainer.step, cfg.steps))
             while trainer.step < cfg.steps:

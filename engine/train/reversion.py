@@ -16,15 +16,37 @@ Losses (paper, Eq. 4-6): ``λdenoise · Ldenoise + λsteer · Lsteer`` with
 - ``Ldenoise``: the usual ε-MSE (v-MSE for v-prediction models) at timesteps drawn from the relation-focal
   importance sampling ``f(t) ∝ 1 − α·cos(πt/T)`` over ``t = 0..T−1`` (α = 0.5), or uniformly (ablation);
 - ``Lsteer``: multi-positive InfoNCE on L2-normalized *raw* token embeddings (table rows, not encoder
-  outputs): anchor ``<R>``, positives ``num_positives`` prepositions drawn from the 56 basis prepositions
-  (paper Table A4), negatives the words of the micro-batch's captions that are not stop words, prepositions
-  or the token (special tokens never appear as words), τ = 0.07. No POS tagger, as in the official code.
-  A word the tokenizer splits into several tokens (the tiny tokenizer does, for most prepositions) is
-  represented by the mean of its token rows; on SD's CLIP vocabulary all 56 prepositions are single tokens,
-  so this is exactly the official per-token embedding there.
+  outputs), τ = 0.07, anchor ``<R>``. No POS tagger, as in the official code. With ``negatives="tokens"``
+  (the default) positives and negatives are token ids, as the official ``train.py`` computes them:
 
-Data: a folder with exemplar images and ``text.json`` mapping each image file name to a list of caption
-templates with ``{}`` where the token goes (the ReVersion benchmark's layout).
+  - negatives: every token of the micro-batch's tokenized captions (truncated to the tokenizer's 77) whose
+    id is not a stop-word or preposition id, not a special token (BOS/EOS/pad; padding positions are never
+    negatives, whatever the tokenizer's pad token) and not ``<R>``. BPE pieces
+    and punctuation are negatives too ("trees," on a tokenizer that splits it gives its pieces and the
+    comma). The excluded ids are those of the official stop-word list (:data:`STOP_WORDS`, the repository's
+    ``templates/stop_words.py``) plus the 56 basis prepositions (paper Table A4, ``templates/relation_words.py``)
+    tokenized without special tokens: *every* piece of a word the tokenizer splits is excluded, wherever the
+    same id occurs (the official ``train.py`` tokenizes the space-joined stop words and prepositions once and
+    drops each caption id found among those ids, the BOS/EOS ids and the placeholder's);
+  - positives: each image of the micro-batch draws ``num_positives`` basis prepositions (without
+    replacement; the images draw independently, as the official dataset does per sample), and every token
+    of the drawn words is one positive row (the official code tokenizes the drawn words joined by spaces and
+    keeps every non-special token). Not every basis preposition is a single CLIP token ("astride" is not),
+    so a split preposition contributes each of its pieces as a positive, as in the official code.
+
+  ``negatives="words"`` is the word-level variant: negatives are the captions' alphabetic words that are
+  neither stop words nor prepositions (:func:`negative_words`), and every word, negative or positive, is
+  represented by the mean of its token rows (one row for a single-token word).
+
+Data (:func:`load_exemplars`): a folder with exemplar images and ``text.json`` mapping each image file name
+to a list of caption templates with ``{}`` where the token goes (the ReVersion benchmark's layout). As in
+the official dataset, each image is resized whole to the training resolution (no centre crop; a non-square
+image is stretched) and not flipped (``flip_p = 0``; the official code: a flip "might affect the relation").
+
+Recipes (:data:`RECIPES`, :meth:`ReVersionConfig.from_recipe`): the defaults are the official run's (README:
+``--train_batch_size 2 --gradient_accumulation_steps 4 --learning_rate 2.5e-04 --scale_lr``, i.e. lr
+2.5e-4 × 2 × 4 = 2e-3 over 8 images per optimizer step, ``--num_positives 4``, 3000 steps); ``"paper"`` is
+the supplementary's literal recipe (lr 2.5e-4, batch 2, no accumulation).
 """
 
 from __future__ import annotations
@@ -41,14 +63,19 @@ import torch.nn.functional as F
 
 from .common import (
     MIXED_PRECISION,
-    latest_checkpoint,
+    check_choice,
+    check_int,
+    check_numbers,
+    check_resume_config,
+    output_folder,
     read_checkpoint,
     resolve_amp,
     restore_training_state,
+    resume_path,
     write_checkpoint,
 )
 
-# Paper, supplementary Table A4: the 56 basis prepositions (positives of the steering loss).
+# Paper, supplementary Table A4 (= the official templates/relation_words.py): the 56 basis prepositions.
 BASIS_PREPOSITIONS = (
     "aboard", "about", "above", "across", "after", "against", "along", "alongside", "amid", "amidst", "among",
     "amongst", "anti", "around", "astride", "at", "atop", "before", "behind", "below", "beneath", "beside",
@@ -57,28 +84,38 @@ BASIS_PREPOSITIONS = (
     "throughout", "to", "toward", "towards", "under", "underneath", "up", "upon", "versus", "with", "within",
 )
 
-# Function words that are never negatives: the common English stop words (articles, pronouns, auxiliaries,
-# conjunctions, determiners, other prepositions). Captions are short entity descriptions, so what remains is
-# mostly nouns and adjectives: the "other POS" words the paper pushes the token away from.
-STOP_WORDS = frozenset("""
-a an the and or but nor so yet if then than that this these those there here such both either neither each
-every all any some no not only own same other another few more most much many very too also just
-i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers herself
-it its itself they them their theirs themselves what which who whom whose when where why how
-am is are was were be been being have has had having do does did doing will would shall should can could
-may might must s t d ll m o re ve y don isn aren wasn weren hasn haven hadn doesn didn won wouldn shouldn
-couldn mustn needn shan ain again further once while during until unless because as for since like unlike
-per via without beside besides despite except plus minus next onto
-""".split()) | frozenset(BASIS_PREPOSITIONS)
+# The official stop-word list (templates/stop_words.py of the ReVersion repository: NLTK's English stop
+# words), in its order. Together with the basis prepositions, the words that are never steering negatives.
+STOP_WORDS = tuple("""
+i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her hers
+herself it its itself they them their theirs themselves what which who whom this that these those am is are
+was were be been being have has had having do does did doing a an the and but if or because as until while
+of at by for with about against between into through during before after above below to from up down in out
+on off over under again further then once here there when where why how all any both each few more most
+other some such no nor not only own same so than too very s t can will just don should now
+""".split())
+
+NEGATIVE_MODES = ("tokens", "words")
+
+RECIPES = {
+    "official": {"lr": 2.5e-4 * 2 * 4, "batch_size": 2, "grad_accum": 4},
+    "paper": {"lr": 2.5e-4, "batch_size": 2, "grad_accum": 1},
+}
+"""``official``: the official README's run (lr 2.5e-4 scaled by batch 2 × accumulation 4 = 2e-3, 8 images per
+optimizer step); ``paper``: supplementary A.1 as written (lr 2.5e-4, batch 2, no accumulation)."""
 
 TEXT_JSON = "text.json"
+MAX_TEXT_JSON_BYTES = 4 * 2**20
+"""Largest ``text.json`` read: the benchmark's files are a few KiB (about ten images with a few templates
+each), so 4 MiB leaves three orders of magnitude of room while a mistaken or hostile file never fills memory."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EMBEDS_FILE = "learned_embeds.bin"
 
 
 @dataclass
 class ReVersionConfig:
-    """ReVersion training knobs. Defaults are the paper's (SD 1.5, supplementary A.1) unless noted."""
+    """ReVersion training knobs. Defaults are the official run's (README of the official code, SD 1.5; see
+    :data:`RECIPES`; :meth:`from_recipe` ``("paper")`` gives the supplementary's literal lr and batch)."""
 
     token: str = "<R>"
     """The relation token added to the tokenizer; the key of ``learned_embeds.bin``."""
@@ -87,22 +124,30 @@ class ReVersionConfig:
     """A single-token word whose embedding initializes the relation token (paper: "and")."""
 
     steps: int = 3000
-    """Optimizer steps (paper: 3,000)."""
+    """Optimizer steps (paper and official run: 3,000)."""
 
-    lr: float = 2.5e-4
-    """AdamW learning rate, constant (paper: 2.5e-4)."""
+    lr: float = RECIPES["official"]["lr"]
+    """AdamW learning rate, constant. Default 2e-3: the official run's 2.5e-4 scaled by batch 2 × accumulation
+    4 (``--scale_lr``); the paper states 2.5e-4 (recipe ``"paper"``). Changed from 2.5e-4."""
 
-    batch_size: int = 2
-    """Images per micro-batch (paper: 2)."""
+    batch_size: int = RECIPES["official"]["batch_size"]
+    """Images per micro-batch (paper and official run: 2)."""
 
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step (effective batch = batch_size · grad_accum)."""
+    grad_accum: int = RECIPES["official"]["grad_accum"]
+    """Micro-batches accumulated per optimizer step (effective batch = batch_size · grad_accum). Default 4, the
+    official run's (8 images per step); recipe ``"paper"``: 1. Changed from 1."""
 
     weight_decay: float = 1e-2
-    """AdamW weight decay (the diffusers textual-inversion script's default, which ReVersion's code uses)."""
+    """AdamW weight decay (the official script's ``--adam_weight_decay`` default)."""
 
-    num_positives: int = 8
-    """Basis prepositions drawn (without replacement) per micro-batch as steering positives (paper: 8)."""
+    num_positives: int = 4
+    """Basis prepositions drawn (without replacement) *per image* of the micro-batch as steering positives:
+    the official dataset draws them per sample (``--num_positives 4`` in the official run, so 8 per micro-batch
+    of 2: the paper's "8 positive samples"). Changed from 8 per micro-batch."""
+
+    negatives: str = "tokens"
+    """``tokens`` (default, the official computation: token ids, BPE pieces and punctuation included, see the
+    module docstring) or ``words`` (alphabetic words, each the mean of its token rows; the former behaviour)."""
 
     temperature: float = 0.07
     """InfoNCE temperature τ of the steering loss (paper: 0.07)."""
@@ -120,11 +165,13 @@ class ReVersionConfig:
     """Skew of the importance sampling ``f(t) ∝ 1 − α·cos(πt/T)``, in (0, 1] (paper: 0.5)."""
 
     resolution: int | None = None
-    """Training image size (square; center crop then bicubic resize). Default: the model's native size."""
+    """Training image size (square). Images are resized whole to it (bicubic, no centre crop, as the official
+    dataset does; a non-square image is stretched). Default: the model's native size. Was centre crop."""
 
-    flip_p: float = 0.5
-    """Probability of a horizontal flip per sample (the textual-inversion augmentation ReVersion's code
-    inherits). Set 0 for relations that are not mirror-symmetric (left of / right of)."""
+    flip_p: float = 0.0
+    """Probability of a horizontal flip per sample. Default 0, as the official dataset ("do not flip
+    horizontally, otherwise might affect the relation": left of / right of are not mirror-symmetric).
+    Changed from 0.5."""
 
     mixed_precision: str = "auto"
     """``auto`` (bf16 autocast on CUDA where supported, else fp16; fp32 on CPU), ``no``, ``fp16``, ``bf16``.
@@ -138,34 +185,48 @@ class ReVersionConfig:
 
     resume: str | None = None
     """A checkpoint file to continue from, or ``"latest"`` (the newest in ``OUT/checkpoints``; a fresh start
-    when there is none). The run then continues exactly as if it had never stopped."""
+    when there is none). The run then continues exactly as if it had never stopped. The settings must be the
+    checkpoint's (``steps``, ``checkpoint_every`` and ``progress`` may change; a mismatch is listed)."""
 
     progress: bool | None = None
     """Progress bar with the two losses (default: the engine config's ``progress``)."""
 
+    @classmethod
+    def from_recipe(cls, recipe: str = "official", **overrides) -> ReVersionConfig:
+        """The config of a :data:`RECIPES` entry (lr, batch_size, grad_accum); ``overrides`` win over it."""
+        check_choice(recipe, "recipe", tuple(RECIPES))
+        return cls(**{**RECIPES[recipe], **overrides})
+
     def validate(self) -> ReVersionConfig:
-        checks = [
-            ("steps", self.steps >= 1, "must be >= 1"), ("lr", self.lr > 0, "must be > 0"),
-            ("batch_size", self.batch_size >= 1, "must be >= 1"), ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
-            ("num_positives", 1 <= self.num_positives <= len(BASIS_PREPOSITIONS),
-             f"must be in 1..{len(BASIS_PREPOSITIONS)}"),
-            ("temperature", self.temperature > 0, "must be > 0"),
-            ("lambda_steer", self.lambda_steer >= 0, "must be >= 0"),
-            ("lambda_denoise", self.lambda_denoise >= 0 and (self.lambda_denoise > 0 or self.lambda_steer > 0),
-             "must be >= 0, and > 0 when lambda_steer is 0 (nothing would train)"),
-            ("alpha", 0 < self.alpha <= 1, "must be in (0, 1]"),
-            ("flip_p", 0 <= self.flip_p <= 1, "must be in [0, 1]"),
-            ("mixed_precision", self.mixed_precision in MIXED_PRECISION,
-             f"must be one of {', '.join(MIXED_PRECISION)}"),
-            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0"),
-            ("resolution", self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-             "must be a multiple of 8"),
-            ("token", bool(self.token.strip()) and not any(c.isspace() for c in self.token),
-             "must be non-empty, without spaces"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{name}: {why}, got {getattr(self, name)!r}")
+        from ..validation import check_seed, check_text
+
+        for name in ("token", "init_token"):
+            check_text(getattr(self, name), name, max_chars=100)
+        if not self.token.strip() or any(c.isspace() for c in self.token):
+            raise ValueError(f"token: must be non-empty, without spaces, got {self.token!r}")
+        for name in ("steps", "batch_size", "grad_accum", "num_positives"):
+            check_int(getattr(self, name), name, low=1)
+        if self.num_positives > len(BASIS_PREPOSITIONS):
+            raise ValueError(f"num_positives: must be in 1..{len(BASIS_PREPOSITIONS)}, got {self.num_positives!r}")
+        check_int(self.checkpoint_every, "checkpoint_every", low=0)
+        check_seed(self.seed)
+        check_numbers(self, {
+            "lr": {"low": 0, "low_open": True}, "weight_decay": {"low": 0},
+            "temperature": {"low": 0, "low_open": True}, "lambda_steer": {"low": 0}, "lambda_denoise": {"low": 0},
+            "alpha": {"low": 0, "low_open": True, "high": 1}, "flip_p": {"low": 0, "high": 1},
+        })
+        if self.lambda_denoise == 0 and self.lambda_steer == 0:
+            raise ValueError("lambda_denoise: must be > 0 when lambda_steer is 0 (nothing would train), got 0")
+        check_choice(self.negatives, "negatives", NEGATIVE_MODES)
+        check_choice(self.mixed_precision, "mixed_precision", MIXED_PRECISION)
+        if not isinstance(self.importance_sampling, bool):
+            raise ValueError(f"importance_sampling: must be True or False, got {self.importance_sampling!r}")
+        if self.resolution is not None:
+            check_int(self.resolution, "resolution", low=8)
+            if self.resolution % 8:
+                raise ValueError(f"resolution: must be a multiple of 8, got {self.resolution!r}")
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise ValueError(f"resume: must be 'latest' or a checkpoint path, got {self.resume!r}")
         return self
 
 
@@ -214,17 +275,75 @@ def steering_loss(anchor: torch.Tensor, positives: torch.Tensor, negatives: torc
 
 
 def negative_words(template: str) -> list[str]:
-    """The steering negatives of a caption template (``{}`` = the token): its alphabetic words, lower-cased,
-    that are neither stop words nor prepositions, in order (repeats kept, as the paper sums over them)."""
-    return [w for w in re.findall(r"[^\W\d_]+", template.replace("{}", " ").lower()) if w not in STOP_WORDS]
+    """The word-level steering negatives of a caption template (``{}`` = the token; ``negatives="words"``): its
+    alphabetic words, lower-cased, that are neither stop words nor basis prepositions, in order (repeats kept,
+    as the paper sums over them)."""
+    return [w for w in re.findall(r"[^\W\d_]+", template.replace("{}", " ").lower()) if w not in _NOT_NEGATIVE]
+
+
+_NOT_NEGATIVE = frozenset(STOP_WORDS) | frozenset(BASIS_PREPOSITIONS)
+
+
+def word_token_ids(tokenizer, words) -> list[list[int]]:
+    """Each word's token ids, without special tokens (a word the tokenizer splits has several)."""
+    return tokenizer(list(words), add_special_tokens=False).input_ids
+
+
+def excluded_token_ids(tokenizer, token_id: int) -> torch.Tensor:
+    """The ids that are never steering negatives (``negatives="tokens"``): every token of the stop words and
+    the basis prepositions, the tokenizer's special tokens (BOS, EOS, pad, unk) and the relation token.
+    Sorted int64 on CPU. Tokenizing each word alone gives the ids the official code gets from the words joined
+    by spaces (CLIP's tokenizer splits on whitespace before BPE)."""
+    ids = {i for word in word_token_ids(tokenizer, STOP_WORDS + BASIS_PREPOSITIONS) for i in word}
+    ids |= set(tokenizer.all_special_ids) | {int(token_id)}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def negative_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """The steering negatives of tokenized captions (``negatives="tokens"``): the ids of ``input_ids``
+    ``(B, L)`` at real (``attention_mask``) positions that are not in ``excluded``
+    (:func:`excluded_token_ids`), caption after caption, repeats kept. ``(M,)`` int64."""
+    keep = attention_mask.bool() & ~torch.isin(input_ids, excluded.to(input_ids.device))
+    return input_ids[keep]
+
+
+def _json_object(pairs, source: str) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"data: {source} lists {key!r} twice (a JSON object's keys must be unique)")
+        out[key] = value
+    return out
+
+
+def _image_in_folder(root: Path, name: str, text_path: Path) -> Path:
+    """``root / name`` for a ``text.json`` key that names a file inside ``root``: no absolute path, no ``..``,
+    no symlink (or folder symlink) leading out of it."""
+    from ..validation import check_text
+
+    check_text(name, f"data: image name {name!r} in {TEXT_JSON}")
+    rel = Path(name)
+    if not name.strip() or rel.is_absolute() or rel.drive or ".." in rel.parts:
+        raise ValueError(f"data: image name {name!r} in {str(text_path)!r} must be a file name inside the data "
+                         "folder (no absolute path, no '..')")
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"data: image {name!r} in {str(text_path)!r} leads out of the data folder "
+                         f"{str(root)!r} (a symlink?)")
+    return path
 
 
 def load_exemplars(data_dir: str | Path) -> list[tuple[Path, list[str]]]:
     """Read a ReVersion exemplar folder: ``[(image path, [caption templates])]`` in ``text.json`` order.
 
-    Raises ``ValueError`` naming the problem: missing folder or ``text.json``, malformed JSON, an image that is
-    listed but missing (or present but not listed), an empty template list, a template without ``{}``.
+    Raises ``ValueError`` naming the problem: missing folder or ``text.json``; a ``text.json`` that is larger
+    than :data:`MAX_TEXT_JSON_BYTES`, not UTF-8, not valid JSON, nested too deeply, or has a key twice; a key
+    that is an absolute path or leads out of the folder (``..``, a symlink); an image that is listed but
+    missing (or present but not listed); an empty template list; a template without ``{}``.
     """
+    from ..limits import DEFAULT_LIMITS
+    from ..validation import check_text
+
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise ValueError(f"data: folder {str(root)!r} does not exist")
@@ -232,17 +351,31 @@ def load_exemplars(data_dir: str | Path) -> list[tuple[Path, list[str]]]:
     if not text_path.is_file():
         raise ValueError(f"data: {TEXT_JSON} is missing in {str(root)!r} (it maps each image file name to a "
                          "list of caption templates with {} where the relation token goes)")
+    size = text_path.stat().st_size
+    if size > MAX_TEXT_JSON_BYTES:
+        raise ValueError(f"data: {str(text_path)!r} is {size} bytes, more than the {MAX_TEXT_JSON_BYTES} a "
+                         "caption file may have")
     try:
-        table = json.loads(text_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = text_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data: {str(text_path)!r} is not UTF-8 text ({e})") from None
+    try:
+        table = json.loads(text, object_pairs_hook=lambda pairs: _json_object(pairs, repr(str(text_path))))
+    except json.JSONDecodeError as e:
         raise ValueError(f"data: {str(text_path)!r} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"data: {str(text_path)!r} is nested too deeply to be a caption file") from None
     if not isinstance(table, dict) or not table:
         raise ValueError(f"data: {str(text_path)!r} must be a non-empty object {{image file name: [templates]}}")
-    out = []
+    out, seen = [], {}
     for name, templates in table.items():
-        image = root / name
+        image = _image_in_folder(root, name, text_path)
         if not image.is_file():
             raise ValueError(f"data: image {name!r} listed in {TEXT_JSON} does not exist in {str(root)!r}")
+        key = image.resolve()
+        if key in seen:
+            raise ValueError(f"data: {TEXT_JSON} lists the image {name!r} twice (also as {seen[key]!r})")
+        seen[key] = name
         if isinstance(templates, str):
             templates = [templates]
         if not isinstance(templates, list) or not templates:
@@ -251,27 +384,22 @@ def load_exemplars(data_dir: str | Path) -> list[tuple[Path, list[str]]]:
             if not isinstance(tpl, str) or "{}" not in tpl:
                 raise ValueError(f"data: template {tpl!r} of image {name!r} has no '{{}}' where the relation "
                                  "token goes")
+            check_text(tpl, f"data: template of image {name!r}", max_chars=DEFAULT_LIMITS.max_prompt_chars)
         out.append((image, list(templates)))
     unlisted = sorted(p.name for p in root.iterdir()
-                      if p.suffix.lower() in IMAGE_EXTENSIONS and p.name not in table)
+                      if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.resolve() not in seen)
     if unlisted:
         raise ValueError(f"data: image(s) {unlisted} have no captions in {TEXT_JSON}")
     return out
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
-    """Center-crop to a square, bicubic resize to ``size``: ``(3, size, size)`` float in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """The whole image resized to ``size`` x ``size`` (bicubic, antialiased, no crop: the official dataset
+    resizes the whole image), read by :func:`dreamfuse.engine.images.load_rgb` (EXIF orientation, 16-bit,
+    transparency over white): ``(3, size, size)`` float32 in [0, 1]."""
+    from ..images import load_rgb, resize_whole
 
-    try:
-        img = Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"data: cannot read image {str(path)!r} ({e})") from None
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1) / 255
+    return resize_whole(load_rgb(path, "data"), size)
 
 
 # ----------------------------------------------------------------------------------------------- the trainer
@@ -291,10 +419,35 @@ class _TokenOverride:
 
 
 def save_embeds(path: str | Path, token: str, embedding: torch.Tensor) -> Path:
-    """Write the official ``learned_embeds.bin``: ``torch.save({token: (D,) fp32 tensor})``."""
-    path = Path(path)
-    torch.save({token: embedding.detach().float().cpu().clone()}, str(path))
-    return path
+    """Write the official ``learned_embeds.bin``, ``torch.save({token: (D,) fp32 tensor})``, atomically (a
+    temporary file renamed into place: an interrupted run never leaves a truncated file)."""
+    from ..files import torch_save_atomic
+
+    return torch_save_atomic({token: embedding.detach().float().cpu().clone()}, Path(path))
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of ``B`` images as the trainer uses it."""
+
+    latents: torch.Tensor
+    """Clean latents ``(B, C, h, w)`` (scaled by the VAE's scaling factor)."""
+    noise: torch.Tensor
+    t: torch.Tensor
+    captions: list[str]
+    """The captions, ``<R>`` in place of ``{}``."""
+    input_ids: torch.Tensor
+    """``(B, 77)`` token ids of the captions, padded to the tokenizer's length, truncated past it."""
+    positive_words: list[list[str]]
+    """The basis prepositions each image drew."""
+    positives: torch.Tensor
+    """``(L, D)`` fp32 steering positives (token rows, or word means with ``negatives="words"``)."""
+    negatives: torch.Tensor
+    """``(M, D)`` fp32 steering negatives (``M`` may be 0)."""
+    positive_ids: torch.Tensor | None = None
+    """``(L,)`` the positives' token ids (``negatives="tokens"``)."""
+    negative_ids: torch.Tensor | None = None
+    """``(M,)`` the negatives' token ids (``negatives="tokens"``)."""
 
 
 class _Trainer:
@@ -322,7 +475,9 @@ class _Trainer:
         self.T = int(self.noise_sched.config.num_train_timesteps)
         self.prediction_type = self.noise_sched.config.prediction_type
         self._word_cache: dict[str, torch.Tensor] = {}
-        self.positives = torch.stack([self.word_embedding(w) for w in BASIS_PREPOSITIONS])
+        self.preposition_ids = [torch.tensor(ids, dtype=torch.long)
+                                for ids in word_token_ids(tok, BASIS_PREPOSITIONS)]
+        self.excluded_ids = excluded_token_ids(tok, self.token_id)
         self.templates = [t for _, t in exemplars]
         size = cfg.resolution or engine.default_size
         self.posteriors = self._encode(exemplars, size)
@@ -343,23 +498,27 @@ class _Trainer:
         return self._word_cache[word]
 
     @torch.no_grad()
-    def _encode(self, exemplars, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """VAE posterior (mean, std) per image; index ``2i + 1`` is the flipped image. The VAE is frozen, so
-        each step only samples ``mean + std·ε`` (the same distribution as encoding per step)."""
+    def _encode(self, exemplars, size: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """VAE posterior (mean, std) per image; index ``2i + 1`` is the flipped image (None when ``flip_p`` is
+        0: never drawn). The VAE is frozen, so each step only samples ``mean + std·ε`` (the same distribution as
+        encoding per step)."""
         e = self.engine
+        flips = self.cfg.flip_p > 0
         out = []
         for path, _ in exemplars:
             img = _load_image(path, size)
-            batch = torch.stack([img, img.flip(-1)]).to(e.device, e.dtype) * 2 - 1
+            batch = (torch.stack([img, img.flip(-1)]) if flips else img[None]).to(e.device, e.dtype) * 2 - 1
             dist = e.vae.encode(batch).latent_dist
-            for i in range(2):
-                out.append((dist.mean[i].float(), dist.std[i].float()))
+            out.append((dist.mean[0].float(), dist.std[0].float()))
+            out.append((dist.mean[1].float(), dist.std[1].float()) if flips else None)
         return out
 
     # ---------------------------------------------------------------------------------------- one step
-    def _micro_batch(self, micro_index: int):
-        cfg, g, n = self.cfg, self.generator, len(self.templates)
-        images, captions, negatives = [], [], []
+    @torch.no_grad()
+    def micro_batch(self, micro_index: int) -> MicroBatch:
+        """The :class:`MicroBatch` of micro-batch number ``micro_index`` (draws from the trainer's generator)."""
+        cfg, g, n, e = self.cfg, self.generator, len(self.templates), self.engine
+        images, captions, drawn, word_negatives = [], [], [], []
         for j in range(cfg.batch_size):
             # Epoch-wise shuffling derived from the sample counter alone, so a resumed run needs no sampler state.
             c = micro_index * cfg.batch_size + j
@@ -368,36 +527,46 @@ class _Trainer:
             templates = self.templates[i]
             tpl = templates[int(torch.randint(len(templates), (1,), generator=g))]
             flip = bool(torch.rand((), generator=g) < cfg.flip_p)
+            drawn.append(torch.randperm(len(BASIS_PREPOSITIONS), generator=g)[:cfg.num_positives].tolist())
             images.append(2 * i + int(flip))
             captions.append(tpl.replace("{}", f" {cfg.token} ").strip())
-            negatives += negative_words(tpl)
+            word_negatives += negative_words(tpl)
         mean = torch.stack([self.posteriors[k][0] for k in images])
         std = torch.stack([self.posteriors[k][1] for k in images])
         latents = (mean + std * torch.randn(mean.shape, generator=g).to(self.device))
-        latents = latents * self.engine.vae.config.scaling_factor
+        latents = latents * e.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=g).to(self.device)
         t = sample_timesteps(cfg.batch_size, self.T, importance=cfg.importance_sampling, alpha=cfg.alpha,
                              generator=g).to(self.device)
-        pos = torch.randperm(len(BASIS_PREPOSITIONS), generator=g)[:cfg.num_positives]
-        neg = (torch.stack([self.word_embedding(w) for w in negatives]) if negatives
-               else self.positives.new_zeros(0, self.positives.shape[1]))
-        return latents, noise, t, captions, self.positives[pos.to(self.device)], neg
+        tokens = e.tokenizer(captions, padding="max_length", max_length=e.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        words = [[BASIS_PREPOSITIONS[k] for k in ks] for ks in drawn]
+        rows = self.table.device
+        if cfg.negatives == "tokens":
+            pos_ids = torch.cat([self.preposition_ids[k] for ks in drawn for k in ks])
+            neg_ids = negative_token_ids(tokens.input_ids, tokens.attention_mask, self.excluded_ids)
+            pos, neg = (self.table[ids.to(rows)].float() for ids in (pos_ids, neg_ids))
+        else:
+            pos_ids = neg_ids = None
+            pos = torch.stack([self.word_embedding(w) for ws in words for w in ws])
+            neg = (torch.stack([self.word_embedding(w) for w in word_negatives]) if word_negatives
+                   else pos.new_zeros(0, pos.shape[1]))
+        return MicroBatch(latents, noise, t, captions, tokens.input_ids.to(self.device), words,
+                          pos.to(self.device), neg.to(self.device), pos_ids, neg_ids)
 
     def _losses(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         e, cfg = self.engine, self.cfg
-        latents, noise, t, captions, pos, neg = self._micro_batch(micro_index)
-        ids = e.tokenizer(captions, padding="max_length", max_length=e.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids.to(self.device)
-        noisy = self.noise_sched.add_noise(latents, noise, t)
-        target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(latents, noise, t)
+        b = self.micro_batch(micro_index)
+        noisy = self.noise_sched.add_noise(b.latents, b.noise, b.t)
+        target = (b.noise if self.prediction_type == "epsilon"
+                  else self.noise_sched.get_velocity(b.latents, b.noise, b.t))
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            cond = e.text_encoder(ids)[0]
-            pred = e.unet(noisy.to(e.dtype), t, encoder_hidden_states=cond.to(e.dtype), return_dict=False)[0]
+            cond = e.text_encoder(b.input_ids)[0]
+            pred = e.unet(noisy.to(e.dtype), b.t, encoder_hidden_states=cond.to(e.dtype), return_dict=False)[0]
         denoise = F.mse_loss(pred.float(), target.float())
         if cfg.lambda_steer == 0:  # ablation: not computed (the random stream is the same as with it)
             return denoise, torch.full((), float("nan"))
-        steer = steering_loss(self.param, pos, neg, cfg.temperature)
-        return denoise, steer
+        return denoise, steering_loss(self.param, b.positives, b.negatives, cfg.temperature)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -425,12 +594,16 @@ class _Trainer:
     def save_checkpoint(self) -> Path:
         return write_checkpoint(self, {"token": self.cfg.token, "embedding": self.param.detach().cpu().clone()})
 
-    def load_checkpoint(self, path: Path) -> None:
-        state = read_checkpoint(path, "ReVersion", "embedding")
+    def load_checkpoint(self, checkpoint: Path | dict) -> None:
+        """Continue from a checkpoint file (or the dict :func:`~dreamfuse.engine.train.common.read_checkpoint`
+        returned for it); ``ValueError`` when it was trained with other settings (listed)."""
+        source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, dict) else "the checkpoint"
+        state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, "ReVersion", "embedding")
+        check_resume_config(state["config"], self.cfg, source)
         if state["token"] != self.cfg.token:
-            raise ValueError(f"resume: {str(path)!r} trains token {state['token']!r}, not {self.cfg.token!r}")
+            raise ValueError(f"resume: {source} trains token {state['token']!r}, not {self.cfg.token!r}")
         if state["embedding"].shape != self.param.shape:
-            raise ValueError(f"resume: {str(path)!r} holds a {tuple(state['embedding'].shape)} embedding; this "
+            raise ValueError(f"resume: {source} holds a {tuple(state['embedding'].shape)} embedding; this "
                              f"model needs {tuple(self.param.shape)}")
         with torch.no_grad():
             self.param.copy_(state["embedding"].to(self.device))
@@ -439,10 +612,10 @@ class _Trainer:
 
 @contextlib.contextmanager
 def training_session(engine, exemplars, out: str | Path, cfg: ReVersionConfig):
-    """Prepare ``engine`` for ReVersion steps and yield the trainer (``train_step()``, ``save_checkpoint()``,
-    ``load_checkpoint(path)``, ``param``, ``losses``); on exit the embedding hook is removed and the engine's
-    attention processors are restored. :func:`train` is the usual entry point; this is for custom loops and
-    the benchmark. ``exemplars`` is what :func:`load_exemplars` returns."""
+    """Prepare ``engine`` for ReVersion steps and yield the trainer (``train_step()``, ``micro_batch(i)``,
+    ``save_checkpoint()``, ``load_checkpoint(path)``, ``param``, ``losses``); on exit the embedding hook is
+    removed and the engine's attention processors are restored. :func:`train` is the usual entry point; this is
+    for custom loops and the benchmark. ``exemplars`` is what :func:`load_exemplars` returns."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     saved_processors = engine.unet.attn_processors
@@ -470,30 +643,35 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
             in fp32 (mixed precision comes from autocast).
         data: the exemplar folder (images + ``text.json``); see :func:`load_exemplars`.
         out: output folder (created): ``learned_embeds.bin`` and ``checkpoints/step-NNNNNNN.pt``.
-        config: a :class:`ReVersionConfig`; keyword ``overrides`` replace its fields (``steps=10``).
+        config: a :class:`ReVersionConfig` (default: the official recipe; ``ReVersionConfig.from_recipe("paper")``
+            for the paper's); keyword ``overrides`` replace its fields (``steps=10``).
+
+    Everything that can be checked without a model is checked before one is loaded: the config, the data, the
+    output folder, and a checkpoint to resume (readable, and trained with the same settings).
 
     Returns a :class:`TrainResult` with the learned embedding and the per-step losses.
     """
     from ..config import EngineConfig
     from ..engine import Engine
 
-    cfg = dataclasses.replace(config or ReVersionConfig(), **overrides).validate()
+    cfg = dataclasses.replace(config or ReVersionConfig(), **overrides)
+    if isinstance(cfg.resume, Path):
+        cfg = dataclasses.replace(cfg, resume=str(cfg.resume))
+    cfg.validate()
     exemplars = load_exemplars(data)
-    out = Path(out).expanduser()
-    resume = None
-    if cfg.resume == "latest":
-        resume = latest_checkpoint(out)
-    elif cfg.resume is not None:
-        resume = Path(cfg.resume).expanduser()
-        if not resume.is_file():
-            raise FileNotFoundError(f"resume: checkpoint {str(resume)!r} does not exist")
+    out = output_folder(out)
+    resume = resume_path(cfg.resume, out)
+    state = None
+    if resume is not None:
+        state = read_checkpoint(resume, "ReVersion", "embedding")
+        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}")
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(
         model, EngineConfig(dtype="fp32", backend="torch", progress=cfg.progress))
     out.mkdir(parents=True, exist_ok=True)
 
     with training_session(engine, exemplars, out, cfg) as trainer:
-        if resume is not None:
-            trainer.load_checkpoint(resume)
+        if state is not None:
+            trainer.load_checkpoint(state)
         with engine.progress(cfg.steps, "reversion", cfg.progress) as bar:
             bar.update(min(trainer.step, cfg.steps))
             while trainer.step < cfg.steps:
@@ -503,15 +681,19 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
                 bar.update(1)
                 if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
                     trainer.save_checkpoint()
+    embedding = trainer.param.detach().float().cpu().clone()
+    if not bool(torch.isfinite(embedding).all()):
+        raise ValueError(f"lr: training diverged (the learned embedding holds NaN or inf after {trainer.step} "
+                         f"steps at lr {cfg.lr:g}); nothing was written, try a smaller lr")
     with torch.no_grad():
         engine.text_encoder.get_input_embeddings().weight[trainer.token_id] = trainer.param.to(trainer.table.dtype)
     engine.clear_prompt_cache()
-    embedding = trainer.param.detach().float().cpu().clone()
     path = save_embeds(out / EMBEDS_FILE, cfg.token, embedding)
     return TrainResult(token=cfg.token, embedding=embedding, path=path, losses=trainer.losses)
 
 
 __all__ = [
-    "BASIS_PREPOSITIONS", "STOP_WORDS", "ReVersionConfig", "TrainResult", "load_exemplars", "negative_words",
-    "sample_timesteps", "save_embeds", "steering_loss", "timestep_probabilities", "train", "training_session",
+    "BASIS_PREPOSITIONS", "NEGATIVE_MODES", "RECIPES", "STOP_WORDS", "MicroBatch", "ReVersionConfig", "TrainResult",
+    "excluded_token_ids", "load_exemplars", "negative_token_ids", "negative_words", "sample_timesteps",
+    "save_embeds", "steering_loss", "timestep_probabilities", "train", "training_session", "word_token_ids",
 ]

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         exemplars = load_exemplars(data)
         results = {}
         for name, lam in (("denoise only (λsteer=0)", 0.0), ("ReVersion (λsteer=0.01)", 0.01)):
-            cfg = ReVersionConfig(batch_size=args.batch_size, resolution=size, lambda_steer=lam,
+            # grad_accum=1: one micro-batch per timed step (the official recipe accumulates 4)
+            cfg = ReVersionConfig(batch_size=args.batch_size, grad_accum=1, resolution=size, lambda_steer=lam,
                                   mixed_precision=args.mixed_precision, checkpoint_every=0, progress=False)
             with training_session(engine, exemplars, Path(tmp) / "out", cfg) as trainer:
                 ms, mb = time_step_with_peak(trainer.train_step, device=engine.device, warmup=args.warmup,

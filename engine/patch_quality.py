@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import load_rgb, open_image
+from .files import torch_load_weights, torch_save_atomic
+from .images import load_rgb
 from .ops import ops_for
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -452,16 +453,18 @@ def quality_maps(dataset_dir, estimator: PatchQualityEstimator, latent_hw, cache
         for i, k in enumerate(keys):
             f = cache / f"{k}.pt"
             if f.is_file():
-                d = torch.load(f, map_location="cpu", weights_only=True)
-                maps[i] = d["q_gen"], d["q_ref"]
+                try:
+                    d = torch_load_weights(f, "quality cache")
+                    maps[i] = d["q_gen"], d["q_ref"]
+                except (ValueError, KeyError, TypeError):  # a damaged entry: computed again and rewritten
+                    pass
         todo = [i for i in range(len(gens)) if i not in maps]
         if todo:
             q_gen, q_ref = estimator.estimate(ref, [gens[i] for i in todo], latent_hw=size)
             for j, i in enumerate(todo):
                 maps[i] = q_gen[j].cpu(), q_ref[j].cpu()
-                tmp = cache / f"{keys[i]}.pt.tmp"
-                torch.save({"q_gen": maps[i][0].clone(), "q_ref": maps[i][1].clone()}, tmp)
-                tmp.replace(cache / f"{keys[i]}.pt")  # atomic: a killed run leaves no half-written entry
+                # atomic, with a unique temporary name: a killed run or a concurrent one leaves no half-written entry
+                torch_save_atomic({"q_gen": maps[i][0].clone(), "q_ref": maps[i][1].clone()}, cache / f"{keys[i]}.pt")
         out.append(QualitySample(folder.name, prompt, ref, gens, torch.stack([maps[i][0] for i in range(len(gens))]),
                                  torch.stack([maps[i][1] for i in range(len(gens))])))
     return out
@@ -479,7 +482,7 @@ def heatmap(q: torch.Tensor) -> np.ndarray:
 def quality_figure(generated, q_gen: torch.Tensor) -> Image.Image:
     """The generated image and its quality heat map side by side, ``2W × H`` (the map upsampled nearest to
     the image size so each latent/patch cell stays a visible block)."""
-    img = open_image(generated, "generated").convert("RGB")
+    img = Image.fromarray((load_rgb(generated, "generated").permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
     w, h = img.size
     heat = Image.fromarray(heatmap(q_gen)).resize((w, h), Image.NEAREST)
     fig = Image.new("RGB", (2 * w, h))

@@ -68,7 +68,9 @@ def make_estimator(value: str, flag: str = "--backbone", **kwargs):
         return PatchQualityEstimator(value, **kwargs)
     except Exception as e:  # noqa: BLE001 - an unknown, corrupt or unsuitable model folder, whatever raised
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CLIError(first if value in first else f"{flag} {value!r}: {first}") from None
+        if first.startswith("backbone: "):  # the library's message already names the folder
+            raise CLIError(flag + first.removeprefix("backbone")) from None
+        raise CLIError(f"{flag} {value!r}: {first}") from None
 
 
 def run(args) -> None:

@@ -9,6 +9,24 @@ warped on the fly (appearance-matching self-attention, DreamMatcher):
 
 ``V_w`` is formed while V tiles are loaded and never written to memory.
 
+Non-finite input is not checked (a check would synchronize the GPU) and raises nothing: it propagates by IEEE
+arithmetic, identically on the Triton path and in the references (``torch.softmax`` / ``torch.logsumexp``):
+
+* scores ``s_ij = scale * q_i . k_j`` are NaN or +-inf as IEEE makes them (a NaN in ``q_i`` or ``k_j``, or
+  ``inf * 0`` / ``inf - inf`` inside the dot product, gives NaN);
+* a row with a NaN or a +inf score, or only -inf scores, has a NaN output row; its lse is NaN if a score is NaN,
+  else +inf if one is +inf, else -inf. A -inf score gives its key weight 0: the row stays finite otherwise;
+* a NaN or +-inf in a value reaches every output entry that gives it nonzero weight (``inf * p = inf``); the
+  lse does not depend on the values;
+* AMA: ``V_w`` is the blend above in IEEE arithmetic (a non-finite ``mask[b, j]`` spoils row ``j`` of ``V_w``),
+  except that a weight of exactly 0 reads ``v_tgt`` alone and exactly 1 ``v_ref[flow]`` alone (the kernel skips
+  the other load), so a non-finite value in the unread tensor does not leak in as ``0 * inf = NaN``.
+
+With fp16/bf16 inputs the kernel rounds the weights P to that dtype, so a weight under its smallest subnormal
+is 0 and meets an infinite value as ``0 * inf = NaN`` where the fp32 reference keeps ``inf``. Under
+``TRITON_INTERPRET=1`` numpy reports the invalid operations (``inf - inf``, ``0 * inf``, ``0 / 0``) as
+RuntimeWarnings: these raise only where warnings are made errors (``-W error``, ``numpy.seterr``).
+
 Reading order: the Triton kernel, the launcher, the ``torch.library`` ops (with fake and autograd), then the
 PyTorch references (the CPU path and the tests' oracle).
 """
@@ -80,10 +98,11 @@ else:
 @triton.jit
 def _round_to_bf16(x):
     """fp32 -> the nearest bf16 value (ties to even), kept in fp32. Used only under the interpreter, whose
-    fp32 -> bf16 cast truncates where the GPU rounds to nearest even."""
+    fp32 -> bf16 cast truncates where the GPU rounds to nearest even. +-inf round to themselves; NaN is kept as
+    is (the carry would turn a NaN with mantissa bits >= 0x7F8000 into -0 or 0)."""
     u = x.to(tl.uint32, bitcast=True)
     u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return u.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
 
 
 @triton.autotune(configs=_CONFIGS, key=["Lk", "BLOCK_D", "AMA"], prune_configs_by={"early_config_prune": _prune})
@@ -155,11 +174,17 @@ def _attention_fwd_kernel(
         if INTERP_BF16:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        # Every block holds >= 1 real key (start_n < Lk), so the row max stays finite: no NaN guard needed.
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        # Non-finite scores end as in torch.softmax/logsumexp (module docstring), with no extra pass. A NaN score
+        # reaches l_i, hence out and lse, through p (tl.max skips NaN: maxnumf). A row max of +-inf would make
+        # qk - m_new = inf - inf = NaN at every key, so 0 is subtracted instead: for -inf (no finite score yet,
+        # from -inf inputs; a block always holds a real key) p = 0, then l_i = 0, out = 0/0 = NaN, lse = -inf; for
+        # +inf p = inf at the +inf keys, then out = NaN, lse = +inf. alpha is 0 while m_i = -inf, and inf once
+        # m_i = +inf, when l_i and acc are non-finite already. A finite max is subtracted as before, bit for bit.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        m_sub = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         m_i = m_new
@@ -241,10 +266,37 @@ def _check_ama(q, k, v_tgt, v_ref, flow, mask) -> None:
         check(t.device == q.device, f"ama_attention: {name} is on {t.device}, q on {q.device}")
 
 
+def _check_head_dim(q: torch.Tensor) -> None:
+    # before D ** -0.5, which is a ZeroDivisionError at D = 0 (rank 0 is left to the rank check)
+    _common.check(q.dim() == 0 or q.shape[-1] > 0,
+                  "attention: head dim 0 unsupported: q, k, v have no features (and the default scale D ** -0.5 "
+                  "is undefined)")
+
+
+def _softmax_scale(q: torch.Tensor, scale: float | None) -> float:
+    if scale is None:
+        _check_head_dim(q)
+        scale = q.shape[-1] ** -0.5 if q.dim() else 1.0
+    return float(scale)
+
+
+def _unit_d(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 or t.shape[-1] == 1
+
+
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     # The kernel assumes unit stride along D (vector loads of whole rows). Views from the usual
     # `x.view(B, L, H, D).transpose(1, 2)` have it; only exotic layouts (a D-axis transpose) pay this copy.
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    return t if _unit_d(t) else t.contiguous()
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    """The output buffer, ``empty_like(_unit_last(q))`` without the copy: the kernel writes out with unit stride
+    along D. It keeps q's strides when q is a dense view with unit stride along D, e.g. (B, L, H, D) memory seen
+    as (B, H, L, D): the caller's ``out.transpose(1, 2).reshape(B, L, H * D)`` is then free; other dense orders
+    (D not innermost) get a contiguous out. The launcher, the ops' reference path and the fakes all allocate
+    here, so the strides that torch.compile plans with are the ones every path returns."""
+    return torch.empty_like(q) if _unit_d(q) else q.new_empty(q.shape)
 
 
 def _interp_bf16(t: torch.Tensor) -> bool:
@@ -277,13 +329,11 @@ def _attention_fwd(q, k, v, scale: float, v_ref=None, flow=None, mask=None) -> t
     """Launch the kernel; inputs are already validated. Returns ``(out, lse)``."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    # empty_like keeps q's strides when q is a dense view, e.g. (B, L, H, D) memory seen as (B, H, L, D):
-    # the caller's `out.transpose(1, 2).reshape(B, L, H * D)` is then free.
-    out = torch.empty_like(q)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    out = _empty_out(q)  # from the unit-stride q: an out allocated like a D-strided q would be written wrongly
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     ama = v_ref is not None
     if ama:
         v_ref = _unit_last(v_ref)
@@ -317,13 +367,13 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if _common.use_triton(q):
         return _attention_fwd(q, k, v, scale)
     out, lse = attention_reference(q, k, v, scale=scale, return_lse=True)
-    return torch.empty_like(q).copy_(out), lse  # same strides as the Triton path and the fake
+    return _empty_out(q).copy_(out), lse  # same strides as the Triton path and the fake
 
 
 @_attention_op.register_fake
 def _(q, k, v, scale):
     _check_qkv(q, k, v)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -348,13 +398,13 @@ def _ama_attention_op(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_r
     if _common.use_triton(q):
         return _attention_fwd(q, k, v_tgt, scale, v_ref, flow, mask)
     out, lse = ama_attention_reference(q, k, v_tgt, v_ref, flow, mask, scale=scale, return_lse=True)
-    return torch.empty_like(q).copy_(out), lse
+    return _empty_out(q).copy_(out), lse
 
 
 @_ama_attention_op.register_fake
 def _(q, k, v_tgt, v_ref, flow, mask, scale):
     _check_ama(q, k, v_tgt, v_ref, flow, mask)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _ama_setup_context(ctx, inputs, output):
@@ -369,7 +419,7 @@ def _ama_backward(ctx, d_out, d_lse):
     q, k, v_tgt, v_ref, flow, mask, lse = ctx.saved_tensors
     v_ref_w = _gather_rows(v_ref.float(), flow)
     m = mask.float()[:, None, :, None]
-    v_w = m * v_ref_w + (1 - m) * v_tgt.float()
+    v_w = _blend(v_tgt.float(), v_ref_w, m)
     dq, dk, dv_w = _attention_bwd_torch(q, k, v_w, lse, d_out, d_lse, ctx.scale)
     dv_tgt = (1 - m) * dv_w
     dv_ref = torch.zeros_like(dv_w).scatter_add_(2, _row_index(flow, dv_w.shape), m * dv_w)
@@ -389,21 +439,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     Args:
         q: ``(B, H, Lq, D)`` float16, bfloat16 or float32. Any strides with unit stride along D (e.g.
             ``x.view(B, L, H, D).transpose(1, 2)``); other layouts are copied once.
-        k, v: ``(B, H, Lk, D)``, same dtype and device as ``q``. ``D <= 256``, any ``Lq``, ``Lk >= 1``.
+        k, v: ``(B, H, Lk, D)``, same dtype and device as ``q``. ``1 <= D <= 256``, any ``Lq``, ``Lk >= 1``.
         scale: softmax scale; default ``D ** -0.5``.
         return_lse: also return the log-sum-exp of the scaled scores per query row.
 
     Returns:
-        ``out`` ``(B, H, Lq, D)`` in ``q``'s dtype (and ``q``'s strides when ``q`` is a dense view), or
-        ``(out, lse)`` with ``lse`` ``(B, H, Lq)`` float32 (natural log), so that
-        ``p[b, h, i, j] = exp(scale * q[b, h, i] . k[b, h, j] - lse[b, h, i])``.
+        ``out`` ``(B, H, Lq, D)`` in ``q``'s dtype (with ``q``'s strides when ``q`` is a dense view with unit
+        stride along D; contiguous when q's D axis is strided), or ``(out, lse)`` with ``lse`` ``(B, H, Lq)``
+        float32 (natural log), so that ``p[b, h, i, j] = exp(scale * q[b, h, i] . k[b, h, j] - lse[b, h, i])``.
+
+    Non-finite input propagates as in :func:`attention_reference`, with no check and no exception: a row with a
+    NaN or +inf score, or only -inf scores, gives a NaN output row (lse NaN if a score is NaN, else +inf, else
+    -inf); a -inf score gives its key weight 0; a NaN/inf value reaches every output entry weighting it (see the
+    module docstring).
 
     Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``), :func:`attention_reference` otherwise.
     Differentiable (backward in PyTorch, recomputing the probabilities from the saved lse).
-    Raises ``ValueError`` on mismatched shapes, dtypes or devices.
+    Raises ``ValueError`` on mismatched shapes, dtypes or devices, and on ``D = 0``.
     """
     _check_tensors(q=q, k=k, v=v)  # here, as the dispatcher rejects non-tensors before the op's own checks run
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = _softmax_scale(q, scale)
     out, lse = torch.ops.dreamfuse.attention(q, k, v, scale)
     return (out, lse) if return_lse else out
 
@@ -426,9 +481,13 @@ def ama_attention(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_ref: 
 
     Returns ``out`` ``(B, H, Lq, D)`` (and ``lse`` ``(B, H, Lq)`` float32 with ``return_lse``).
     Differentiable w.r.t. q, k, v_tgt, v_ref and mask.
+
+    Non-finite input propagates as in :func:`attention` (NaN/inf in ``mask`` spoils that key's ``V_w`` row),
+    identically in :func:`ama_attention_reference`; a weight of exactly 0 reads ``v_tgt`` alone and exactly 1
+    ``v_ref[flow]`` alone, so a NaN/inf in the unread tensor does not reach the output.
     """
     _check_tensors(q=q, k=k, v_tgt=v_tgt, v_ref=v_ref, flow=flow, mask=mask)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = _softmax_scale(q, scale)
     out, lse = torch.ops.dreamfuse.ama_attention(q, k, v_tgt, v_ref, flow, mask, scale)
     return (out, lse) if return_lse else out
 
@@ -442,8 +501,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
                         return_lse: bool = False):
     """Plain PyTorch attention in fp32 (fp64 for fp64 inputs): the CPU path and the tests' oracle.
 
-    Same contract as :func:`attention`; ``out`` is contiguous, in ``q``'s dtype; ``lse`` is float32
-    (float64 for float64 inputs). Materializes the ``(B, H, Lq, Lk)`` score matrix."""
+    Same contract as :func:`attention` (non-finite input included); ``out`` is contiguous, in ``q``'s dtype;
+    ``lse`` is float32 (float64 for float64 inputs). Materializes the ``(B, H, Lq, Lk)`` score matrix."""
+    _check_head_dim(q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = _compute_dtype(q)
     # scale q (Lq x D) rather than the scores (Lq x Lk), and the fused softmax rather than exp(s - lse): one
@@ -466,18 +526,30 @@ def _gather_rows(v_ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return torch.gather(v_ref, 2, _row_index(flow, v_ref.shape))
 
 
+def _blend(v_tgt: torch.Tensor, v_ref_w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``V_w = m * v_ref_w + (1 - m) * v_tgt``, where a weight of exactly 0 (1) reads v_tgt (v_ref_w) alone, as the
+    kernel does by skipping the other load: a NaN/inf in the unread tensor is zeroed, not multiplied by 0. Zeroing
+    (rather than selecting with torch.where) keeps dV_w/dm = v_ref_w - v_tgt for autograd, and finite inputs give
+    the plain blend bit for bit."""
+    zero = dict(nan=0.0, posinf=0.0, neginf=0.0)
+    v_ref_w = torch.where(m == 0, v_ref_w.nan_to_num(**zero), v_ref_w)
+    v_tgt = torch.where(m == 1, v_tgt.nan_to_num(**zero), v_tgt)
+    return m * v_ref_w + (1 - m) * v_tgt
+
+
 def ama_attention_reference(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_ref: torch.Tensor,
                             flow: torch.Tensor, mask: torch.Tensor, *, scale: float | None = None,
                             return_lse: bool = False):
     """PyTorch AMA: materializes ``V_w`` (fp32, or fp64 for fp64 inputs) with ``torch.gather``, then
-    :func:`attention_reference`. Raises ``ValueError`` if ``flow`` leaves ``[0, Lk)``."""
+    :func:`attention_reference`. Raises ``ValueError`` if ``flow`` leaves ``[0, Lk)`` or on ``D = 0``."""
+    _check_head_dim(q)
     Lk = v_ref.shape[2]
     if flow.numel():
         lo, hi = int(flow.min()), int(flow.max())
         _common.check(0 <= lo and hi < Lk, f"ama_attention: flow values must lie in [0, {Lk}), got [{lo}, {hi}]")
     ct = _compute_dtype(v_tgt)
     m = mask.to(ct)[:, None, :, None]
-    v_w = m * _gather_rows(v_ref.to(ct), flow) + (1 - m) * v_tgt.to(ct)
+    v_w = _blend(v_tgt.to(ct), _gather_rows(v_ref.to(ct), flow), m)
     return attention_reference(q, k, v_w, scale=scale, return_lse=return_lse)
 
 

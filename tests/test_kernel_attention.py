@@ -9,11 +9,13 @@ PyTorch computing in the same precision, plus a small atol.
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import pytest
 import torch
 from dreamfuse.kernels import _common
 from dreamfuse.kernels.attention import ama_attention, ama_attention_reference, attention, attention_reference
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 # the module itself: `dreamfuse.kernels.attention` as an attribute is the re-exported function
 attn_mod = importlib.import_module("dreamfuse.kernels.attention")
@@ -94,6 +96,52 @@ def test_attention_layouts(layout):
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
 
 
+# Every order of the four axes in memory: (0, 2, 1, 3) is the processors' (B, L, H, D) buffer, identity the
+# contiguous one; the 18 orders with D not innermost exercise the launcher's copy to unit stride along D.
+PERMS = list(itertools.permutations(range(4)))
+
+
+def _stored_as(t: torch.Tensor, perm) -> torch.Tensor:
+    """``t``'s values in a dense buffer whose axes, outermost first, are ``t``'s axes ``perm``, seen as t's shape."""
+    return t.permute(perm).contiguous().permute([perm.index(i) for i in range(4)])
+
+
+def _out_strides(q: torch.Tensor):
+    """The documented layout of ``out``: q's strides when q has unit stride along D, else contiguous."""
+    return q.stride() if q.stride(-1) == 1 else torch.empty(q.shape).stride()
+
+
+def _ama_args(B, H, Lq, Lk, D, dtype=torch.float32, seed=0):
+    q, k, v_tgt = _qkv(B, H, Lq, Lk, D, dtype, seed=seed)
+    return [q, k, v_tgt, *_ama_extra(B, H, Lk, D, dtype, seed=seed)]
+
+
+@pytest.mark.parametrize("op", ["attention", "ama"])
+def test_every_dense_layout(op, monkeypatch):
+    """q, k, v (and v_ref) each in all 24 memory orders: call i stores q in order i, k in i + 7, v in i + 13 and
+    v_ref in i + 19 (mod 24), so every tensor meets every order, next to a different mix of the others. The
+    op's reference path and its fake (what torch.compile plans with) must lay out out as the Triton path does."""
+    args = _ama_args(2, 2, 33, 20, 24, seed=11)
+    n = 3 if op == "attention" else 4  # the (B, H, L, D) arguments
+    fn, ref = (attention, attention_reference) if n == 3 else (ama_attention, ama_attention_reference)
+    call = lambda *a: fn(*a, scale=0.3, return_lse=True)  # noqa: E731
+    for i in range(len(PERMS)):
+        perms = [PERMS[(i + shift) % 24] for shift in (0, 7, 13, 19)[:n]]
+        a = [_stored_as(t, perm) for t, perm in zip(args, perms)] + (args[4:] if n == 4 else [])
+        out, lse = call(*a)
+        want, want_lse = ref(*a, scale=0.3, return_lse=True)
+        msg = lambda m, perms=perms: f"layouts {perms}: {m}"  # noqa: E731
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=msg)
+        torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5, msg=msg)
+        with FakeTensorMode() as mode:
+            fake_out, fake_lse = call(*(mode.from_tensor(t) for t in a))
+        with monkeypatch.context() as m:
+            m.setenv("DREAMFUSE_DISABLE_KERNELS", "1")
+            ref_out, ref_lse = call(*a)
+        assert out.stride() == fake_out.stride() == ref_out.stride() == _out_strides(a[0]), msg("out strides")
+        assert lse.stride() == fake_lse.stride() == ref_lse.stride() == (2 * 33, 33, 1), msg("lse strides")
+
+
 def test_attention_empty_queries():
     q, k, v = _qkv(1, 2, 0, 7, 16, torch.float16)
     out, lse = attention(q, k, v, return_lse=True)
@@ -119,10 +167,11 @@ def _bad(make):
         (lambda q, k, v: (q.int(), k.int(), v.int()), "unsupported"),
         (lambda q, k, v: (q, k.to("meta"), v), "one device"),
         (lambda q, k, v: tuple(torch.zeros(1, 1, 4, 257) for _ in range(3)), "head dim 257"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0]), "head dim 0"),
         (lambda q, k, v: (q.numpy(), k, v), "must be a tensor"),
     ],
     ids=["rank", "batch", "heads", "head_dim", "lk", "no_keys", "dtype_mix", "fp64", "int", "device", "d257",
-         "numpy"],
+         "d0", "numpy"],
 )
 def test_attention_rejects_bad_inputs(make, match):
     q, k, v = _bad(make)
@@ -130,8 +179,28 @@ def test_attention_rejects_bad_inputs(make, match):
         attention(q, k, v)
 
 
-def test_attention_opcheck():
+def test_head_dim_zero_is_a_value_error():
+    """D = 0: ValueError on every path, with or without a scale (the default D ** -0.5 was a ZeroDivisionError)."""
+    q, k, v, v_ref, flow, mask = (t[..., :0] if t.dim() == 4 else t for t in _ama_args(1, 2, 5, 7, 16))
+    calls = [
+        lambda **kw: attention(q, k, v, **kw),
+        lambda **kw: ama_attention(q, k, v, v_ref, flow, mask, **kw),
+        lambda **kw: attention_reference(q, k, v, **kw),
+        lambda **kw: ama_attention_reference(q, k, v, v_ref, flow, mask, **kw),
+        lambda **kw: torch.ops.dreamfuse.attention(q, k, v, kw.get("scale", 1.0)),
+        lambda **kw: torch.ops.dreamfuse.ama_attention(q, k, v, v_ref, flow, mask, kw.get("scale", 1.0)),
+    ]
+    for call in calls:
+        for kw in ({}, {"scale": 0.5}):
+            with pytest.raises(ValueError, match="head dim 0"):
+                call(**kw)
+
+
+@pytest.mark.parametrize("layout", ["BLHD", "permuted"])
+def test_attention_opcheck(layout):
     q, k, v = _qkv(1, 2, 9, 11, 24, torch.float32)
+    if layout == "permuted":  # q's D axis outermost: the launcher copies q, out is contiguous
+        q, k, v = _stored_as(q, (3, 0, 2, 1)), _stored_as(k, (2, 3, 1, 0)), _stored_as(v, (0, 1, 3, 2))
     torch.library.opcheck(torch.ops.dreamfuse.attention.default, (q, k, v, 0.25))
 
 
@@ -222,6 +291,7 @@ def test_ama_flow_and_mask_dtypes_and_strides():
 def test_ama_gradients_match_reference_autograd():
     q, k, v_tgt = _qkv(1, 2, 11, 19, 24, torch.float32, seed=4)
     v_ref, flow, mask = _ama_extra(1, 2, 19, 24, torch.float32, seed=4)
+    mask[0, :3], mask[0, 3:6] = 0.0, 1.0  # exact weights read one value alone, yet d out / d mask is the blend's
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v_tgt, v_ref, mask)]
     w = torch.randn(1, 2, 11, 24, generator=torch.Generator().manual_seed(9))
 
@@ -254,10 +324,134 @@ def test_ama_rejects_bad_inputs():
         ama_attention_reference(q, k, v_tgt, v_ref, flow + 10, mask)
 
 
-def test_ama_opcheck():
+@pytest.mark.parametrize("layout", ["BLHD", "permuted"])
+def test_ama_opcheck(layout):
     q, k, v_tgt = _qkv(1, 1, 6, 10, 16, torch.float32)
     v_ref, flow, mask = _ama_extra(1, 1, 10, 16, torch.float32)
+    if layout == "permuted":
+        q, v_ref = _stored_as(q, (0, 3, 1, 2)), _stored_as(v_ref, (3, 2, 1, 0))
     torch.library.opcheck(torch.ops.dreamfuse.ama_attention.default, (q, k, v_tgt, v_ref, flow, mask, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------- non-finite input
+# The documented contract (module docstring): IEEE propagation, no exception, no check, on every path, matching
+# attention_reference value for value (NaN where it has NaN, the same infinities, finite entries close).
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+NONFINITE_IDS = ["nan", "inf", "-inf"]
+# (path, dtype, atol/rtol of out): the Triton kernel (interpreted) and the op's reference path. No fp16, to keep
+# the interpreter's time down: its kernel code is fp32's plus the casts that bf16 runs too (with, on top, the
+# interpreter-only rounding of P, V_w and out).
+PATHS = [("triton", torch.float32, 1e-5), ("triton", torch.bfloat16, 1e-2), ("reference", torch.float32, 1e-5)]
+PATH_IDS = ["triton-fp32", "triton-bf16", "reference"]
+# q[0, h, i, 0] has these signs, so that an infinity in column 0 of k gives row i a score of +inf or -inf
+SIGNS = torch.tensor([[1, 1, -1, 1, -1, -1], [-1, 1, 1, -1, 1, -1]])
+
+
+def _finite_inputs(dtype, path, monkeypatch):
+    """(B, H, Lq, Lk, D) = (1, 2, 6, 40, 16): two key blocks of the pinned BLOCK_N=32, the second ragged."""
+    if path == "reference":
+        monkeypatch.setenv("DREAMFUSE_DISABLE_KERNELS", "1")
+    args = _ama_args(1, 2, 6, 40, 16, dtype, seed=21)
+    q, k = args[:2]
+    q[..., 0] = SIGNS * (q[..., 0].abs() + 0.5)
+    k[..., 0] = k[..., 0].abs() + 0.5  # column 0 of k > 0: an infinity in q[..., 0] fills its row's scores
+    args[4] = torch.randperm(40, generator=torch.Generator().manual_seed(0))[None]  # one key per v_ref row
+    args[5] = 0.05 + 0.9 * args[5]  # soft weights: the exact 0 and 1 are placed on purpose below
+    return args
+
+
+def _plant_in_q_or_k(q, k, where, value):
+    """q: row 1 of head 0 (scores all ``value``) and row 3 (mixed signs: NaN or both infinities). k: the whole
+    first key block of head 0 (rows see all +inf or all -inf there) and key 35 of head 1 (second block)."""
+    if where == "q":
+        q[0, 0, 1, 0] = value
+        q[0, 0, 3, 1] = value
+    else:
+        k[0, 0, :32, 0] = value
+        k[0, 1, 35, 0] = value
+
+
+def _check_q_or_k(out, lse, q, k, v, where, value, atol):
+    """The outcomes of _plant_in_q_or_k that the contract fixes row by row."""
+    nan = value != value
+    if where == "q":
+        assert out[0, 0, [1, 3]].isnan().all() and out[0, 0, [0, 2, 4, 5]].isfinite().all()
+        assert out[0, 1].isfinite().all()
+        # row 1: every score is `value` -> lse = value (softmax over all -inf is NaN, logsumexp -inf);
+        # row 3: +inf and -inf scores -> lse = +inf
+        assert lse[0, 0, 1].isnan() if nan else lse[0, 0, 1] == value
+        assert lse[0, 0, 3].isnan() if nan else lse[0, 0, 3] == float("inf")
+        return
+    if nan:  # a NaN key poisons every row that attends to it
+        assert out[0].isnan().all() and lse[0].isnan().all()
+        return
+    for h, keep in ((0, slice(32, 40)), (1, [j for j in range(40) if j != 35])):
+        pos = SIGNS[h] * value > 0  # these rows score +inf on the planted keys: NaN output, lse = +inf
+        assert out[0, h, pos].isnan().all() and (lse[0, h, pos] == float("inf")).all()
+        # the others score -inf there: weight 0, exactly attention over the remaining keys
+        want, want_lse = attention_reference(q[0:1, h:h + 1, ~pos], k[0:1, h:h + 1, keep], v[0:1, h:h + 1, keep],
+                                             return_lse=True)
+        torch.testing.assert_close(out[0, h, ~pos], want[0, 0], atol=atol, rtol=atol)
+        torch.testing.assert_close(lse[0, h, ~pos], want_lse[0, 0], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy reports inf - inf, 0 * inf, 0 / 0
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("path, dtype, atol", PATHS, ids=PATH_IDS)
+def test_attention_nonfinite_inputs_propagate(path, dtype, atol, where, value, monkeypatch):
+    q, k, v = _finite_inputs(dtype, path, monkeypatch)[:3]
+    if where == "v":  # key 5 (first block) in feature 2, key 37 (second block) in feature 3
+        v[0, 0, 5, 2] = v[0, 0, 37, 3] = value
+    else:
+        _plant_in_q_or_k(q, k, where, value)
+    out, lse = attention(q, k, v, return_lse=True)
+    want, want_lse = attention_reference(q, k, v, return_lse=True)
+    torch.testing.assert_close(out, want, atol=atol, rtol=atol, equal_nan=True)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5, equal_nan=True)
+    if where == "v":  # every row gives keys 5 and 37 weight > 0; the lse never sees v
+        assert out[0, 0, :, 2:4].isnan().all() if value != value else (out[0, 0, :, 2:4] == value).all()
+        assert out[..., :2].isfinite().all() and out[..., 4:].isfinite().all() and out[:, 1].isfinite().all()
+        assert lse.isfinite().all()
+    else:
+        _check_q_or_k(out, lse, q, k, v, where, value, atol)
+
+
+# bf16 q/k: the softmax code is the plain kernel's, which test_attention_nonfinite_inputs_propagate runs in bf16
+AMA_CASES = [pytest.param(*p, w, id=f"{i}-{w}") for p, i in zip(PATHS, PATH_IDS)
+             for w in ("q", "k", "v_tgt", "v_ref", "mask") if not (p[1] == torch.bfloat16 and w in ("q", "k"))]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("value", NONFINITE, ids=NONFINITE_IDS)
+@pytest.mark.parametrize("path, dtype, atol, where", AMA_CASES)
+def test_ama_nonfinite_inputs_propagate(path, dtype, atol, where, value, monkeypatch):
+    q, k, v_tgt, v_ref, flow, mask = args = _finite_inputs(dtype, path, monkeypatch)
+    f = flow[0]
+    if where in ("q", "k"):
+        _plant_in_q_or_k(q, k, where, value)
+    elif where == "v_tgt":  # read at key 5 (weight 0.5); not at key 7, whose weight 1 takes v_ref alone
+        mask[0, 5], mask[0, 7] = 0.5, 1.0
+        v_tgt[0, 0, 5, 2] = v_tgt[0, 0, 7, 3] = value
+    elif where == "v_ref":  # read through key 5 (weight 0.5); not through key 7, whose weight 0 takes v_tgt alone
+        mask[0, 5], mask[0, 7] = 0.5, 0.0
+        v_ref[0, 0, f[5], 2] = v_ref[0, 0, f[7], 3] = value
+    else:
+        mask[0, 5] = value
+    out, lse = ama_attention(*args, return_lse=True)
+    want, want_lse = ama_attention_reference(*args, return_lse=True)
+    torch.testing.assert_close(out, want, atol=atol, rtol=atol, equal_nan=True)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5, equal_nan=True)
+    if where in ("q", "k"):
+        m = mask[:, None, :, None].float()
+        v_w = (m * attn_mod._gather_rows(v_ref.float(), flow) + (1 - m) * v_tgt.float()).to(dtype)
+        _check_q_or_k(out, lse, q, k, v_w, where, value, atol)
+    elif where == "mask":  # V_w[0, :, 5] = value * v_ref[flow] + (1 - value) * v_tgt: never finite
+        assert out.isnan().all() if value != value else not out.isfinite().any()
+        assert lse.isfinite().all()
+    else:
+        assert out[0, 0, :, 2].isnan().all() if value != value else (out[0, 0, :, 2] == value).all()
+        assert out[0, 0, :, :2].isfinite().all() and out[0, 0, :, 3:].isfinite().all() and out[0, 1].isfinite().all()
 
 
 # ---------------------------------------------------------------------------------------------- CUDA, SD sizes

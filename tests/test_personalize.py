@@ -2,15 +2,17 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.cli import main
+from dreamfuse.engine.pipelines import personalize as pz
 from dreamfuse.engine.pipelines.personalize import (
     _foreground_handler,
     _Layout,
     _MatchState,
     subject_token_indices,
 )
-from dreamfuse.engine.processors import LayerInfo
+from dreamfuse.engine.processors import CallContext, LayerInfo
 from dreamfuse.kernels.attention import attention_reference
 from PIL import Image
 
@@ -96,6 +98,107 @@ def test_foreground_from_lse_equals_materialized_attention():
     torch.testing.assert_close(state.fg_sum, want, atol=1e-5, rtol=1e-5)
 
 
+def test_ama_uses_the_current_steps_foreground_mask(engine, reference, monkeypatch):
+    """At every AMA step the mask AMA uses is the one of that step's own cross-attention (recomputed here from the
+    materialized softmax of the foreground layers' q, k), not the previous step's (the official code aggregates the
+    step's cross-attention maps when its AMA layers run)."""
+    prompt = "a photo of a sks dog"
+    token_idx = subject_token_indices(engine.tokenizer, prompt, "sks")
+    step, maps, used = [0], {}, {}
+    real_fg, real_ama = pz._foreground_handler, pz._ama_handler
+
+    def fg_factory(state, ops, tokens):
+        real = real_fg(state, ops, tokens)
+
+        def handler(layer, q, k, v):
+            (row,) = state.layout.cond_targets
+            p = (q[row].float() @ k[row].float().mT * q.shape[-1] ** -0.5).softmax(-1)  # (H, Lq, 77)
+            maps.setdefault(step[0], []).append(p[..., token_idx].mean(dim=(0, 2)).view(*layer.hidden_hw))
+            return real(layer, q, k, v)
+
+        return handler
+
+    def ama_factory(state, ops):
+        real = real_ama(state, ops)
+
+        def handler(layer, q, k, v):
+            out = real(layer, q, k, v)
+            used.setdefault(step[0], []).append(state.fg.clone())
+            return out
+
+        return handler
+
+    monkeypatch.setattr(pz, "_foreground_handler", fg_factory)
+    monkeypatch.setattr(pz, "_ama_handler", ama_factory)
+    kw = {**KW, "steps": 3, "height": 64, "width": 64}  # latent 8x8: foreground maps at 2x2, AMA at 4x4 and 8x8
+    engine.personalize(prompt, reference[:, ::2, ::2], subject_token="sks",
+                       callback=lambda d: step.__setitem__(0, d["step"] + 1), **kw)
+
+    def expected(i):
+        m = torch.stack(maps[i]).mean(0)
+        m = (m - m.min()) / (m.max() - m.min())
+        return torch.stack([m, m])  # the cond target's map serves its uncond and cond rows
+
+    assert sorted(used) == [1, 2]  # AMA from ama_start=1 to the end
+    for i, masks in sorted(used.items()):
+        assert len(maps.get(i, [])) == len(pz._foreground_layers(engine)), f"step {i}: not every foreground layer ran"
+        for m in masks:  # every AMA layer of the step
+            torch.testing.assert_close(m, expected(i), atol=1e-5, rtol=1e-5)
+    assert (expected(2) - expected(1)).abs().max() > 1e-2  # a stale mask would be told apart
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_foreground_layers_all_run_before_the_first_ama_layer(engine, model):
+    """In one UNet call every foreground cross-attention layer runs before the first AMA self-attention layer (SD
+    and SDXL layouts, default AMA blocks), so the first AMA layer can finish the current step's mask."""
+    eng = engine if model == "tiny" else Engine.from_pretrained("tiny-xl", EngineConfig(device="cpu", backend="torch",
+                                                                                         progress=False))
+    fg, ama = pz._foreground_layers(eng), pz._layer_names(eng, pz.default_blocks(eng)[0], "attn1")
+    order = []
+
+    def record(layer, q, k, v):
+        order.append(layer.name)
+        return layer.attend(q, k, v)
+
+    ctx = CallContext(handlers={name: record for name in fg + ama})
+    emb, pooled = eng.encode_text([""])
+    with torch.no_grad():
+        eng.unet_call(torch.zeros(1, 4, 8, 8), 500, emb, pooled=pooled, ctx=ctx)
+    assert fg and ama and sorted(order) == sorted(fg + ama)
+    assert max(order.index(n) for n in fg) < min(order.index(n) for n in ama)
+
+
+def test_mask_needed_before_its_layers_ran_is_an_error():
+    state = _MatchState(_Layout(1), None, 0.4, 16, fg_expected=2)
+    state.fg_sum, state.fg_layers = torch.rand(1, 2, 2), 1
+    with pytest.raises(RuntimeError, match="1 of 2 foreground"):
+        state.finish_foreground()
+
+
+def test_matching_features_are_upsampled_with_align_corners():
+    """``set_features`` upsamples the coarse block bilinearly with ``align_corners=True`` (the official code's
+    pre-PCA interpolation). With ``pca_dim`` at least each block's channels the PCA is a rotation per block, so the
+    cosine similarities of the final features equal those of the centred, concatenated, upsampled features."""
+    g = torch.Generator().manual_seed(0)
+    lay = _Layout(2)
+    f1, f2 = torch.randn(lay.rows, 6, 4, 4, generator=g), torch.randn(lay.rows, 5, 8, 8, generator=g)
+    state = _MatchState(lay, None, 0.4, pca_dim=8)
+    state.set_features([f1, f2])
+    got = torch.cat([state.psi_ref.flatten(2), state.psi_tgt.flatten(2)], 2).mT  # (2n, 2N, Q): ref then target
+
+    def reference(align_corners: bool) -> torch.Tensor:
+        parts = []
+        for f in (F.interpolate(f1, size=(8, 8), mode="bilinear", align_corners=align_corners), f2):
+            flat = f.flatten(2).mT
+            pair = torch.cat([flat[lay.refs_of_targets], flat[lay.targets]], 1)
+            parts.append(pair - pair.mean(1, keepdim=True))
+        feats = F.normalize(torch.cat(parts, -1), dim=-1)
+        return feats @ feats.mT
+
+    torch.testing.assert_close(got @ got.mT, reference(True), atol=1e-4, rtol=1e-4)
+    assert (got @ got.mT - reference(False)).abs().max() > 1e-2
+
+
 def test_inversion_is_cached(engine, reference):
     """The reference is inverted once per (image, size, steps): a second call costs only its denoising steps."""
     calls = []
@@ -121,6 +224,7 @@ def test_inversion_is_cached(engine, reference):
         ({"subject_token": "cat"}, "subject_token"),
         ({"lambda_c": 0.0}, "lambda_c"),
         ({"ama_blocks": (7,)}, "ama_blocks"),
+        ({"ama_blocks": (1, 2, 3)}, "ama_blocks"),  # up_blocks.1 holds foreground layers: its mask is not complete
         ({"ama_start": 0}, "ama_start"),
     ],
 )

@@ -21,6 +21,10 @@ Subject-aware guidance (optional, ``sal_model`` + ``sal_scale``): for a subject 
 ``x̂0 = (x_t − sqrt(1−ᾱ_t)·ε)/sqrt(ᾱ_t)`` masked by ``m_j`` is decoded and fed to a segmentation model; the
 mean normalized entropy of its class probabilities is the loss, its gradient w.r.t. ``x_t`` (ε held constant:
 no UNet backward) moves the latent inside the segment: ``x_t ← x_t − λ·∇ ⊙ m_j``.
+
+Any ``prediction_type`` works (ε, v, x0): the DDIM step reads it itself; the guidance takes ε from the model's
+(guided) output at ``x_t`` (:mod:`dreamfuse.engine.prediction`), and after it moved ``x_t`` the output handed to
+the step is that same ε re-expressed at the new ``x_t``, so a v-model follows its ε-equivalent exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from ..images import image_tensor
 from ..layout import DEFAULT_TOLERANCE, SegmentLayout, parse_layout
 from ..limits import DEFAULT_LIMITS, Limits, check_size
 from ..ops import ops_for
+from ..prediction import prediction_type_of, to_eps_x0, update_output
 from ..validation import check_number, check_text
 from .common import (
     as_prompt_list,
@@ -136,12 +141,15 @@ def _check_sal_model(model, device: torch.device) -> Callable[[torch.Tensor], to
 
 
 # --------------------------------------------------------------------------------------------- guidance
-def subject_aware_grad(engine: Engine, latents: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor | float,
-                       masks: torch.Tensor, sal_model: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def subject_aware_grad(engine: Engine, latents: torch.Tensor, model_output: torch.Tensor,
+                       alpha_t: torch.Tensor | float, masks: torch.Tensor,
+                       sal_model: Callable[[torch.Tensor], torch.Tensor], prediction_type: str = "epsilon"
+                       ) -> torch.Tensor:
     """Gradient of the subject-aware entropy loss w.r.t. ``x_t`` (MSP-Diffusion, appendix A.4).
 
     Args:
-        latents: ``x_t`` ``(N, C, h, w)``; eps: the guided noise prediction ``(N, C, h, w)``, held constant.
+        latents: ``x_t`` ``(N, C, h, w)``; model_output: the guided (CFG) model output ``(N, C, h, w)`` in
+            ``prediction_type`` (ε, v or x0, as the scheduler's config says); its ε at ``x_t`` is held constant.
         alpha_t: ``ᾱ_t`` of the step (scalar). masks: ``(N, h, w)`` latent-grid mask of each row's segment.
         sal_model: images ``(N, 3, H, W)`` in [0, 1] -> class probabilities ``(N, K, H', W')``, K >= 2.
 
@@ -150,9 +158,10 @@ def subject_aware_grad(engine: Engine, latents: torch.Tensor, eps: torch.Tensor,
     rows gives each row its own gradient), so a batch of rows equals the rows alone.
     """
     alpha_t = torch.as_tensor(alpha_t, dtype=torch.float32, device=latents.device)
+    eps = to_eps_x0(model_output.detach(), latents.detach(), alpha_t, prediction_type)[0]
     with torch.enable_grad():
         x = latents.detach().requires_grad_(True)
-        x0 = (x - (1 - alpha_t).sqrt() * eps.detach()) / alpha_t.sqrt()
+        x0 = (x - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
         x0 = x0 * masks[:, None].to(x0.dtype)
         vae = engine.vae
         img = vae.decode(x0.to(engine.dtype) / vae.config.scaling_factor, return_dict=False)[0]
@@ -176,11 +185,12 @@ def subject_aware_grad(engine: Engine, latents: torch.Tensor, eps: torch.Tensor,
     return grad.to(latents.dtype)
 
 
-def subject_aware_guidance(engine: Engine, latents: torch.Tensor, eps: torch.Tensor, alpha_t, masks: torch.Tensor,
-                           sal_model, scale: float) -> torch.Tensor:
+def subject_aware_guidance(engine: Engine, latents: torch.Tensor, model_output: torch.Tensor, alpha_t,
+                           masks: torch.Tensor, sal_model, scale: float, prediction_type: str = "epsilon"
+                           ) -> torch.Tensor:
     """``x_t − scale · ∇L ⊙ m`` for every row (see :func:`subject_aware_grad`): the latent moves only inside
     its segment's mask (exactly unchanged where the mask is 0)."""
-    grad = subject_aware_grad(engine, latents, eps, alpha_t, masks, sal_model)
+    grad = subject_aware_grad(engine, latents, model_output, alpha_t, masks, sal_model, prediction_type)
     return latents - scale * grad * masks[:, None].to(latents.dtype)
 
 
@@ -375,6 +385,7 @@ def compose_batch(
     latents = engine.initial_latents([r.seed for r in reqs], height, width)  # (B, C, h, w), the shared latents
     sched = engine.new_scheduler(steps)
     ac = sched.alphas_cumprod.to(dev)
+    kind = prediction_type_of(sched)
     noise = latents / sched.init_noise_sigma
     for b, r in enumerate(reqs):
         r.noise = noise[b : b + 1]
@@ -457,8 +468,8 @@ def compose_batch(
 
             # ---- subject-aware guidance on x_t inside the subject segments
             if guide_model is not None and sal_lo <= i < sal_hi:
-                tracks_x = _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, ac[t], guide_model,
-                                  float(sal_scale))
+                tracks_x, tracks_eps = _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, ac[t],
+                                              guide_model, float(sal_scale), kind)
 
             # ---- one DDIM step for every track, then scatter back
             sizes = [x.shape[0] for x in tracks_x]
@@ -480,8 +491,11 @@ def compose_batch(
     return finish(engine, latents, output_type, infos)
 
 
-def _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, alpha_t, model, scale) -> list[torch.Tensor]:
-    """Subject-aware guidance for every (track row, subject segment) pair of the step, in one batch."""
+def _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, alpha_t, model, scale,
+           prediction_type: str = "epsilon") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Subject-aware guidance for every (track row, subject segment) pair of the step, in one batch: the moved
+    latents, and the model outputs holding each row's ε at its moved latent (unchanged for an ε-model; for a v- or
+    x0-model they change where the latent moved, and nowhere else, bit for bit)."""
     sel = []  # (track b, row within track, segment j)
     for b, (r, k) in enumerate(zip(reqs, kinds)):
         if stages[b] == "global":
@@ -489,15 +503,18 @@ def _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, alpha_t, mo
         for j in r.subjects:
             sel.append((b, j if k in ("segments", "filled") else 0, j))
     if not sel:
-        return tracks_x
+        return tracks_x, tracks_eps
     x = torch.stack([tracks_x[b][row] for b, row, _ in sel])
     e = torch.stack([tracks_eps[b][row] for b, row, _ in sel])
     m = torch.stack([masks[b, j] for b, _, j in sel])
-    delta = subject_aware_guidance(engine, x, e, alpha_t, m, model, scale) - x
+    delta = subject_aware_guidance(engine, x, e, alpha_t, m, model, scale, prediction_type) - x
     out = [tx.clone() for tx in tracks_x]
+    outputs = tracks_eps if prediction_type == "epsilon" else [te.clone() for te in tracks_eps]
     for (b, row, _), d in zip(sel, delta):
         out[b][row] += d  # several subjects on one shared latent: their (disjoint-mask) updates add up
-    return out
+        if prediction_type != "epsilon":  # the same ε at the moved latent (linear in d: the updates add up too)
+            outputs[b][row] = update_output(outputs[b][row], alpha_t, prediction_type, d_sample=d)
+    return out, outputs
 
 
 def compose(engine: Engine, layout, segments, *, prompt: str, negative_prompt: str | None = None,

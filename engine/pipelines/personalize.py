@@ -5,12 +5,21 @@ the targets; one UNet call per step evaluates ``[ref_uncond, tgt_uncond x n, ref
 In the self-attention of the last decoder blocks the targets keep their queries and keys but take values
 warped from the reference by semantic matching, filtered by a cycle-consistency confidence mask and a
 foreground mask (``m' = M ⊙ U``): ``V_w[j] = m'[j]·V_ref[t2r[j]] + (1 − m'[j])·V_tgt[j]``, fused into the
-attention kernel. Matching uses the previous step's decoder features (as the official code does); optional
-semantic matching guidance pulls the targets' predicted x0 toward the warped reference latent.
+attention kernel. Matching uses the previous step's decoder features (as the official code does); the foreground
+mask is the current step's: the cross-attention layers that give it (the grid a quarter of the latent's, 16x16 at
+512²: ``down_blocks.2`` and ``up_blocks.1`` in SD, ``down_blocks.2`` and ``up_blocks.0`` in SDXL) run before the AMA
+layers in the same UNet call, and the first AMA layer of the call finishes their average (as the official code
+aggregates the step's cross-attention maps when its AMA layers run). Optional semantic matching guidance pulls
+the targets' predicted x0 toward the warped reference latent, differentiating through the model's noise
+prediction only (x̂0 is formed from the latents without gradient), so that it lowers the distance.
+
+Any ``prediction_type`` works (ε, v, x0): the inversion and the guidance convert the model output to ε and x̂0
+(:mod:`dreamfuse.engine.prediction`) and write the guided output back in the model's own parameterization.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +31,7 @@ import torch.nn.functional as F
 from ..images import image_tensor
 from ..limits import DEFAULT_LIMITS, Limits
 from ..ops import ops_for
+from ..prediction import prediction_type_of, to_eps_x0, update_output
 from ..processors import CallContext, LayerInfo, capturable_blocks
 from ..validation import check_number, check_text
 from .common import (
@@ -69,8 +79,15 @@ def subject_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
 def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: torch.Tensor,
                 progress: bool | None = None, pooled: torch.Tensor | None = None) -> list[torch.Tensor]:
     """DDIM inversion of a clean latent: returns ``traj`` with ``traj[i]`` the latent at the ``i``-th denoising
-    timestep (``traj[0]`` is the noisiest), so that denoising step ``i`` sees the reference at ``traj[i]``."""
+    timestep (``traj[0]`` is the noisiest), so that denoising step ``i`` sees the reference at ``traj[i]``.
+
+    As the official code: each step evaluates the model once, at the cleaner latent with the noisier timestep
+    ``t``, and moves along that ε (``z_t = sqrt(ᾱ_t)·x̂0 + sqrt(1 − ᾱ_t)·ε``); the output is read as the scheduler's
+    ``prediction_type`` says (a v-model's ``v`` at timestep ``t`` becomes ``ε = sqrt(ᾱ_t)·v + sqrt(1 − ᾱ_t)·z``).
+    Inverting then denoising returns the start up to DDIM inversion's own first-order error (it halves when the
+    steps double)."""
     sched = engine.new_scheduler(steps)
+    kind = prediction_type_of(sched)
     ac = sched.alphas_cumprod.to(engine.device)
     final = sched.final_alpha_cumprod.to(engine.device)
     timesteps = sched.timesteps.tolist()
@@ -81,7 +98,8 @@ def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: to
             t = timesteps[j]
             a_prev = ac[timesteps[j + 1]] if j + 1 < steps else final
             a_t = ac[t]
-            eps = engine.unet_call(z, t, embedding, pooled=pooled)
+            out = engine.unet_call(z, t, embedding, pooled=pooled)
+            eps, _ = to_eps_x0(out, z, a_t, kind)  # the model was told timestep t: its ᾱ converts the output
             x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
             traj[j] = z
@@ -150,24 +168,27 @@ class _Layout:
 
 @dataclass
 class _MatchState:
-    """Matching features and foreground masks carried from one step to the next, and the flows and
-    semantic-consistent masks derived from them per resolution (computed lazily, once per step)."""
+    """Matching features carried from one step to the next, the current call's foreground mask (accumulated by
+    the foreground layers, finished by the first AMA layer), and the flows and semantic-consistent masks derived
+    from them per resolution (computed lazily, once per step)."""
 
     layout: _Layout
     ops: object
     lambda_c: float
     pca_dim: int
+    fg_expected: int = 0  # foreground layers per call (0: unchecked); every one must run before the mask is used
     psi_ref: torch.Tensor | None = None  # (2n, Q, H0, W0) reference features, one per target row
     psi_tgt: torch.Tensor | None = None  # (2n, Q, H0, W0)
-    fg: torch.Tensor | None = None  # (2n, hf, wf) foreground masks in [0, 1]
+    fg: torch.Tensor | None = None  # (2n, hf, wf) foreground masks in [0, 1], of the current call once finished
     _flows: dict = field(default_factory=dict)
     # foreground accumulation during a call
     fg_sum: torch.Tensor | None = None
     fg_layers: int = 0
 
     def set_features(self, feats: list[torch.Tensor]) -> None:
-        """From the captured decoder features ``[(R, C_b, h_b, w_b)]``: PCA per block over the stacked
-        (reference, target) pair, upsampled to the largest grid, concatenated."""
+        """From the captured decoder features ``[(R, C_b, h_b, w_b)]``: each block upsampled to the largest grid
+        (bilinear, ``align_corners=True`` as the official code's pre-PCA interpolation), PCA per block over the
+        stacked (reference, target) pair, concatenated, L2-normalized."""
         lay = self.layout
         size = max((f.shape[-2], f.shape[-1]) for f in feats)
         t_idx, r_idx = lay.targets, lay.refs_of_targets
@@ -175,7 +196,7 @@ class _MatchState:
         for f in feats:
             f = f.float()
             if f.shape[-2:] != size:
-                f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                f = F.interpolate(f, size=size, mode="bilinear", align_corners=True)
             flat = f.flatten(2).transpose(1, 2)  # (R, N, C)
             pair = torch.cat([flat[r_idx], flat[t_idx]], dim=1)  # (2n, 2N, C): reference then target
             proj = pca_project(pair, self.pca_dim)
@@ -189,9 +210,13 @@ class _MatchState:
 
     def finish_foreground(self) -> None:
         """Average of the accumulated cross-attention maps, min-max normalized per image; the cond target's
-        map serves both its uncond and cond rows."""
+        map serves both its uncond and cond rows. A no-op when nothing is pending (the call's mask is finished,
+        or no foreground layer ran)."""
         if self.fg_sum is None:
             return
+        if self.fg_expected and self.fg_layers != self.fg_expected:
+            raise RuntimeError(f"foreground mask: {self.fg_layers} of {self.fg_expected} foreground cross-attention "
+                               "layers ran before it was needed (an AMA layer runs before a foreground layer)")
         m = self.fg_sum / max(self.fg_layers, 1)  # (n, h, w)
         lo = m.flatten(1).min(1).values[:, None, None]
         hi = m.flatten(1).max(1).values[:, None, None]
@@ -221,10 +246,15 @@ class _MatchState:
 
 # --------------------------------------------------------------------------------------------- handlers
 def _ama_handler(state: _MatchState, ops) -> Callable:
-    """Self-attention of an AMA layer: plain attention for the reference rows, value-warped for the targets."""
+    """Self-attention of an AMA layer: plain attention for the reference rows, value-warped for the targets.
+
+    The first AMA layer of a call finishes the call's foreground accumulation (every foreground layer has run
+    by then: :meth:`_MatchState.finish_foreground` checks it), so the mask is the current step's; the later ones
+    find nothing pending."""
     lay = state.layout
 
     def handler(layer: LayerInfo, q, k, v):
+        state.finish_foreground()
         if layer.hidden_hw is None or not state.ready:
             return layer.attend(q, k, v)
         flow, mask = state.flow_and_mask(layer.hidden_hw)
@@ -271,12 +301,17 @@ def _layer_names(engine: Engine, blocks: Sequence[int], attn: str) -> list[str]:
     return [n for n in engine.processors if n.endswith(attn) and any(n.startswith(f"up_blocks.{b}.") for b in blocks)]
 
 
+def _foreground_up_block(engine: Engine) -> int:
+    """The up block holding the decoder's foreground layers: 1 in SD, 0 in SDXL (the third level from the top)."""
+    return len(engine.unet.up_blocks) - 3
+
+
 def _foreground_layers(engine: Engine) -> list[str]:
     """Cross-attention layers on the grid a quarter of the latent's (16x16 at 512², SD's foreground-mask
     layers): ``down_blocks.2`` and ``up_blocks.1`` in the SD layout, ``down_blocks.2`` and ``up_blocks.0`` in
-    SDXL's (the third level from the top, counted from either end)."""
-    n_up = len(engine.unet.up_blocks)
-    down = ["down_blocks.2.", f"up_blocks.{n_up - 3}."]
+    SDXL's (the third level from the top, counted from either end). All of them run before any layer of a later
+    up block, which is where AMA may run."""
+    down = ["down_blocks.2.", f"up_blocks.{_foreground_up_block(engine)}."]
     return [n for n in engine.processors if n.endswith("attn2") and any(n.startswith(p) for p in down)]
 
 
@@ -324,17 +359,23 @@ def personalize(
         guidance_scale: CFG scale (10 in the official code).
         ama: appearance-matching self-attention on/off (off: plain generation beside the reference branch).
         ama_start, ama_end: step range ``[start, end)`` for AMA and guidance. Default: from step
-            ``round(4/50·steps)`` (at least 1: matching uses the previous step's features) to the end.
+            ``round(4/50·steps)`` (at least 1: matching uses the previous step's features) to the end. The
+            foreground mask is the current step's (its cross-attention layers run earlier in the same UNet call).
         ama_blocks: ``up_blocks`` whose self-attention becomes AMA (default: 2 and 3 in SD, the last six
-            transformer blocks; 1 in SDXL, its highest-resolution attention level).
+            transformer blocks; 1 in SDXL, its highest-resolution attention level). Only blocks after the one
+            holding the foreground layers (``up_blocks.1`` in SD, ``.0`` in SDXL), so the mask is complete.
         feature_blocks: ``up_blocks`` whose outputs are the matching features (default: 1 and 2 in SD, 0 and 1 in
             SDXL: the outputs at half and full latent resolution in both).
         pca_dim: PCA components per feature block (256 as the official code).
         lambda_c: cycle-consistency threshold factor λc (0.4).
-        lambda_g: semantic matching guidance strength λg (0 = off; 50–75 in the paper). Costs a UNet backward
-            per guided step.
-        callback: called after each UNet call with ``{"step", "timestep", "eps", "rows"}`` (eps of every row,
-            before guidance and CFG; rows = the batch layout), for inspection and tests.
+        lambda_g: semantic matching guidance strength λg (0 = off, exactly the unguided result; 50–75 in the
+            paper). The gradient of the masked distance between the warped reference latent and each target's
+            x̂0 flows through the model's noise prediction only (x̂0 formed from the latents without gradient, as
+            the official code), and ``ε −= λg·sqrt(1 − ᾱ_t)·∇`` on the target rows before CFG lowers the distance.
+            Costs a UNet backward per guided step.
+        callback: called after each UNet call with ``{"step", "timestep", "eps", "rows"}`` (``eps``: the UNet
+            output of every row, before guidance and CFG, in the model's parameterization: ε, or v / x0 as the
+            scheduler's ``prediction_type`` says; rows = the batch layout), for inspection and tests.
     """
     limits = engine.config.limits
     prompts = as_prompt_list(prompts, limits=limits)
@@ -363,6 +404,11 @@ def personalize(
     for name, blocks in (("ama_blocks", ama_blocks), ("feature_blocks", feature_blocks)):
         if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or not (0 <= b < n_up) for b in blocks):
             raise ValueError(f"{name}: up_blocks indices in [0, {n_up}), got {list(blocks)}")
+    fg_up = _foreground_up_block(engine)
+    if ama and any(b <= fg_up for b in ama_blocks):
+        raise ValueError(f"ama_blocks: AMA needs the current step's foreground mask, complete only after "
+                         f"up_blocks.{fg_up} (its cross-attention gives it): use blocks in [{fg_up + 1}, {n_up}), "
+                         f"got {list(ama_blocks)}")
     capturable = capturable_blocks(engine.unet)
     if any(f"up_blocks.{b}" not in capturable for b in feature_blocks):
         raise ValueError(f"feature_blocks: only up blocks with cross-attention give matching features "
@@ -383,45 +429,52 @@ def personalize(
     sched = engine.new_scheduler(steps)
     ac = sched.alphas_cumprod.to(engine.device)
 
-    state = _MatchState(lay, ops, lambda_c, pca_dim)
+    kind = prediction_type_of(sched)
+    fg_layers = _foreground_layers(engine) if matching else []
+    state = _MatchState(lay, ops, lambda_c, pca_dim, fg_expected=len(fg_layers))
     capture = frozenset(f"up_blocks.{b}" for b in feature_blocks)
     ama_layers = _layer_names(engine, ama_blocks, "attn1") if ama else []
-    fg_layers = _foreground_layers(engine) if matching else []
+    tokens = token_idx.to(engine.device) if matching else None
     t_idx = lay.targets
+
+    def run(x: torch.Tensor, i: int, t: torch.Tensor, ctx: CallContext, features: bool) -> torch.Tensor:
+        """The step's one UNet call; then this call's features (for guidance now and AMA at the next step) and
+        foreground mask (unless its first AMA layer already finished it)."""
+        out = engine.unet_call(x, t, emb, pooled=pooled, ctx=ctx)
+        if features:
+            state.set_features([ctx.features[f"up_blocks.{b}"] for b in feature_blocks])
+        state.finish_foreground()
+        if callback is not None:
+            callback({"step": i, "timestep": int(t), "eps": out.detach(), "rows": lay})
+        return out
+
     with engine.progress(steps, "personalize", progress) as bar:
         for i, t in enumerate(sched.timesteps):
             active = start <= i < end
             guide = active and lambda_g > 0
-            # Features and foreground are read when this step is guided or the next one runs AMA
-            # (AMA at step i uses step i-1's features, as the official code does).
-            need = guide or (ama and start <= i + 1 < end)
-            ctx = CallContext(capture=capture if need else frozenset())  # this step's call only
-            if need:
+            # The foreground mask is this call's (its layers run before the AMA layers); the matching features
+            # are the previous call's (AMA at step i uses step i-1's), and this call's when it is guided.
+            features = guide or (ama and start <= i + 1 < end)
+            ctx = CallContext(capture=capture if features else frozenset())  # this step's call only
+            if active:
                 for name in fg_layers:
-                    ctx.handlers[name] = _foreground_handler(state, ops, token_idx.to(engine.device))
+                    ctx.handlers[name] = _foreground_handler(state, ops, tokens)
             if active and ama:
                 for name in ama_layers:
                     ctx.handlers[name] = _ama_handler(state, ops)
             ref = traj[i]
-            model_in = torch.cat([ref, latents, ref, latents])
-            model_in = sched.scale_model_input(model_in, t)
+            model_in = sched.scale_model_input(torch.cat([ref, latents, ref, latents]), t)
+            call = functools.partial(run, i=i, t=t, ctx=ctx, features=features)
             if guide:
-                model_in = model_in.detach().requires_grad_(True)
-            with torch.set_grad_enabled(guide):
-                eps = engine.unet_call(model_in, t, emb, pooled=pooled, ctx=ctx)
-                if need:
-                    state.set_features([ctx.features[f"up_blocks.{b}"] for b in feature_blocks])
-                    state.finish_foreground()
-                if callback is not None:
-                    callback({"step": i, "timestep": int(t), "eps": eps.detach(), "rows": lay})
-                if guide:
-                    grad = _matching_guidance_grad(state, model_in, eps, z0_ref, ac[t], t_idx)
-                    eps = eps.detach()
-                    eps[t_idx] -= lambda_g * (1 - ac[t]).sqrt() * grad
-            eps = eps.detach()
-            eps_t = eps[t_idx]  # (2n, ...): [uncond x n, cond x n]
-            eps_t = cfg_combine(eps_t, n, guidance_scale) if guidance_scale > 1.0 else eps_t[n:]
-            latents = sched.step(eps_t, t, latents, return_dict=False)[0]
+                match = functools.partial(state.flow_and_mask, tuple(model_in.shape[-2:]))
+                out, grad = _matching_guidance_grad(call, model_in, z0_ref, ac[t], t_idx, match, kind, n)
+                out = _apply_guidance(out, grad, ac[t], lambda_g, t_idx, kind)
+            else:
+                with torch.no_grad():
+                    out = call(model_in)
+            out_t = out[t_idx]  # (2n, ...): [uncond x n, cond x n]
+            out_t = cfg_combine(out_t, n, guidance_scale) if guidance_scale > 1.0 else out_t[n:]
+            latents = sched.step(out_t, t, latents, return_dict=False)[0]
             bar.update(1)
 
     infos = [{"prompt": p, "seed": s, "steps": steps, "subject_token": subject_token or ""}
@@ -429,17 +482,69 @@ def personalize(
     return finish(engine, latents, output_type, infos)
 
 
-def _matching_guidance_grad(state: _MatchState, model_in: torch.Tensor, eps: torch.Tensor, z0_ref: torch.Tensor,
-                            alpha_t: torch.Tensor, t_idx: list[int]) -> torch.Tensor:
-    """Gradient w.r.t. the target rows' input latents of ``g = Σ_i m'_i ‖W(z0_ref; F)_i − x̂0_i‖₂ / Σ m'``, the
-    masked distance between the reference latent warped onto the target and each target's predicted x0."""
-    h, w = model_in.shape[-2:]
-    flow, mask = state.flow_and_mask((h, w))  # (2n, h*w)
-    x_t = model_in[t_idx]
-    x0 = (x_t - (1 - alpha_t).sqrt() * eps[t_idx]) / alpha_t.sqrt()
-    ref = z0_ref.flatten(2).float().expand(len(t_idx), -1, -1)  # (2n, C, h*w)
-    warped = torch.gather(ref, 2, flow[:, None, :].expand(-1, ref.shape[1], -1)).view_as(x0)
-    dist = (warped - x0.float()).norm(dim=1).flatten(1)  # (2n, h*w)
+def guidance_distance(x0: torch.Tensor, z0_ref: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor,
+                      targets: int | None = None) -> torch.Tensor:
+    """The semantic matching guidance loss, in the official code's form (``diffuser_utils.py``: an MSE with
+    ``reduction="sum"`` of the masked warped reference against the masked x̂0, divided by the masked pixel count
+    over the latent channels), so that the paper's λg (50-75) means what it means there:
+
+    ``g = Σ_k  Σ_{r∈k} Σ_{c,j} (m'_rj·(W(z0_ref; F_r)_cj − x̂0_rcj))²  /  (C · Σ_{r∈k} Σ_j m'_rj)``
+
+    where target ``k`` owns the rows ``k, k + targets, k + 2·targets, ...`` (its uncond and cond rows: the
+    official code normalizes the pair together) and each target's term is separate, so a target's gradient does
+    not depend on the others in the batch.
+
+    ``x0 (N, C, h, w)``; ``z0_ref (1, C, h, w)``; ``flow (N, h*w)`` int64 target->reference indices;
+    ``mask (N, h*w)`` the semantic-consistent mask ``m'``; ``targets``: rows per block (default ``N``: every row
+    its own target). Returns a scalar (fp32), differentiable in ``x0``."""
+    n_rows, channels = x0.shape[:2]
+    targets = n_rows if targets is None else targets
+    if n_rows % targets:
+        raise ValueError(f"targets: {n_rows} rows do not split into blocks of {targets}")
+    ref = z0_ref.flatten(2).float().expand(n_rows, -1, -1)  # (N, C, h*w)
+    warped = torch.gather(ref, 2, flow[:, None, :].expand(-1, ref.shape[1], -1))
     m = mask.float()
-    loss = ((dist * m).sum(1) / m.sum(1).clamp_min(1.0)).sum()
-    return torch.autograd.grad(loss, model_in)[0][t_idx].to(eps.dtype)
+    num = ((m[:, None] * (warped - x0.float().flatten(2))) ** 2).sum((1, 2))  # (N,)
+    den = channels * m.sum(1)
+    num, den = num.view(-1, targets).sum(0), den.view(-1, targets).sum(0)  # (targets,)
+    return (num / den.clamp_min(1.0)).sum()
+
+
+def _matching_guidance_grad(eps_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, z0_ref: torch.Tensor,
+                            alpha_t: torch.Tensor, t_idx: list[int],
+                            match: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                            prediction_type: str = "epsilon",
+                            targets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model evaluation with the gradient of the guidance loss (:func:`guidance_distance`) w.r.t. its input.
+
+    ``eps_fn(x)``: the model output for the whole batch ``x`` (in the pipeline: the step's one UNet call, every
+    row), differentiable w.r.t. ``x``, in parameterization ``prediction_type``; ``match()``: ``(flow, mask)`` on the
+    latent grid, read after ``eps_fn`` ran (the pipeline's flow comes from that call's features). The target rows'
+    ε is the model's (:func:`~dreamfuse.engine.prediction.to_eps_x0`: a v-model gets its ε-equivalent's guidance)
+    and ``x̂0 = (x.detach() − sqrt(1 − ᾱ)·ε(x)) / sqrt(ᾱ)``: the gradient flows through ε only, as in the official
+    code, so that :func:`_apply_guidance` lowers the loss: to first order ``δg = −λg·(1−ᾱ)^1.5/ᾱ · uᵀ(∂ε/∂x)u``
+    with ``u = ∂g/∂x̂0``, negative where ``uᵀ(∂ε/∂x)u > 0`` as for denoisers (an exact one has
+    ``∂ε/∂x = (I − Cov[ε | x_t]) / sqrt(1−ᾱ)``). Through the whole x̂0 the gradient would be
+    ``(I − sqrt(1−ᾱ)·∂ε/∂x)ᵀu / sqrt(ᾱ)``, whose identity part raises the loss.
+
+    Returns ``(model output (B, ...) detached, grad (len(t_idx), C, h, w))``."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = eps_fn(x)
+        x_t = x[t_idx]
+        eps, _ = to_eps_x0(out[t_idx], x_t, alpha_t, prediction_type)
+        x0 = (x_t.detach() - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+        flow, mask = match()
+        loss = guidance_distance(x0, z0_ref, flow, mask, targets)
+        (grad,) = torch.autograd.grad(loss, x)
+    return out.detach(), grad[t_idx].to(out.dtype)
+
+
+def _apply_guidance(out: torch.Tensor, grad: torch.Tensor, alpha_t: torch.Tensor, lambda_g: float, t_idx: list[int],
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """``ε −= λg·sqrt(1 − ᾱ)·grad`` on the target rows, written back in the model's parameterization (the
+    scheduler's step then sees a consistent output); λg = 0 returns ``out``'s values exactly."""
+    out = out.clone()
+    d_eps = -lambda_g * (1 - alpha_t).sqrt() * grad
+    out[t_idx] = update_output(out[t_idx], alpha_t, prediction_type, d_eps=d_eps)
+    return out

@@ -45,7 +45,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     g.add_argument("--ama-end", type=non_negative_int("--ama-end"), default=None,
                    help="AMA stops before this step (default: all steps)")
     g.add_argument("--ama-blocks", type=non_negative_int("--ama-blocks"), nargs="+", default=None,
-                   help="up_blocks with AMA (default: 2 3 for SD, 1 for SDXL)")
+                   help="up_blocks with AMA, after the foreground block (default: 2 3 for SD, 1 for SDXL)")
     g.add_argument("--lambda-c", type=finite_float("--lambda-c", low=0, low_open=True), default=0.4,
                    help="cycle-consistency threshold factor λc: a match is kept when going target -> reference -> "
                         "target lands within λc · H · (foreground ratio) of where it started (default 0.4)")

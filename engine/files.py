@@ -84,3 +84,35 @@ def safetensors_load(path: str | Path, field: str) -> dict:
     except Exception as e:  # SafetensorError (not an OSError), OSError, ...: a corrupt or foreign file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(f"{field}: cannot read {str(path)!r} ({type(e).__name__}: {first})") from None
+
+
+def read_json(path: str | Path, field: str, what: str, max_bytes: int):
+    """A user-named JSON file (SEGMENTS.json, text.json) -> its value, refusing what no such file is: more than
+    ``max_bytes``, not UTF-8 (a BOM is fine), invalid JSON, an object with a key twice (JSON keeps the last one
+    silently), nesting deep enough to exhaust the parser. ``ValueError`` naming ``field``; ``what`` names the
+    kind of file in the messages ("a segments file")."""
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{field}: {str(path)!r} is {size} bytes, more than the {max_bytes} {what} may have")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{field}: {str(path)!r} is not UTF-8 text ({e})") from None
+
+    def unique(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"{field}: {str(path)!r} lists {key!r} twice (a JSON object's keys must be unique)")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{field}: {str(path)!r} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{field}: {str(path)!r} is nested too deeply to be {what}") from None

@@ -19,7 +19,6 @@ blurred (Gaussian, ``blur`` = radius in latent pixels), renormalized so they sum
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .files import read_json
 from .images import open_image
 from .limits import DEFAULT_LIMITS, Limits, check_size
 from .validation import check_number, check_text
@@ -92,17 +92,6 @@ def parse_color(text: str, field: str = "segments") -> tuple[int, int, int]:
     return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
 
 
-def _no_duplicate_keys(field: str):
-    def hook(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise ValueError(f"{field}: the key {k!r} appears twice")
-            out[k] = v
-        return out
-    return hook
-
-
 _MAX_JSON_BYTES = 1 << 20  # a SEGMENTS.json of 64 segments is a few KB
 
 
@@ -113,15 +102,7 @@ def load_segments(segments, field: str = "segments") -> dict:
         path = Path(segments).expanduser()
         if not path.is_file():
             raise ValueError(f"{field}: file {str(segments)!r} does not exist")
-        if path.stat().st_size > _MAX_JSON_BYTES:
-            raise ValueError(f"{field}: {str(path)!r} is {path.stat().st_size} bytes; a segments file is at most "
-                             f"{_MAX_JSON_BYTES}")
-        try:
-            segments = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(field))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{field}: {str(path)!r} is not valid JSON ({e})") from None
-        except RecursionError:
-            raise ValueError(f"{field}: {str(path)!r} is nested too deeply to be a segments file") from None
+        segments = read_json(path, field, "a segments file", _MAX_JSON_BYTES)
     if not isinstance(segments, Mapping):
         raise ValueError(f"{field}: must be a mapping of colours to prompts, got {type(segments).__name__}")
     return dict(segments)

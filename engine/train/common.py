@@ -41,6 +41,17 @@ def check_numbers(cfg, bounds: dict) -> None:
         check_number(getattr(cfg, name), name, **kw)
 
 
+def check_resolution_and_resume(cfg) -> None:
+    """The two fields every trainer config shares beyond numbers: ``resolution`` (None or a multiple of 8) and
+    ``resume`` (None, ``"latest"`` or a checkpoint path)."""
+    if cfg.resolution is not None:
+        check_int(cfg.resolution, "resolution", low=8)
+        if cfg.resolution % 8:
+            raise ValueError(f"resolution: must be a multiple of 8, got {cfg.resolution!r}")
+    if cfg.resume is not None and not isinstance(cfg.resume, str):
+        raise ValueError(f"resume: must be 'latest' or a checkpoint path, got {cfg.resume!r}")
+
+
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``mode``: ``auto`` = bf16 (fp16 without bf16 support) on CUDA, none on CPU."""
     if mode == "auto":

@@ -59,6 +59,7 @@ from .common import (
     check_choice,
     check_int,
     check_numbers,
+    check_resolution_and_resume,
     check_resume_config,
     output_folder,
     read_checkpoint,
@@ -141,12 +142,7 @@ class PatchDPOConfig:
             raise ValueError(f"train_projection: must be True or False, got {self.train_projection!r}")
         check_choice(self.mixed_precision, "mixed_precision", MIXED_PRECISION)
         check_choice(self.save_format, "save_format", SAVE_FORMATS)
-        if self.resolution is not None:
-            check_int(self.resolution, "resolution", low=8)
-            if self.resolution % 8:
-                raise ValueError(f"resolution: must be a multiple of 8, got {self.resolution!r}")
-        if self.resume is not None and not isinstance(self.resume, str):
-            raise ValueError(f"resume: must be 'latest' or a checkpoint path, got {self.resume!r}")
+        check_resolution_and_resume(self)
         return self
 
 

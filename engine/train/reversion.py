@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +65,7 @@ from .common import (
     check_choice,
     check_int,
     check_numbers,
+    check_resolution_and_resume,
     check_resume_config,
     output_folder,
     read_checkpoint,
@@ -221,12 +221,7 @@ class ReVersionConfig:
         check_choice(self.mixed_precision, "mixed_precision", MIXED_PRECISION)
         if not isinstance(self.importance_sampling, bool):
             raise ValueError(f"importance_sampling: must be True or False, got {self.importance_sampling!r}")
-        if self.resolution is not None:
-            check_int(self.resolution, "resolution", low=8)
-            if self.resolution % 8:
-                raise ValueError(f"resolution: must be a multiple of 8, got {self.resolution!r}")
-        if self.resume is not None and not isinstance(self.resume, str):
-            raise ValueError(f"resume: must be 'latest' or a checkpoint path, got {self.resume!r}")
+        check_resolution_and_resume(self)
         return self
 
 
@@ -307,15 +302,6 @@ def negative_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, ex
     return input_ids[keep]
 
 
-def _json_object(pairs, source: str) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"data: {source} lists {key!r} twice (a JSON object's keys must be unique)")
-        out[key] = value
-    return out
-
-
 def _image_in_folder(root: Path, name: str, text_path: Path) -> Path:
     """``root / name`` for a ``text.json`` key that names a file inside ``root``: no absolute path, no ``..``,
     no symlink (or folder symlink) leading out of it."""
@@ -341,6 +327,7 @@ def load_exemplars(data_dir: str | Path) -> list[tuple[Path, list[str]]]:
     that is an absolute path or leads out of the folder (``..``, a symlink); an image that is listed but
     missing (or present but not listed); an empty template list; a template without ``{}``.
     """
+    from ..files import read_json
     from ..limits import DEFAULT_LIMITS
     from ..validation import check_text
 
@@ -351,20 +338,7 @@ def load_exemplars(data_dir: str | Path) -> list[tuple[Path, list[str]]]:
     if not text_path.is_file():
         raise ValueError(f"data: {TEXT_JSON} is missing in {str(root)!r} (it maps each image file name to a "
                          "list of caption templates with {} where the relation token goes)")
-    size = text_path.stat().st_size
-    if size > MAX_TEXT_JSON_BYTES:
-        raise ValueError(f"data: {str(text_path)!r} is {size} bytes, more than the {MAX_TEXT_JSON_BYTES} a "
-                         "caption file may have")
-    try:
-        text = text_path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data: {str(text_path)!r} is not UTF-8 text ({e})") from None
-    try:
-        table = json.loads(text, object_pairs_hook=lambda pairs: _json_object(pairs, repr(str(text_path))))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"data: {str(text_path)!r} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"data: {str(text_path)!r} is nested too deeply to be a caption file") from None
+    table = read_json(text_path, "data", "a caption file", MAX_TEXT_JSON_BYTES)
     if not isinstance(table, dict) or not table:
         raise ValueError(f"data: {str(text_path)!r} must be a non-empty object {{image file name: [templates]}}")
     out, seen = [], {}

@@ -18,14 +18,24 @@ from PIL import Image
 FAST_S = 15.0  # "seconds, not minutes": generous for a loaded CI machine; the failures it guards took minutes
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
 def _png_header_only(path, width: int, height: int) -> None:
     """A PNG claiming ``width x height`` RGB with almost no pixel data: what a decompression bomb's header says."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+
+
+def _png_black(path, side: int) -> None:
+    """A real, complete ``side x side`` black grayscale PNG (13000²: 160 KB on disk, 169 M pixels decoded)."""
+    c = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    idat = b"".join([c.compress(row) for _ in range(side)] + [c.flush()])
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +44,7 @@ def files(tmp_path_factory):
     ok = root / "ok.png"
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(ok)
     _png_header_only(root / "bomb.png", 20000, 20000)
-    _png_header_only(root / "big.png", 13000, 13000)
+    _png_black(root / "big.png", 13000)
     # weights that are not weights
     (root / "garbage.bin").write_bytes(b"\x80\x04not a pickle at all" * 50)
     (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" * 20)

@@ -29,28 +29,24 @@ def user_error_message(e: BaseException) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ argument types
-def positive_int(name: str):
+def int_at_least(name: str, low: int):
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {v}")
         return v
     return parse
+
+
+def positive_int(name: str):
+    return int_at_least(name, 1)
 
 
 def non_negative_int(name: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-    return parse
+    return int_at_least(name, 0)
 
 
 def multiple_of_8(name: str):
@@ -137,6 +133,25 @@ def out_image_help(default: str = "dreamfuse.png") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+def check_prompt_args(prompts: list[str], args, field: str = "--prompt") -> None:
+    """The prompts and ``--negative-prompt`` as text the pipelines accept (UTF-8, within the length limit)."""
+    from ..pipelines.common import check_prompts
+
+    check_prompts(prompts, field)
+    if getattr(args, "negative_prompt", None) is not None:
+        check_prompts([args.negative_prompt], "--negative-prompt")
+
+
+def seed_for(args, images: int) -> int:
+    """``--seed``, or a fresh random one; image i uses seed + i, which must stay below 2**64."""
+    from ..engine import random_seed
+    from ..validation import check_seed
+
+    seed = random_seed() if args.seed is None else args.seed
+    check_seed(seed + images - 1, "--seed")
+    return seed
+
+
 def check_file(flag: str, value: str | None, what: str = "file") -> Path | None:
     """``value`` must be an existing file (``CLIError`` naming ``flag``); None passes."""
     if value is None:

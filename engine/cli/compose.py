@@ -9,11 +9,14 @@ from .common import (
     add_model_args,
     add_sampling_args,
     check_file,
+    check_prompt_args,
     finite_float,
+    load_engine,
     non_negative_int,
     out_image_help,
     output_paths,
     save_images,
+    seed_for,
 )
 
 EPILOG = """\
@@ -77,12 +80,8 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
 
 def run(args) -> None:
     from ..layout import load_layout_image, parse_segments
-    from ..pipelines.common import check_prompts
-    from ..validation import check_seed
 
-    check_prompts([args.prompt], "--prompt")
-    if args.negative_prompt is not None:
-        check_prompts([args.negative_prompt], "--negative-prompt")
+    check_prompt_args([args.prompt], args)
     output_paths(args.out, 1)  # fail on bad input before any model work
     check_file("--segments", args.segments)
     parse_segments(args.segments, "--segments")
@@ -92,12 +91,7 @@ def run(args) -> None:
     if args.sal_scale > 0 and args.sal_model is None:
         raise CLIError("--sal-model: needed with --sal-scale > 0")
     check_file("--sal-model", args.sal_model)
-    from ..engine import random_seed
-
-    seed = random_seed() if args.seed is None else args.seed
-    check_seed(seed, "--seed")
-    from .common import load_engine
-
+    seed = seed_for(args, 1)
     engine = load_engine(args)
     sal_model = None
     if args.sal_model is not None and args.sal_scale > 0:

@@ -9,11 +9,14 @@ from .common import (
     add_model_args,
     add_sampling_args,
     check_file,
+    check_prompt_args,
     finite_float,
+    load_engine,
     out_image_help,
     output_paths,
     positive_int,
     save_images,
+    seed_for,
 )
 
 EXAMPLES = """\
@@ -84,22 +87,12 @@ def check_ip_adapter_args(args) -> None:
 
 
 def run(args) -> None:
-    from ..pipelines.common import check_prompts
-    from ..validation import check_seed
-
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
-    check_prompts(prompts, "--prompt")
-    if args.negative_prompt is not None:
-        check_prompts([args.negative_prompt], "--negative-prompt")
+    check_prompt_args(prompts, args)
     output_paths(args.out, len(prompts))  # every check on the output before any model work
     check_ip_adapter_args(args)
     check_file("--relation", args.relation)
-    from ..engine import random_seed
-
-    seed = random_seed() if args.seed is None else args.seed
-    check_seed(seed + len(prompts) - 1, "--seed")  # image i uses seed + i
-    from .common import load_engine
-
+    seed = seed_for(args, len(prompts))
     engine = load_engine(args)
     if args.relation:
         engine.load_relation(args.relation)

@@ -9,11 +9,14 @@ from .common import (
     add_model_args,
     add_sampling_args,
     check_file,
+    check_prompt_args,
     finite_float,
+    load_engine,
     non_negative_int,
     out_image_help,
     output_paths,
     save_images,
+    seed_for,
 )
 
 EPILOG = """\
@@ -59,22 +62,14 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
 
 def run(args) -> None:
     from ..pipelines.common import check_prompts
-    from ..validation import check_seed
 
-    check_prompts(args.prompt, "--prompt")
+    check_prompt_args(args.prompt, args)
     check_prompts([args.reference_prompt], "--reference-prompt")
-    if args.negative_prompt is not None:
-        check_prompts([args.negative_prompt], "--negative-prompt")
     if args.subject_token is None and (not args.no_ama or args.lambda_g > 0):
         raise CLIError("--subject-token: required for appearance matching and guidance (or pass --no-ama)")
     output_paths(args.out, len(args.prompt))
     check_file("--reference", args.reference)
-    from ..engine import random_seed
-
-    seed = random_seed() if args.seed is None else args.seed
-    check_seed(seed + len(args.prompt) - 1, "--seed")
-    from .common import load_engine
-
+    seed = seed_for(args, len(args.prompt))
     engine = load_engine(args)
     images = engine.personalize(
         args.prompt, args.reference, subject_token=args.subject_token, reference_prompt=args.reference_prompt,

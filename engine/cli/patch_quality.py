@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CLIError, check_file, finite_float, positive_int, quiet_libraries
+from .common import CLIError, check_dir, check_file, finite_float, positive_int, quiet_libraries
 
 DESCRIPTION = """\
 Estimate PatchDPO's patch quality of a generated image against a reference: patch features
@@ -48,10 +48,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
 def check_backbone_arg(value: str, flag: str = "--backbone") -> None:
     if value == "tiny":
         return
-    path = Path(value).expanduser()
-    if not path.is_dir():
-        raise CLIError(f"{flag}: folder {value!r} does not exist" if not path.exists()
-                       else f"{flag}: {value!r} is not a folder")
+    path = check_dir(flag, value)
     if not (path / "config.json").is_file():
         raise CLIError(f"{flag}: {value!r} is not a transformers model folder (no config.json)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,9 @@ class Engine:
         self.tokenizer = components["tokenizer"]
         self.text_encoder_2 = components.get("text_encoder_2")
         self.tokenizer_2 = components.get("tokenizer_2")
+        self._tokenizer_lock = threading.Lock()
+        """Held around every tokenizer call: a fast (Rust) tokenizer stores its padding/truncation settings in
+        itself, so two threads tokenizing with different settings would get each other's padding."""
         self.is_xl = self.unet.config.addition_embed_type == "text_time"
         """SDXL: two text encoders, pooled text embedding and time ids in every UNet call."""
         self.force_zeros_for_empty_prompt = bool(components.get("force_zeros_for_empty_prompt", False))
@@ -125,10 +129,17 @@ class Engine:
                              f"{cfg.cross_attention_dim}")
 
     # ----------------------------------------------------------------------------------------- text
+    def tokenize(self, text, tokenizer=None, **kwargs):
+        """``tokenizer(text, **kwargs)`` (the engine's first tokenizer unless another is given) under the engine's
+        tokenizer lock. Use this rather than calling ``engine.tokenizer`` directly while other threads run
+        pipelines: a fast tokenizer's padding and truncation settings are state shared by all callers."""
+        with self._tokenizer_lock:
+            return (tokenizer or self.tokenizer)(text, **kwargs)
+
     def _warn_truncated(self, prompts: list[str]) -> None:
         tok = self.tokenizer
         limit = tok.model_max_length
-        for p, ids in zip(prompts, tok(prompts, truncation=False, verbose=False).input_ids):
+        for p, ids in zip(prompts, self.tokenize(prompts, truncation=False, verbose=False).input_ids):
             if len(ids) > limit:
                 dropped = tok.decode(ids[limit - 1:-1]).strip()
                 head = p if len(p) <= 40 else p[:37] + "..."
@@ -137,8 +148,8 @@ class Engine:
 
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         def ids(tokenizer):
-            return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)
+            return self.tokenize(prompts, tokenizer, padding="max_length", max_length=tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
 
         self._warn_truncated(prompts)
 

@@ -87,3 +87,41 @@ def test_global_rng_is_neither_read_nor_changed(engine):
     b = engine.personalize("a sks dog", _reference(3), subject_token="sks", ama_start=1, **kw)
     assert torch.equal(a, b)
     assert torch.equal(torch.get_rng_state(), state_999) and not torch.equal(state, state_999)
+
+
+def test_tokenizing_threads_never_see_each_others_padding(engine):
+    """A fast tokenizer keeps its padding/truncation settings in itself: the CI run that found this had a
+    personalize thread read a subject word padded to 77 tokens by a text2img thread's encode. Every engine
+    tokenization goes through the engine's lock."""
+    from dreamfuse.engine.pipelines.personalize import subject_token_indices
+
+    prompt = "a photo of a sks dog"
+    expected = subject_token_indices(engine.tokenizer, prompt, "sks")
+    padded = engine.tokenize([prompt], padding="max_length", max_length=77, truncation=True).input_ids
+    found, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def words():
+        barrier.wait(timeout=30)
+        for _ in range(300):
+            found.append(subject_token_indices(engine.tokenizer, prompt, "sks", engine.tokenize))
+
+    def pads():
+        barrier.wait(timeout=30)
+        for _ in range(300):
+            if engine.tokenize([prompt], padding="max_length", max_length=77, truncation=True).input_ids != padded:
+                errors.append("padded ids changed")
+
+    def run(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in (words, pads, words, pads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:3]
+    assert found == [expected] * 600

@@ -59,15 +59,18 @@ def load_reference(image, height: int, width: int, limits: Limits = DEFAULT_LIMI
     return image_tensor(image, height, width, "reference_image", limits=limits)
 
 
-def subject_token_indices(tokenizer, prompt: str, word: str) -> list[int]:
+def subject_token_indices(tokenizer, prompt: str, word: str, tokenize=None) -> list[int]:
     """Positions of ``word``'s tokens in the tokenized ``prompt`` (BOS included, so index 0 is BOS).
 
     A word that splits into several BPE tokens gives all of its positions; the first occurrence is used.
+    ``tokenize`` (e.g. :meth:`Engine.tokenize`, which holds the engine's tokenizer lock) replaces the plain
+    ``tokenizer(...)`` call when other threads share the tokenizer.
     """
     if not word or not word.strip():
         raise ValueError("subject_token: empty")
-    sub = tokenizer(word.strip(), add_special_tokens=False).input_ids
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    tokenize = tokenize or (lambda text, **kw: tokenizer(text, **kw))
+    sub = tokenize(word.strip(), add_special_tokens=False).input_ids
+    ids = tokenize(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
     for start in range(len(ids) - len(sub) + 1):
         if ids[start : start + len(sub)] == sub:
             return list(range(start, start + len(sub)))
@@ -396,7 +399,7 @@ def personalize(
     if subject_token is not None and not isinstance(subject_token, str):
         raise ValueError("subject_token: must be a string")
     reference_prompt = check_text(reference_prompt, "reference_prompt", limits.max_prompt_chars)
-    token_idx = (torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token) for p in prompts])
+    token_idx = (torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token, engine.tokenize) for p in prompts])
                  if matching else None)
     n_up = len(engine.unet.up_blocks)
     ama_blocks = default_blocks(engine)[0] if ama_blocks is None else list(ama_blocks)

@@ -467,7 +467,7 @@ class _Trainer:
     def word_embedding(self, word: str) -> torch.Tensor:
         """A word's raw embedding: the mean of its token rows (one row for single-token words), fp32."""
         if word not in self._word_cache:
-            ids = self.engine.tokenizer(word, add_special_tokens=False).input_ids
+            ids = self.engine.tokenize(word, add_special_tokens=False).input_ids
             self._word_cache[word] = self.table[torch.tensor(ids, device=self.table.device)].float().mean(0)
         return self._word_cache[word]
 
@@ -512,8 +512,8 @@ class _Trainer:
         noise = torch.randn(latents.shape, generator=g).to(self.device)
         t = sample_timesteps(cfg.batch_size, self.T, importance=cfg.importance_sampling, alpha=cfg.alpha,
                              generator=g).to(self.device)
-        tokens = e.tokenizer(captions, padding="max_length", max_length=e.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        tokens = e.tokenize(captions, padding="max_length", max_length=e.tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")
         words = [[BASIS_PREPOSITIONS[k] for k in ks] for ks in drawn]
         rows = self.table.device
         if cfg.negatives == "tokens":

@@ -1,16 +1,20 @@
 """Timing and table helpers shared by the benchmark scripts.
 
 Every benchmark measures its baseline in the same run and prints ratios: these machines are noisy,
-so only side-by-side numbers mean anything; absolute times count only on a GPU.
+so only side-by-side numbers mean anything; absolute times count only on a GPU. :func:`compare` times the
+things compared interleaved, call by call, and reports the median and the minimum of each (:class:`Timing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -20,34 +24,109 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3, iters: int = 10,
-           min_time_s: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` calls, synchronizing the device
-    around every call. On CUDA, CUDA events time the calls; ``min_time_s`` extends ``iters`` until that
-    much time was measured (useful for sub-millisecond kernels)."""
-    for _ in range(warmup):
+@dataclass(frozen=True)
+class Timing:
+    """Wall times of one function in milliseconds: the median and the minimum of its ``n`` timed calls.
+
+    Arithmetic applies to both figures, so derived columns keep both: ``t / steps``, ``t * 1e-3``,
+    ``flops / t`` (a rate: the second figure is then the min-time one, the best rate), ``a / b`` (ratio of
+    medians, ratio of minimums), ``a - b``. :func:`print_table` shows a Timing as ``median / min``."""
+
+    median: float
+    min: float
+    n: int = 0
+
+    def map(self, f: Callable[[float], float]) -> Timing:
+        return Timing(f(self.median), f(self.min), self.n)
+
+    def _zip(self, other, f) -> Timing:
+        if isinstance(other, Timing):
+            return Timing(f(self.median, other.median), f(self.min, other.min), min(self.n, other.n))
+        return self.map(lambda x: f(x, other))
+
+    def __add__(self, other):
+        return self._zip(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._zip(other, lambda a, b: a - b)
+
+    def __mul__(self, other):
+        return self._zip(other, lambda a, b: a * b)
+
+    def __truediv__(self, other):
+        return self._zip(other, lambda a, b: a / b)
+
+    __radd__ = __add__
+    __rmul__ = __mul__
+
+    def __rsub__(self, other):
+        return self.map(lambda x: other - x)
+
+    def __rtruediv__(self, other):
+        return self.map(lambda x: other / x)
+
+    def __format__(self, spec: str) -> str:
+        return f"{self.median:{spec}} / {self.min:{spec}}"
+
+
+def _time_call(fn: Callable[[], object], cuda: bool) -> float:
+    """One call of ``fn`` in ms; the device is idle before and after (CUDA events time it on the GPU)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    sync(device)
-    times: list[float] = []
-    total = 0.0
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def compare(fns: Mapping[str, Callable[[], object]], *, device: torch.device | str, warmup: int = 3,
+            iters: int = 10, min_time_s: float = 0.0,
+            around: Mapping[str, Callable[[], AbstractContextManager]] | None = None) -> dict[str, Timing]:
+    """Time several functions side by side, interleaved: every round calls each of ``fns`` once, in order
+    (A B C A B C ...), ``warmup`` untimed rounds first, then at least ``iters`` timed ones. A burst of load from
+    other processes on a shared machine then hits every function's calls alike instead of one function's whole
+    series; the minimum is the least disturbed call, the median the typical one. The device is synchronized
+    around every call (CUDA events time the calls on CUDA). ``min_time_s`` adds rounds until every function has
+    run that long in total (for sub-millisecond kernels). ``around[name]()``, when given, is a context manager
+    entered around each call of ``fns[name]``, outside its timed region (e.g. swapping attention processors)."""
+    around = around or {}
     cuda = torch.device(device).type == "cuda"
-    while len(times) < iters or total < min_time_s * 1e3:
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        times.append(ms)
-        total += ms
-        if len(times) > 10_000:
+
+    def call(name: str) -> float:
+        with around[name]() if name in around else nullcontext():
+            sync(device)
+            return _time_call(fns[name], cuda)
+
+    for _ in range(warmup):
+        for name in fns:
+            call(name)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = 0
+    while rounds < iters or min(sum(t) for t in times.values()) < min_time_s * 1e3:
+        for name in fns:
+            times[name].append(call(name))
+        rounds += 1
+        if rounds >= 10_000:
             break
-    return statistics.median(times)
+    return {name: Timing(statistics.median(t), min(t), len(t)) for name, t in times.items()}
+
+
+def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int = 3, iters: int = 10,
+           min_time_s: float = 0.0) -> Timing:
+    """:func:`compare` for one function: the median and minimum wall time of ``fn()`` in ms. To compare two
+    things, time them together with :func:`compare` (interleaved), not with two calls of this."""
+    return compare({"fn": fn}, device=device, warmup=warmup, iters=iters, min_time_s=min_time_s)["fn"]
+
+
+def to_json(obj):
+    """``json.dumps(..., default=to_json)``: a :class:`Timing` as ``{"median": ..., "min": ..., "n": ...}``."""
+    if isinstance(obj, Timing):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
@@ -63,9 +142,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
 
 
 def time_step_with_peak(step: Callable[[], object], *, device: torch.device | str, warmup: int,
-                        iters: int) -> tuple[float, float]:
-    """(median ms of ``step()``, peak memory MiB): on CUDA the peak allocated since this call started; on CPU the
-    process's peak resident set so far (it only grows, so compare configurations run in one process with care)."""
+                        iters: int) -> tuple[Timing, float]:
+    """(:class:`Timing` of ``step()``, peak memory MiB): on CUDA the peak allocated since this call started; on CPU
+    the process's peak resident set so far (it only grows, so compare configurations run in one process with
+    care). One function only: configurations that cannot be interleaved (each its own training session)."""
     if torch.device(device).type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -85,15 +165,27 @@ def hardware(device: torch.device | str) -> str:
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Print a Markdown table (so it pastes straight into bench/RESULTS.md)."""
+    """Print a Markdown table (so it pastes straight into bench/RESULTS.md). A :class:`Timing` cell reads
+    ``median / min``; the table then says so under its title."""
+    def num(x: float) -> str:
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
     def fmt(x: object) -> str:
+        if isinstance(x, Timing):
+            return f"{num(x.median)} / {num(x.min)}"
         if isinstance(x, float):
-            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+            return num(x)
         return "-" if x is None else str(x)
 
     cells = [[fmt(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
     print(f"\n### {title}\n")
+    timings = [c for r in rows for c in r if isinstance(c, Timing)]
+    if timings:
+        n = min(t.n for t in timings)
+        more = "+" if n != max(t.n for t in timings) else ""
+        print(f"`a / b` cells: median / min of {n}{more} timed calls (ratios and rates: of the medians / of the "
+              "mins)\n")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in cells:

@@ -13,7 +13,8 @@ cond targets. The warp is ``V_w = m * V_ref[flow] + (1 - m) * V_tgt``:
 * plain: ``attention(q, k, v_tgt)``, the floor (no warp at all).
 
 The mask is soft and zero on a ``1 - fg`` fraction of the keys, as ``m' = M * U`` is on the background (the
-kernel skips the reference gather there). Ratios are measured side by side; absolute times count on a GPU only.
+kernel skips the reference gather there). The three are timed side by side, interleaved call by call; cells
+read ``median / min``. Only the ratios mean anything on a shared machine; absolute times count on a GPU only.
 
 On CPU (no CUDA) every op runs its PyTorch reference (the Triton interpreter is not a speed path), so both
 columns materialize V_w and the ratio only shows the cost of the extra pass; shapes are smaller, fp32.
@@ -26,7 +27,7 @@ import argparse
 import torch
 from dreamfuse.kernels.attention import ama_attention, attention
 
-from bench._util import hardware, print_table, timeit
+from bench._util import compare, hardware, print_table
 
 HEADS = 8
 # (grid side, head dim): DreamMatcher's AMA layers in SD1.x
@@ -50,9 +51,9 @@ def _measure(B, side, D, dtype, fg, timing) -> list:
     flow = torch.randint(0, L, (B, L), generator=g).to(device)
     mask = (torch.rand(B, L, generator=g) * (torch.rand(B, L, generator=g) < fg)).to(device, dtype)
     args = (q, k, v_tgt, v_ref, flow, mask)
-    t_fused = timeit(lambda: ama_attention(*args), **timing)
-    t_unfused = timeit(lambda: _unfused(*args), **timing)
-    t_plain = timeit(lambda: attention(q, k, v_tgt), **timing)
+    t = compare({"fused": lambda: ama_attention(*args), "unfused": lambda: _unfused(*args),
+                 "plain": lambda: attention(q, k, v_tgt)}, **timing)
+    t_fused, t_unfused, t_plain = t["fused"], t["unfused"], t["plain"]
     err = (ama_attention(*args).float() - _unfused(*args).float()).abs().max().item()
     return [f"B{B} {side}x{side} ({L} tok) h{HEADS} d{D}", t_fused, t_unfused, t_plain, t_unfused / t_fused,
             100 * (t_fused / t_plain - 1), err]

@@ -8,8 +8,8 @@ Shapes are the UNet's: self-attention over the latent tokens of each resolution 
 256, 64 tokens; 768²: 9216, 2304, 576, 144) with 8 heads of 40/80/160/160 channels, and cross-attention
 from the same queries to 77 text tokens. Inputs are the processors' layout, ``(B, L, H, D)`` memory seen as
 ``(B, H, L, D)``. TFLOP/s counts the two matmuls, ``4·B·H·Lq·Lk·D / t``; ``SDPA/kernel`` > 1 means the
-kernel is faster. Both run side by side in one process: only these ratios mean anything on a shared
-machine, and absolute times only on a GPU.
+kernel is faster. They run side by side in one process, interleaved call by call; cells read ``median / min``:
+only these ratios mean anything on a shared machine, and absolute times only on a GPU.
 
 On CPU (no CUDA) the Triton kernel does not run (the interpreter is a correctness tool, not a speed
 path): the "kernel" column is then ``attention_reference``, the torch backend that the op dispatches to
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from dreamfuse.kernels.attention import attention, attention_reference
 
-from bench._util import hardware, print_table, timeit
+from bench._util import compare, hardware, print_table
 
 HEADS = 8
 # (tokens, head dim) per UNet level, SD1.5: 320/640/1280/1280 channels over 8 heads
@@ -64,9 +64,12 @@ def _measure(B, res, Lq, Lk, D, kind, kernel, xf, dtype, timing) -> list:
     device = timing["device"]
     qb, kb, vb = (torch.randn(B, L, HEADS, D, generator=g).to(device, dtype) for L in (Lq, Lk, Lk))
     q, k, v = (t.transpose(1, 2) for t in (qb, kb, vb))
-    t_kernel = timeit(lambda: kernel(q, k, v), **timing)
-    t_sdpa = timeit(lambda: F.scaled_dot_product_attention(q, k, v), **timing)
-    t_xf = [timeit(lambda: xf(qb, kb, vb), **timing)] if xf is not None else []
+    fns = {"kernel": lambda: kernel(q, k, v), "sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    if xf is not None:
+        fns["xformers"] = lambda: xf(qb, kb, vb)
+    t = compare(fns, **timing)
+    t_kernel, t_sdpa = t["kernel"], t["sdpa"]
+    t_xf = [t["xformers"]] if xf is not None else []
     err = (kernel(q, k, v).float() - F.scaled_dot_product_attention(q, k, v).float()).abs().max().item()
     tflops = 4 * B * HEADS * Lq * Lk * D / (t_kernel * 1e-3) / 1e12
     return [f"{res}² {kind} B{B} {Lq}x{Lk} d{D}", t_kernel, t_sdpa, *t_xf, tflops, t_sdpa / t_kernel, err]

@@ -7,7 +7,9 @@ A harmonization step (``harmonize="blend"``) evaluates every segment's prompt on
 rows (uncond + cond per segment), then blends the S CFG predictions by the masks (``composite_blend``).
 text2img with a batch of S prompts runs the same 2·S rows. Both are timed as whole calls at ``--steps`` and
 at 1 step; the per-step figure is the difference divided by ``steps − 1`` (so the fixed costs — text encoding,
-layout parsing, latents — drop out; they are reported apart as "fixed ms"). VAE decoding is excluded
+layout parsing, latents — drop out; they are reported apart as "fixed ms"). The four calls are timed
+interleaved, call by call; cells read ``median / min`` (the per-step figures are the difference of the medians,
+resp. of the mins). VAE decoding is excluded
 (``output_type="latent"``). The compose/text2img ratio is the per-step overhead of blending and bookkeeping;
 "blend ms" times the ``composite_blend`` op alone on the step's tensors.
 """
@@ -21,7 +23,7 @@ import torch
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.ops import ops_for
 
-from bench._util import hardware, print_table, timeit
+from bench._util import compare, hardware, print_table, timeit
 
 
 def stripes(s: int, size: int) -> tuple[np.ndarray, dict]:
@@ -46,7 +48,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=128, help="image size in pixels (default 128 for tiny)")
     ap.add_argument("--segments", type=int, nargs="+", default=[2, 4], help="segment counts S (default 2 4)")
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per timed call, >= 2 (default 8)")
-    ap.add_argument("--iters", type=int, default=5, help="timed calls per configuration (median, default 5)")
+    ap.add_argument("--iters", type=int, default=5,
+                    help="timed calls per configuration, interleaved (median and min; default 5)")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error("--steps must be >= 2 (the per-step time is a difference against a 1-step call)")
@@ -68,14 +71,15 @@ def main(argv=None) -> None:
         def run_text2img(steps, prompts=prompts, common=common):
             eng.text2img(prompts, steps=steps, **common)
 
-        def per_step(fn):
-            full = timeit(lambda: fn(args.steps), device=dev, warmup=1, iters=args.iters)
-            one = timeit(lambda: fn(1), device=dev, warmup=1, iters=args.iters)
+        def per_step(full, one):
             step = (full - one) / (args.steps - 1)
             return step, one - step
 
-        t2i_step, t2i_fixed = per_step(run_text2img)
-        cmp_step, cmp_fixed = per_step(run_compose)
+        t = compare({"t2i": lambda f=run_text2img: f(args.steps), "t2i 1": lambda f=run_text2img: f(1),
+                     "compose": lambda f=run_compose: f(args.steps), "compose 1": lambda f=run_compose: f(1)},
+                    device=dev, warmup=1, iters=args.iters)
+        t2i_step, t2i_fixed = per_step(t["t2i"], t["t2i 1"])
+        cmp_step, cmp_fixed = per_step(t["compose"], t["compose 1"])
         h = size // eng.vae_scale_factor
         c = eng.unet.config.in_channels
         g = torch.Generator().manual_seed(0)

@@ -16,9 +16,9 @@ Masks (``--masks``): ``bands`` (default) is a layout of S vertical bands with so
 is covered by one or two segments, as in real layouts (the kernels skip reading segments where their mask is
 0); ``dense`` gives every segment a random mask over every pixel (the kernels' worst case). ``GB/s`` counts the
 bytes the op must touch at least once (inputs + output), over the kernel's time. ``torch/kernel`` > 1 means
-the kernel is faster. Both run side by side in one process, alternately, 3 rounds each (1 with ``--quick``),
-and each time is the smallest of its rounds' medians: only the ratios mean anything on a shared machine, and
-absolute times only on a GPU.
+the kernel is faster. Both run side by side in one process, alternately call by call, 60 timed calls each (5
+with ``--quick``); cells read ``median / min``: only the ratios mean anything on a shared machine, and absolute
+times only on a GPU.
 
 On CPU (no CUDA) the Triton kernels do not run (the interpreter is a correctness tool, not a speed path): the
 "kernel" column is then the ops' PyTorch references (the CPU path the ops dispatch to), in fp32.
@@ -36,7 +36,7 @@ from dreamfuse.kernels.composite import (
     composite_latents_reference,
 )
 
-from bench._util import hardware, print_table, timeit
+from bench._util import compare, hardware, print_table
 
 C = 4
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,14 +68,11 @@ def _naive_latents(x, m, fill):
     return num / ms.clamp_min(1) + (1 - ms.clamp_max(1)) * fill
 
 
-def _side_by_side(fn_kernel, fn_torch, rounds: int, **timing) -> tuple[float, float]:
-    """(ms kernel, ms torch): each the smallest of ``rounds`` medians, the two measured alternately, so that a
-    burst of load from other processes on a shared machine hits one round of both rather than one side."""
-    tk, tt = [], []
-    for _ in range(rounds):
-        tk.append(timeit(fn_kernel, **timing))
-        tt.append(timeit(fn_torch, **timing))
-    return min(tk), min(tt)
+def _side_by_side(fn_kernel, fn_torch, **timing):
+    """(kernel, torch) Timings, the two measured alternately call by call (:func:`bench._util.compare`), so that a
+    burst of load from other processes on a shared machine hits both rather than one side."""
+    t = compare({"kernel": fn_kernel, "torch": fn_torch}, **timing)
+    return t["kernel"], t["torch"]
 
 
 def main(argv=None) -> None:
@@ -96,8 +93,7 @@ def main(argv=None) -> None:
     dtype = _DTYPES[args.dtype or ("fp16" if cuda else "fp32")]
     blend = composite_blend if cuda else composite_blend_reference
     latents = composite_latents if cuda else composite_latents_reference
-    timing = dict(device=device, warmup=3, iters=5 if args.quick else 20, min_time_s=0.0 if args.quick else 0.1)
-    rounds = 1 if args.quick else 3
+    timing = dict(device=device, warmup=3, iters=5 if args.quick else 60, min_time_s=0.0 if args.quick else 0.3)
     segs = (2, 8) if args.quick else (2, 4, 8)
     batches = (1,) if args.quick else (1, 4)
     es = torch.empty((), dtype=dtype).element_size()
@@ -116,14 +112,14 @@ def main(argv=None) -> None:
                 mask_bytes = B * S * hw * hw * es
 
                 args_ = (u, c, m, gs)
-                t_k, t_t = _side_by_side(lambda a=args_: blend(*a), lambda a=args_: _naive_blend(*a), rounds, **timing)
+                t_k, t_t = _side_by_side(lambda a=args_: blend(*a), lambda a=args_: _naive_blend(*a), **timing)
                 err = (blend(*args_).float() - _naive_blend(*args_).float()).abs().max().item()
                 gbs = (2 * seg_bytes + mask_bytes + px_bytes) / (t_k * 1e-3) / 1e9
                 blend_rows.append([shape, t_k, t_t, gbs, t_t / t_k, err])
 
                 for f in (None, fill):
                     args_ = (u, m, f)
-                    t_k, t_t = _side_by_side(lambda a=args_: latents(*a), lambda a=args_: _naive_latents(*a), rounds,
+                    t_k, t_t = _side_by_side(lambda a=args_: latents(*a), lambda a=args_: _naive_latents(*a),
                                              **timing)
                     err = (latents(*args_).float() - _naive_latents(*args_).float()).abs().max().item()
                     gbs = (seg_bytes + mask_bytes + px_bytes * (1 if f is None else 2)) / (t_k * 1e-3) / 1e9

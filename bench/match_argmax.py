@@ -7,8 +7,9 @@
 N = M is the number of latent positions a DreamMatcher AMA layer matches: 32² = 1024 and 64² = 4096 at 512²
 output, 96² = 9216 at 768². The baseline is what the official code does: normalize, ``bmm`` the full
 ``(B, N, M)`` fp32 cost volume, ``max`` along both axes. ``materialized/kernel`` > 1 means the kernel is faster;
-TFLOP/s counts the score matmul, ``2·B·N·M·D / t``. "t2r agree" is the fraction of target positions where the
-two pick the same reference position (rounding may flip genuine near-ties, so slightly below 100% is fine).
+TFLOP/s counts the score matmul, ``2·B·N·M·D / t``. The two are timed interleaved, call by call; time cells
+read ``median / min``. "t2r agree" is the fraction of target positions where the two pick the same reference
+position (rounding may flip genuine near-ties, so slightly below 100% is fine).
 
 On CUDA, memory is the measured peak allocated during one call (``bench._util.peak_memory_mb``), outputs
 included. On CPU the Triton kernel does not run (the interpreter is a correctness tool, not a speed path): the
@@ -27,7 +28,7 @@ import triton
 from dreamfuse.kernels import matching
 from dreamfuse.kernels.matching import match_argmax, match_argmax_reference
 
-from bench._util import hardware, peak_memory_mb, print_table, timeit
+from bench._util import compare, hardware, peak_memory_mb, print_table
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _H100_SMS = 132
@@ -76,8 +77,9 @@ def main(argv=None) -> None:
         ft = torch.randn(B, n, D, generator=g).to(device, dtype)
         fr = torch.randn(B, n, D, generator=g).to(device, dtype)
         run_ours, run_mat = (lambda: ours(ft, fr)), (lambda: materialized(ft, fr))
-        t_kernel = timeit(run_ours, device=device, warmup=warmup, iters=iters, min_time_s=0.2 if cuda else 0.0)
-        t_mat = timeit(run_mat, device=device, warmup=warmup, iters=iters, min_time_s=0.2 if cuda else 0.0)
+        t = compare({"kernel": run_ours, "materialized": run_mat}, device=device, warmup=warmup, iters=iters,
+                    min_time_s=0.2 if cuda else 0.0)
+        t_kernel, t_mat = t["kernel"], t["materialized"]
         agree = (run_ours()[0] == run_mat()[0]).float().mean().item()
         if cuda:
             mem_k, mem_m = peak_memory_mb(run_ours, device), peak_memory_mb(run_mat, device)

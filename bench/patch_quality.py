@@ -9,8 +9,9 @@ No weights are downloaded: the backbone is a randomly initialised transformers `
 weights of that shape. One call is ``estimate(ref, gen, latent_hw=64)`` on B (reference, generated) pairs:
 preprocessing (resize + normalize), one backbone forward over the 2B images, the bidirectional patch matching
 and the bilinear resampling to the 64×64 latent grid. "pairs/s" counts pairs (2B images go through the
-backbone). The breakdown columns time the backbone forward and the matching alone, in the same run, so their
-share of the call is a ratio that holds on a noisy machine; "other" is the rest (mostly the antialiased
+backbone). The breakdown columns time the backbone forward and the matching alone, in the same run and
+interleaved call by call with the whole call, so their share of the call is a ratio that holds on a noisy
+machine (cells read ``median / min``); "other" is the rest (mostly the antialiased
 bicubic resize of the 512² inputs, then the latent resampling). On CUDA both matching backends are timed
 (``triton``: the streamed kernel; ``torch``: the reference); on CPU only ``torch`` (the Triton interpreter is a
 correctness tool, not a speed path).
@@ -24,7 +25,7 @@ import torch
 from dreamfuse.engine.patch_quality import PatchQualityEstimator
 from transformers import ViTConfig, ViTModel
 
-from bench._util import hardware, print_table, timeit
+from bench._util import compare, hardware, print_table
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -68,11 +69,10 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 est.patch_features(x)
 
-        t_call = timeit(lambda: est.estimate(ref, gen, latent_hw=args.latent), device=device, warmup=warmup,
-                        iters=iters)
-        t_backbone = timeit(backbone, device=device, warmup=warmup, iters=iters)
-        t_match = timeit(lambda: est.ops.match_argmax(f_gen, f_ref), device=device, warmup=warmup, iters=iters)
-        t_other = max(t_call - t_backbone - t_match, 0.0)
+        t = compare({"call": lambda: est.estimate(ref, gen, latent_hw=args.latent), "backbone": backbone,
+                     "match": lambda: est.ops.match_argmax(f_gen, f_ref)}, device=device, warmup=warmup, iters=iters)
+        t_call, t_backbone, t_match = t["call"], t["backbone"], t["match"]
+        t_other = (t_call - t_backbone - t_match).map(lambda ms: max(ms, 0.0))
         return [est.backend, B, t_call, B / (t_call * 1e-3), t_backbone, t_match, t_other,
                 f"{100 * t_backbone / t_call:.0f}%", f"{100 * t_match / t_call:.0f}%"]
 

@@ -7,7 +7,8 @@ Both generate the same targets with the same steps in one process. A DreamMatche
 reference rows too (2 extra UNet rows per step), reads the matching features, runs PCA, matching, the
 cycle mask and the fused AMA attention; guidance (``--lambda-g``) adds a UNet backward on guided steps.
 The reference's DDIM inversion is cached per image and excluded (warm-up fills the cache); VAE decoding is
-excluded from both.
+excluded from both. The text2img call and the DreamMatcher calls (one per ``--lambda-g``) are timed interleaved,
+call by call; cells read ``median / min``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import torch
 from dreamfuse.engine import Engine, EngineConfig
 
-from bench._util import hardware, print_table, timeit
+from bench._util import compare, hardware, print_table
 
 
 def main(argv=None) -> None:
@@ -31,7 +32,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--lambda-g", type=float, nargs="+", default=[0.0, 50.0],
                     help="guidance strengths to measure (default 0 and 50)")
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5,
+                    help="timed calls per configuration, interleaved (median and min; default 5)")
     args = ap.parse_args(argv)
 
     eng = Engine.from_pretrained(args.model, EngineConfig(device=args.device, dtype=args.dtype,
@@ -46,12 +48,14 @@ def main(argv=None) -> None:
         def plain(prompts=prompts, common=common):
             eng.text2img(prompts, guidance_scale=10.0, **common)
 
-        t_plain = timeit(plain, device=eng.device, warmup=1, iters=args.iters) / args.steps
-        for lg in args.lambda_g:
-            def dm(lg=lg, prompts=prompts, common=common):
-                eng.personalize(prompts, reference, subject_token="sks", lambda_g=lg, **common)
+        def dm(lg, prompts=prompts, common=common):
+            eng.personalize(prompts, reference, subject_token="sks", lambda_g=lg, **common)
 
-            t_dm = timeit(dm, device=eng.device, warmup=1, iters=args.iters) / args.steps
+        fns = {"plain": plain, **{lg: (lambda lg=lg: dm(lg)) for lg in args.lambda_g}}
+        t = compare(fns, device=eng.device, warmup=1, iters=args.iters)
+        t_plain = t["plain"] / args.steps
+        for lg in args.lambda_g:
+            t_dm = t[lg] / args.steps
             rows.append([n, 2 * n, 2 * n + 2, lg, t_plain, t_dm, t_dm / t_plain])
     print(f"# DreamMatcher step overhead — {hardware(eng.device)}")
     print(f"model={args.model} {args.size}x{args.size} dtype={str(eng.dtype).removeprefix('torch.')} "

@@ -9,6 +9,9 @@ image projection adds its backward (the Plus Resampler). Ratios measured side by
     python -m bench.train_patchdpo --model ./sd15 --ip-adapter ip-adapter-plus_sd15.bin \\
         --image-encoder ./image_encoder --backbone ./dinov2-base --resolution 512 --device cuda
 
+Each configuration is its own training session, so the two are timed one after the other (not interleaved);
+time cells read ``median / min`` of ``--iters`` steps.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps (reset per configuration); on
 CPU the process's peak resident set size, which only grows: read the CPU column as "peak so far".
 """
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._util import add_trainer_args, hardware, print_table, time_step_with_peak, trainer_engine
+from bench._util import add_trainer_args, hardware, print_table, time_step_with_peak, to_json, trainer_engine
 
 
 def _make_data(root: Path, n: int, gens: int, size: int) -> Path:
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(title, ["configuration", "trained params", "ms/step", "steps/s", "time vs IP layers", "peak MiB"],
                 rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"title": title, "rows": rows}, indent=1, default=to_json))
 
 
 if __name__ == "__main__":

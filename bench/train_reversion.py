@@ -7,6 +7,9 @@ that costs next to the UNet forward + backward, as a ratio measured side by side
     python -m bench.train_reversion --model ./stable-diffusion-v1-5 --resolution 512 --device cuda
     python -m bench.train_reversion --model random-sd15 --resolution 512 --device cuda   # SD-sized, random weights
 
+Each configuration is its own training session, so the two are timed one after the other (not interleaved);
+time cells read ``median / min`` of ``--iters`` steps.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the timed steps (reset per configuration); on
 CPU the process's peak resident set size (``resource.getrusage``), which only grows: read the CPU column as
 "peak so far" (the denoise-only configuration runs first).
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench._util import add_trainer_args, hardware, print_table, time_step_with_peak, trainer_engine
+from bench._util import add_trainer_args, hardware, print_table, time_step_with_peak, to_json, trainer_engine
 
 
 def _make_data(root: Path, n: int, size: int) -> Path:
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
              f"mixed precision {args.mixed_precision}, {hardware(engine.device)}")
     print_table(title, ["configuration", "ms/step", "steps/s", "time vs denoise-only", "peak MiB"], rows)
     if args.out:
-        Path(args.out).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"title": title, "rows": rows}, indent=1, default=to_json))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,18 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
 BACKENDS = ("triton", "torch")
+
+
+class BackendFallbackWarning(UserWarning):
+    """``backend="triton"`` was asked for where the kernels cannot run; the engine uses ``"torch"`` instead."""
+
+
+def _triton_runs_on(dev: torch.device) -> bool:
+    """Whether the kernel ops run their Triton code on ``dev`` (the rule of ``kernels._common.use_triton``): on
+    CUDA, or on CPU under the Triton interpreter; never without triton."""
+    from dreamfuse.kernels import _common
+
+    return _common.HAS_TRITON and (dev.type == "cuda" or (dev.type == "cpu" and _common.interpreting()))
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -44,8 +57,12 @@ class EngineConfig:
 
     backend: str | None = None
     """Attention backend of the dreamfuse processors: ``"triton"`` (the fused kernels; default on CUDA) or
-    ``"torch"`` (PyTorch SDPA and the kernels' PyTorch references; default on CPU). Set the environment
-    variable ``DREAMFUSE_DISABLE_KERNELS=1`` to force every kernel op onto its reference."""
+    ``"torch"`` (PyTorch SDPA and the kernels' PyTorch references; default on CPU). ``"triton"`` where the
+    kernels cannot run -- on CPU without the Triton interpreter (``TRITON_INTERPRET=1``, a correctness tool, not a
+    speed path), or without triton installed -- resolves to ``"torch"`` with a :class:`BackendFallbackWarning`:
+    the ops would run their references there, whose attention builds the whole score matrix (+1.1 GB and +36 %
+    time at 512²) where SDPA does not. Set the environment variable ``DREAMFUSE_DISABLE_KERNELS=1`` to force
+    every kernel op onto its reference."""
 
     compile: bool = False
     """``torch.compile`` the UNet call (only the UNet: the rest stays eager and debuggable). The first calls
@@ -81,6 +98,12 @@ class EngineConfig:
         backend = self.backend or ("triton" if dev.type == "cuda" else "torch")
         if backend not in BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r} (use one of {', '.join(BACKENDS)})")
+        if backend == "triton" and not _triton_runs_on(dev):
+            warnings.warn(f"backend: the Triton kernels do not run on {dev.type} here (they need CUDA, or "
+                          "TRITON_INTERPRET=1 on CPU, and triton installed); using backend 'torch' (SDPA) rather "
+                          "than the kernels' references, which build the whole attention matrix",
+                          BackendFallbackWarning, stacklevel=2)
+            backend = "torch"
         buckets = tuple(sorted(int(b) for b in self.batch_buckets))
         if not buckets or buckets[0] < 1:
             raise ValueError("batch_buckets: needs at least one bucket, all >= 1")

@@ -17,6 +17,7 @@ from .cache import LRUCache
 from .config import EngineConfig
 from .loading import load_components, vae_upcast
 from .processors import CallContext, install_feature_hooks, install_processors
+from .samplers import Sampler
 
 _PROMPT_CACHE_SIZE = 64
 _INVERSION_CACHE_SIZE = 8
@@ -49,9 +50,9 @@ class Engine:
     penultimate hidden states, :meth:`encode_pooled` the second encoder's projected pooled embedding,
     :meth:`encode_text` both from one cache lookup) and every
     UNet call carries the pooled embedding and the six time ids (:func:`sdxl_time_ids`) per row. With
-    ``force_zeros_for_empty_prompt`` (SDXL base) the empty prompt encodes to zeros, as diffusers does for an
-    absent negative prompt: SDXL's unconditional embedding. An fp16 SDXL VAE whose config says
-    ``force_upcast`` runs in fp32 (SDXL's VAE overflows in fp16).
+    ``force_zeros_for_empty_prompt`` (SDXL base) an *absent* negative prompt (``None`` in :meth:`encode_text`)
+    encodes to zeros, SDXL's unconditional embedding, as in diffusers; an explicit ``""`` is encoded as text.
+    An fp16 SDXL VAE whose config says ``force_upcast`` runs in fp32 (SDXL's VAE overflows in fp16).
 
     Thread safety: any number of threads may run pipelines (text2img, IP-Adapter, personalize, compose) on one
     engine at once; every UNet call carries its own :class:`~dreamfuse.engine.processors.CallContext`, and the
@@ -136,7 +137,8 @@ class Engine:
         with self._tokenizer_lock:
             return (tokenizer or self.tokenizer)(text, **kwargs)
 
-    def _warn_truncated(self, prompts: list[str]) -> None:
+    def _warn_truncated(self, prompts: list[str | None]) -> None:
+        prompts = ["" if p is None else p for p in prompts]
         tok = self.tokenizer
         limit = tok.model_max_length
         for p, ids in zip(prompts, self.tokenize(prompts, truncation=False, verbose=False).input_ids):
@@ -146,9 +148,11 @@ class Engine:
                 warnings.warn(f"prompt {head!r}: {len(ids)} tokens, the text encoder reads {limit}; dropped "
                               f"{dropped!r}", PromptTruncatedWarning, stacklevel=4)
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(self, prompts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        texts = ["" if p is None else p for p in prompts]
+
         def ids(tokenizer):
-            return self.tokenize(prompts, tokenizer, padding="max_length", max_length=tokenizer.model_max_length,
+            return self.tokenize(texts, tokenizer, padding="max_length", max_length=tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
 
         self._warn_truncated(prompts)
@@ -160,10 +164,10 @@ class Engine:
         out2 = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1).to(self.dtype)
         pooled = out2.text_embeds.to(self.dtype)
-        if self.force_zeros_for_empty_prompt:
-            empty = torch.tensor([p == "" for p in prompts], device=self.device)
-            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
-            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        if self.force_zeros_for_empty_prompt:  # diffusers: zeros for an absent negative prompt only
+            absent = torch.tensor([p is None for p in prompts], device=self.device)
+            hidden = torch.where(absent[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(absent[:, None], torch.zeros_like(pooled), pooled)
         return hidden, pooled
 
     @torch.no_grad()
@@ -181,9 +185,10 @@ class Engine:
         """Forget every cached prompt embedding (after the tokenizer or text encoder changed)."""
         self._prompt_cache.clear()
 
-    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_text(self, prompts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(encode_prompts(prompts), encode_pooled(prompts))`` from one cache lookup: what a pipeline passes to
-        :meth:`unet_call` as ``embeddings`` and ``pooled``."""
+        :meth:`unet_call` as ``embeddings`` and ``pooled``. ``None`` is an absent negative prompt: the zero
+        embedding on SDXL base (``force_zeros_for_empty_prompt``), ``""`` encoded everywhere else, as diffusers."""
         found = self._lookup(prompts)
         hidden = torch.stack([h for h, _ in found])
         return hidden, (torch.stack([p for _, p in found]) if self.is_xl else None)
@@ -213,6 +218,16 @@ class Engine:
         sched.set_timesteps(steps, device=self.device)
         return sched
 
+    def new_sampler(self, name: str, steps: int, seeds: Sequence[int] = ()) -> Sampler:
+        """A fresh :class:`~dreamfuse.engine.samplers.Sampler` (``name`` from
+        :data:`~dreamfuse.engine.samplers.SAMPLERS`) set to ``steps``, with one generator per seed: per call or per
+        request, never shared between concurrent calls."""
+        return Sampler(name, self.scheduler.config, steps, self.device, seeds)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of one latent for an image of ``height x width`` pixels."""
+        return (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
     def initial_latents(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         """Gaussian latents, one CPU generator per seed: an image depends only on its own seed, whatever
         the batch it is generated in, and on no device's RNG."""
@@ -228,11 +243,16 @@ class Engine:
         so a few compiled graphs serve all request sizes. ``ip_tokens`` ``(rows, T, cross_dim)``: IP-Adapter
         image tokens, one row per batch row, read by the IP layers for this call only (with ``ip_scale``).
         ``ctx``: this call's :class:`~dreamfuse.engine.processors.CallContext` (layer handlers, features to
-        capture), seen by this call only; its ``latent_hw`` is set here.
+        capture), seen by this call only; its ``latent_hw`` is set here. ``t``: one timestep for every row, or one
+        per row ``(rows,)`` (diffusers' UNet embeds each row's own: the server batches requests at different
+        steps this way).
 
         SDXL only: ``pooled`` ``(rows, P)`` (:meth:`encode_pooled` of each row's prompt; required) and
         ``time_ids`` ``(rows, 6)`` or ``(6,)`` for all rows (default: :meth:`time_ids` of the latents' size)."""
         rows = latents.shape[0]
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 1 and t.shape[0] != rows:
+            raise ValueError(f"t: one timestep for all rows or one per row ({rows}), got {tuple(t.shape)}")
         added = None
         if self.is_xl:
             added = self._added_cond(latents, pooled, time_ids)
@@ -247,9 +267,10 @@ class Engine:
                     return None if x is None else torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
 
                 latents, embeddings, ip_tokens = grow(latents), grow(embeddings), grow(ip_tokens)
+                if t.ndim == 1:
+                    t = grow(t)
                 if added is not None:
                     added = {k: grow(v) for k, v in added.items()}
-        t = torch.as_tensor(t, device=self.device)
         kwargs = {}  # nothing for a plain call: the (compiled) UNet then sees exactly the stock call
         if ctx is not None:
             ctx.latent_hw = (latents.shape[-2], latents.shape[-1])
@@ -260,6 +281,17 @@ class Engine:
         eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, added_cond_kwargs=added,
                             return_dict=False, **extra)[0]
         return eps[:rows]
+
+    def stock_attention(self):
+        """A context manager: inside it the engine's UNet runs diffusers' stock attention processors, dreamfuse's
+        come back on exit (also on an exception). For comparing against diffusers on the *same* modules, e.g.
+        a ``StableDiffusionPipeline`` built from ``engine.unet``, ``engine.vae``, ... (no second copy of the
+        weights). Dreamfuse's per-call handlers and IP-Adapter tokens do nothing inside; refused while an
+        IP-Adapter is loaded; not while other threads run calls. See
+        :func:`~dreamfuse.engine.processors.stock_attention`."""
+        from .processors import stock_attention
+
+        return stock_attention(self.unet)
 
     def _added_cond(self, latents: torch.Tensor, pooled, time_ids) -> dict:
         rows = latents.shape[0]

@@ -20,11 +20,16 @@ IP-Adapter (decoupled cross-attention): an ``attn2`` processor whose ``ip_layer`
 Decoder features: :func:`install_feature_hooks` puts one permanent forward hook on every cross-attention up
 block; it stores the block's output in ``ctx.features[name]`` when the call's context lists ``name`` in
 ``ctx.capture`` (hooks are never added or removed per call: that would race with other threads' forwards).
+
+Stock diffusers on the same modules: :func:`stock_attention` (``Engine.stock_attention()``) swaps diffusers'
+default processors in for a block and puts dreamfuse's back afterwards, for like-for-like comparisons without
+loading the model twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -174,6 +179,43 @@ def install_processors(unet, backend: str) -> dict[str, DreamfuseAttnProcessor]:
     # set_attn_processor(dict) pops the entries it uses: give it a copy, keep ours
     unet.set_attn_processor({f"{n}.processor": p for n, p in procs.items()})
     return procs
+
+
+def stock_processors(unet) -> dict[str, object]:
+    """diffusers' default processor for every attention layer of ``unet``, keyed ``"<layer>.processor"``: what
+    a freshly loaded UNet holds (``Attention.__init__``: ``AttnProcessor2_0`` where SDPA exists and the layer
+    scales q·k, else ``AttnProcessor``). ``unet.set_default_attn_processor()`` cannot be used instead: it refuses
+    processors it does not know (ours), and picks ``AttnProcessor`` (no SDPA), not what a loaded model runs."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    sdpa = hasattr(F, "scaled_dot_product_attention")
+    out = {}
+    for key in unet.attn_processors:
+        attn = unet.get_submodule(key.removesuffix(".processor"))
+        out[key] = AttnProcessor2_0() if sdpa and getattr(attn, "scale_qk", True) else AttnProcessor()
+    return out
+
+
+@contextmanager
+def stock_attention(unet):
+    """Run ``unet`` with diffusers' stock attention processors (:func:`stock_processors`) inside the block and
+    put back the processors it had (dreamfuse's) on exit, also when the block raises.
+
+    Inside, the UNet computes what the same weights compute in a plain diffusers pipeline: dreamfuse's per-call
+    layer handlers (``dreamfuse_ctx``: AMA, attention maps) and IP-Adapter tokens do not reach the attention, so
+    run only stock work there (e.g. a diffusers pipeline built on the engine's modules). Refused
+    (``RuntimeError``) while an IP-Adapter is loaded: the stock processors would silently drop its image
+    attention, and diffusers' own IP-Adapter processors hold their weights differently; unload it first.
+    The processors are model state shared by every thread: swap them while no other call runs."""
+    current = unet.attn_processors  # a fresh dict: layer key -> processor object
+    if any(getattr(p, "ip_layer", None) is not None for p in current.values()):
+        raise RuntimeError("stock attention: an IP-Adapter is loaded; diffusers' stock processors would drop its "
+                           "image attention (unload_ip_adapter() first)")
+    unet.set_attn_processor(stock_processors(unet))
+    try:
+        yield unet
+    finally:
+        unet.set_attn_processor(dict(current))  # set_attn_processor empties the dict it is given
 
 
 def capturable_blocks(unet) -> list[str]:

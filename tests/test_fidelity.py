@@ -171,7 +171,7 @@ def _gauss_engine(kind: str):
     sched = scheduler(kind)
     ac = sched.alphas_cumprod
 
-    def unet_call(z, t, embeddings, pooled=None, ctx=None):
+    def unet_call(z, t, embeddings, *conditioning, **kwargs):  # Engine.unet_call's signature; conditioning unused
         a = ac[int(t)].to(z.dtype)
         return from_eps(_gauss_eps(z, a), z, a, kind)
 

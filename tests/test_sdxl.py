@@ -22,7 +22,8 @@ def test_time_ids_are_sdxl_order():
 
 
 def test_prompt_encoding_matches_diffusers(engine):
-    """Both encoders' penultimate hidden states concatenated, pooled = encoder 2's projection, empty prompt = 0."""
+    """Both encoders' penultimate hidden states concatenated, pooled = encoder 2's projection; an absent negative
+    prompt (None) is the zero embedding, an explicit "" is encoded as text (diffusers' rule)."""
     from diffusers import StableDiffusionXLPipeline
 
     c = build_xl_components()
@@ -32,8 +33,13 @@ def test_prompt_encoding_matches_diffusers(engine):
                                                       do_classifier_free_guidance=True)
     torch.testing.assert_close(engine.encode_prompts(["a photo of a cat"]), emb)
     torch.testing.assert_close(engine.encode_pooled(["a photo of a cat"]), pooled)
-    assert not engine.encode_prompts([""]).any() and not engine.encode_pooled([""]).any()
+    assert not engine.encode_prompts([None]).any() and not engine.encode_pooled([None]).any()
     assert not neg.any() and not neg_pooled.any()  # diffusers' unconditional embedding, the same zeros
+    _, neg_empty, _, neg_pooled_empty = pipe.encode_prompt("a cat", device="cpu", do_classifier_free_guidance=True,
+                                                           negative_prompt="")
+    assert neg_empty.abs().max() > 0.1
+    torch.testing.assert_close(engine.encode_prompts([""]), neg_empty)
+    torch.testing.assert_close(engine.encode_pooled([""]), neg_pooled_empty)
 
 
 def test_text2img_equals_diffusers_sdxl_pipeline(engine):
@@ -52,6 +58,27 @@ def test_text2img_equals_diffusers_sdxl_pipeline(engine):
     ours = engine.text2img(prompts, steps=STEPS, guidance_scale=6.0, seed=[3, 4], height=64, width=96,
                            output_type="latent")
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompt, negative", [("a photo of a cat", ""), ("", None), ("", "blurry")])
+def test_empty_prompts_equal_diffusers_sdxl_pipeline(engine, prompt, negative):
+    """diffusers zeroes only an absent negative prompt: an explicit negative "" and a positive "" are encoded."""
+    from diffusers import StableDiffusionXLPipeline
+
+    c = build_xl_components()
+    c.pop("force_zeros_for_empty_prompt")
+    c["scheduler"] = engine.new_scheduler(STEPS)
+    pipe = StableDiffusionXLPipeline(**c, force_zeros_for_empty_prompt=True)
+    latents = engine.initial_latents([3], 64, 64)
+    ref = pipe(prompt, negative_prompt=negative, height=64, width=64, num_inference_steps=STEPS, guidance_scale=6.0,
+               latents=latents.clone(), output_type="latent").images
+    ours = engine.text2img(prompt, negative_prompt=negative, steps=STEPS, guidance_scale=6.0, seed=3, height=64,
+                           width=64, output_type="latent")
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    absent = engine.text2img(prompt, steps=STEPS, guidance_scale=6.0, seed=3, height=64, width=64,
+                             output_type="latent")
+    if negative == "":
+        assert (absent - ours).abs().max() > 1e-3  # absent and empty differ, as in diffusers
 
 
 def test_time_ids_change_the_output(engine):
@@ -235,3 +262,17 @@ def test_synthetic_models_have_the_published_architectures(name, unet_params):
     if name == "random-sdxl":
         assert comps["unet"].config.cross_attention_dim == (comps["text_encoder"].config.hidden_size
                                                             + comps["text_encoder_2"].config.hidden_size)
+
+
+def test_cli_tells_an_absent_negative_prompt_from_an_empty_one(engine, tmp_path):
+    import numpy as np
+    from dreamfuse.engine.cli import main
+    from PIL import Image
+
+    base = ["generate", "--model", "tiny-xl", "--prompt", "a cat", "--steps", "2", "--seed", "3", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "absent.png")]) == 0
+    assert main([*base, "--negative-prompt", "", "--out", str(tmp_path / "empty.png")]) == 0
+    absent, empty = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("absent", "empty"))
+    (ref,) = engine.text2img("a cat", negative_prompt="", steps=2, seed=3)
+    assert np.abs(empty - np.asarray(ref).astype(int)).max() <= 1  # a fresh CLI engine vs this one: rounding
+    assert np.abs(absent - empty).max() > 8

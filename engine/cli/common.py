@@ -112,10 +112,24 @@ def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, d
 
 
 def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: float = 7.5,
-                      size_default: str = "the model's native size") -> None:
+                      size_default: str = "the model's native size", samplers=None, sampler_note: str = "") -> None:
+    """The sampling options; ``samplers``: the ``--sampler`` names this command accepts (default: all)."""
+    from ..samplers import DEFAULT_SAMPLER, SAMPLERS
+
     g = p.add_argument_group("sampling")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty)")
-    g.add_argument("--steps", type=positive_int("--steps"), default=steps, help=f"DDIM steps (default {steps})")
+    g.add_argument("--negative-prompt", default=None,
+                   help="negative prompt (default: none: the empty prompt's embedding, or on SDXL base the zero "
+                        "embedding, as diffusers; --negative-prompt \"\" encodes the empty prompt instead)")
+    names = list(SAMPLERS) if samplers is None else list(samplers)
+    if len(names) > 1:
+        usual = ", ".join(f"{n} {SAMPLERS[n].steps}" for n in names)
+        g.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=names, metavar="NAME",
+                       help=f"sampler (diffusers' scheduler; default {DEFAULT_SAMPLER}): {', '.join(names)}. Usual "
+                            f"steps: {usual}. lcm needs an LCM model or LCM-LoRA{sampler_note}")
+    else:
+        p.set_defaults(sampler=names[0])
+    g.add_argument("--steps", type=positive_int("--steps"), default=steps,
+                   help=f"sampler steps (default {steps})")
     g.add_argument("--guidance", type=finite_float("--guidance", low=0), default=guidance,
                    help=f"classifier-free guidance scale; <= 1 disables CFG (default {guidance})")
     g.add_argument("--seed", type=seed_int(), default=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..samplers import STATELESS_SAMPLERS
 from .common import (
     CLIError,
     add_model_args,
@@ -73,7 +74,9 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
                         "files); see below")
     g.add_argument("--sal-scale", type=finite_float("--sal-scale", low=0), default=0.0,
                    help="subject-aware guidance strength (default 0 = off)")
-    add_sampling_args(p, steps=80, guidance=7.5, size_default="the layout's; it must match")
+    add_sampling_args(p, steps=80, guidance=7.5, size_default="the layout's; it must match",
+                      samplers=STATELESS_SAMPLERS,
+                      sampler_note=" (multistep and second-order samplers cannot follow segments merging)")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -103,5 +106,5 @@ def run(args) -> None:
         scaffold_image=args.scaffold_image, steps=args.steps, guidance_scale=args.guidance, height=args.height,
         width=args.width, seed=seed, global_steps=args.global_steps, scaffold_fraction=args.scaffold_fraction,
         harmonize=args.harmonize, tolerance=args.tolerance, blur=args.blur, sal_model=sal_model,
-        sal_scale=args.sal_scale)
+        sal_scale=args.sal_scale, sampler=args.sampler)
     save_images(images, args.out)

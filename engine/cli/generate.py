@@ -25,6 +25,7 @@ examples:
   dreamfuse generate --model ./stable-diffusion-v1-5 --prompt "a red car" --seed 7 --num-images 4 --out car.png
   dreamfuse generate --model sd15.safetensors --config ./stable-diffusion-v1-5 --prompt "..."  # single file
   dreamfuse generate --model ./stable-diffusion-xl-base-1.0 --prompt "a red car" --steps 30     # SDXL
+  dreamfuse generate --model ./sd15 --prompt "a red car" --sampler dpmpp-2m-karras --steps 25    # faster sampler
   dreamfuse generate --model ./sd15 --prompt "a dog" --ip-adapter ip-adapter-plus_sd15.safetensors \\
       --image-encoder ./image_encoder --image ref.png --ip-scale 0.6                  # image prompt
   dreamfuse generate --ip-adapter tiny --image-encoder tiny --image ref.png --prompt "a dog"   # tiny adapter
@@ -34,8 +35,8 @@ examples:
 
 def register(sub, name: str, help_: str, rest: list[str]) -> None:
     p = sub.add_parser(name, help=help_, epilog=EXAMPLES,
-                       description="Generate images from text prompts (DDIM + classifier-free guidance, one "
-                                   "batched UNet call per step).",
+                       description="Generate images from text prompts (DDIM or another --sampler, classifier-free "
+                                   "guidance, one batched UNet call per step).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", required=True,
                    help="text prompt; repeat the flag for a batch of different prompts")
@@ -106,5 +107,6 @@ def run(args) -> None:
             engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
         ip = {"ip_image": args.image, "ip_scale": args.ip_scale}
     images = engine.text2img(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
-                             guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed, **ip)
+                             guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed,
+                             sampler=args.sampler, **ip)
     save_images(images, args.out)

@@ -55,7 +55,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     g.add_argument("--lambda-g", type=finite_float("--lambda-g", low=0), default=0.0,
                    help="semantic matching guidance strength (default 0 = off; the paper uses 50-75; costs a UNet "
                         "backward per step)")
-    add_sampling_args(p, steps=50, guidance=10.0)
+    add_sampling_args(p, steps=50, guidance=10.0, samplers=("ddim",))
     add_model_args(p)
     p.set_defaults(func=run)
 

@@ -77,6 +77,18 @@ def check_steps(steps: int, field: str = "steps", limits: Limits = DEFAULT_LIMIT
     return steps
 
 
+def check_model_steps(engine: Engine, steps: int, field: str = "steps") -> int:
+    """At most ``num_train_timesteps - steps_offset`` steps: one more and the schedule's first timestep falls off
+    the model's training range (diffusers' DDIM at 1000 steps on SD's config indexes ᾱ[1000])."""
+    cfg = engine.scheduler.config
+    most = int(cfg.get("num_train_timesteps", 1000)) - int(cfg.get("steps_offset", 0) or 0)
+    if steps > most:
+        raise ValueError(f"{field}: {steps}, this model's scheduler samples at most {most} steps "
+                         f"({cfg.get('num_train_timesteps', 1000)} training timesteps, steps_offset "
+                         f"{cfg.get('steps_offset', 0)})")
+    return steps
+
+
 def check_guidance(guidance_scale: float, field: str = "guidance_scale") -> float:
     return check_number(guidance_scale, field, low=0)
 
@@ -114,10 +126,20 @@ def finish(engine: Engine, latents: torch.Tensor, output_type: str, infos: Seque
     """The pipelines' output: the latents, the decoded ``(B, 3, H, W)`` tensor in [0, 1], or PIL images whose
     ``.info`` holds ``infos[i]`` (values as strings: they go into the PNG's text chunks). Non-finite latents or
     decoded pixels raise :class:`NonFiniteOutputError` instead of returning a black image."""
+    from .program import drive
+
+    return drive(engine, finish_program(engine, latents, output_type, infos))
+
+
+def finish_program(engine: Engine, latents: torch.Tensor, output_type: str, infos: Sequence[dict]):
+    """:func:`finish` as a program step (``yield from`` it): the VAE decode is asked for, not made, so a scheduler
+    can decode the images of several finished requests in one batch."""
+    from .program import Decode
+
     check_finite(latents, "latents")
     if output_type == "latent":
         return latents
-    images = engine.decode(latents)
+    images = yield Decode(latents)
     check_finite(images, "decoded pixels")
     if output_type == "pt":
         return images

@@ -42,16 +42,22 @@ from ..layout import DEFAULT_TOLERANCE, SegmentLayout, parse_layout
 from ..limits import DEFAULT_LIMITS, Limits, check_size
 from ..ops import ops_for
 from ..prediction import prediction_type_of, to_eps_x0, update_output
+from ..samplers import DEFAULT_SAMPLER, STATELESS_SAMPLERS, check_sampler
 from ..validation import check_number, check_text
 from .common import (
     as_prompt_list,
     check_batch,
     check_guidance,
+    check_model_steps,
     check_output_type,
     check_steps,
-    finish,
+    finish_program,
     resolve_seeds,
 )
+from .program import UNetCall, drive, driven
+
+COMPOSE_SAMPLERS = STATELESS_SAMPLERS
+"""The samplers compose accepts: those that keep no per-row state between steps (see :func:`compose_batch`)."""
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -204,10 +210,10 @@ class _Request:
     layout: SegmentLayout
     schedule: list[str]
     prompts: list[str]  # per segment
-    negatives: list[str]  # per segment
+    negatives: list[str | None]  # per segment (None: no negative prompt)
     guidance: list[float]  # per segment
     subjects: list[int]  # segment indices guided by subject-aware guidance
-    global_negative: str
+    global_negative: str | None
     scaffold: torch.Tensor | None = None  # (1, C, h, w) scaffolding latent
     noise: torch.Tensor | None = None  # (1, C, h, w) the request's initial noise (noises the scaffolding latent)
     seg_latents: torch.Tensor | None = None  # (S, C, h, w) independent segments while scaffolding (no image)
@@ -272,7 +278,8 @@ def _parse_requests(engine: Engine, requests, height, width, seeds, guidance_sca
         (prompt,) = as_prompt_list(r.prompt, f"{where}prompt", limits)
         if not prompt.strip():
             raise ValueError(f"{where}prompt: empty")
-        neg = check_text(r.negative_prompt or "", f"{where}negative_prompt", limits.max_prompt_chars)
+        neg = (None if r.negative_prompt is None  # absent: the zero embedding on SDXL base, as diffusers
+               else check_text(r.negative_prompt, f"{where}negative_prompt", limits.max_prompt_chars))
         lay = parse_layout(r.layout, r.segments, height=height, width=width, factor=factor, tolerance=tolerance,
                            blur=blur, field=where, limits=limits)
         if height is None or width is None:  # the first layout sets the size of the batch
@@ -296,8 +303,7 @@ def _parse_requests(engine: Engine, requests, height, width, seeds, guidance_sca
 
 
 # --------------------------------------------------------------------------------------------- pipeline
-@torch.no_grad()
-def compose_batch(
+def compose_batch_program(
     engine: Engine,
     requests: Sequence[ComposeRequest | dict],
     *,
@@ -317,8 +323,13 @@ def compose_batch(
     progress: bool | None = None,
     output_type: str = "pil",
     callback: Callable[[dict], None] | None = None,
+    sampler: str = DEFAULT_SAMPLER,
 ):
     """Composite generation of several requests in one batch (one UNet call per step for all of them).
+
+    :func:`compose_batch` runs it; ``compose_batch_program`` returns it as a program (see
+    :mod:`~dreamfuse.engine.pipelines.program`): arguments checked at once, work done as it is driven. Its UNet
+    calls carry no layer handlers, so a scheduler may merge them with other requests' rows of the same size.
 
     Args:
         requests: :class:`ComposeRequest` (or dicts of its fields), one image each.
@@ -344,13 +355,19 @@ def compose_batch(
         progress, output_type: as text2img (PIL ``.info`` holds the global prompt and the seed).
         callback: called after each UNet call with ``{"step", "timestep", "stages", "rows"}`` (the stage of
             each request, the number of UNet rows).
+        sampler: one of :data:`COMPOSE_SAMPLERS` (default ``"ddim"``): the samplers that keep no per-row state
+            between steps. Multistep and second-order samplers (DPM-Solver++, UniPC, Heun, DPM-SDE) are refused: a
+            request's rows change from S segment latents to one shared latent between stages, and their history
+            of earlier outputs has no row to follow. A stochastic sampler (``euler-a``, ``lcm``) draws each
+            request's noise from its own seed, for all of its rows.
     """
     if not isinstance(requests, Sequence) or isinstance(requests, (str, dict)) or not requests:
         raise ValueError("requests: give a non-empty list of ComposeRequest")
     limits = engine.config.limits
     check_batch(len(requests), limits, "requests")
-    steps = check_steps(steps, limits=limits)
+    steps = check_model_steps(engine, check_steps(steps, limits=limits))
     guidance_scale = check_guidance(guidance_scale)
+    sampler = check_sampler(sampler, allowed=COMPOSE_SAMPLERS)
     if height is not None or width is not None:  # validate what is given; the first layout gives the rest
         f = engine.vae_scale_factor
         check_size(f if height is None else height, f if width is None else width, f, limits)
@@ -371,6 +388,13 @@ def compose_batch(
         raise ValueError(f"sal_steps: need 0 <= start <= end <= steps ({steps}), got {sal_steps!r}")
     guide_model = _check_sal_model(sal_model, engine.device) if sal_scale > 0 else None
 
+    return _compose_steps(engine, reqs, steps, guidance_scale, height, width, harmonize, guide_model, sal_scale,
+                          sal_lo, sal_hi, progress, output_type, callback, sampler)
+
+
+@torch.no_grad()
+def _compose_steps(engine, reqs, steps, guidance_scale, height, width, harmonize, guide_model, sal_scale, sal_lo,
+                   sal_hi, progress, output_type, callback, sampler):
     ops = ops_for(engine.config.backend)
     dev, dt = engine.device, engine.dtype
     s_max = max(r.s for r in reqs)
@@ -382,10 +406,9 @@ def compose_batch(
     index = {p: i for i, p in enumerate(table)}
     emb_table, pooled_table = engine.encode_text(table)
 
-    latents = engine.initial_latents([r.seed for r in reqs], height, width)  # (B, C, h, w), the shared latents
-    sched = engine.new_scheduler(steps)
-    ac = sched.alphas_cumprod.to(dev)
-    kind = prediction_type_of(sched)
+    sched = engine.new_sampler(sampler, steps, [r.seed for r in reqs])
+    latents = sched.initial_latents(engine.latent_shape(height, width), dev, dt)  # (B, C, h, w), the shared latents
+    kind = prediction_type_of(sched.scheduler)
     noise = latents / sched.init_noise_sigma
     for b, r in enumerate(reqs):
         r.noise = noise[b : b + 1]
@@ -411,7 +434,7 @@ def compose_batch(
             fill_ids = [b for b, r in enumerate(reqs) if stages[b] == "scaffold" and r.scaffold is not None]
             filled = {}
             if fill_ids:
-                fill = torch.cat([sched.add_noise(reqs[b].scaffold, reqs[b].noise, t.reshape(1)) for b in fill_ids])
+                fill = torch.cat([sched.add_noise(reqs[b].scaffold, reqs[b].noise, t) for b in fill_ids])
                 seg_in = ops.segment_fill(latents[fill_ids, None].expand(-1, s_max, -1, -1, -1), masks[fill_ids], fill)
                 filled = {b: seg_in[j, : reqs[b].s] for j, b in enumerate(fill_ids)}
             for b, (r, st) in enumerate(zip(reqs, stages)):
@@ -439,7 +462,8 @@ def compose_batch(
             model_in = sched.scale_model_input(torch.cat([x_all if all_u else x_all[has_u], x_all]), t)
             pick = [rows.uncond[k] for k in has_u] + rows.cond
             pooled = None if pooled_table is None else pooled_table[pick]
-            eps = engine.unet_call(model_in, t, emb_table[pick], pooled=pooled)
+            eps = yield UNetCall(model_in, t, emb_table[pick], pooled=pooled, step=i, steps=steps,
+                                 preview=(slice(len(has_u), len(has_u) + 1), sched.alpha_bar(t)))
             eps_c = eps[len(has_u):]
             if all_u:
                 eps_u = eps[: len(has_u)]
@@ -468,12 +492,17 @@ def compose_batch(
 
             # ---- subject-aware guidance on x_t inside the subject segments
             if guide_model is not None and sal_lo <= i < sal_hi:
-                tracks_x, tracks_eps = _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, ac[t],
-                                              guide_model, float(sal_scale), kind)
+                # the guidance works on the model's (variance-preserving) input c_t·x: c_t = 1 but for σ samplers
+                c, alpha_t = sched.vp_scale(t), sched.alpha_bar(t).to(dev)
+                vp_x = [x * c for x in tracks_x] if c != 1.0 else tracks_x
+                vp_x, tracks_eps = _guide(engine, reqs, kinds, stages, vp_x, tracks_eps, masks, alpha_t,
+                                          guide_model, float(sal_scale), kind)
+                tracks_x = [x / c for x in vp_x] if c != 1.0 else vp_x
 
-            # ---- one DDIM step for every track, then scatter back
+            # ---- one sampler step for every track (each row with its request's noise), then scatter back
             sizes = [x.shape[0] for x in tracks_x]
-            stepped = sched.step(torch.cat(tracks_eps), t, torch.cat(tracks_x), return_dict=False)[0]
+            owners = [b for b, n in enumerate(sizes) for _ in range(n)]
+            stepped = sched.step(torch.cat(tracks_eps), t, torch.cat(tracks_x), rows=owners)
             stepped = list(stepped.split(sizes))
             for b, k in enumerate(kinds):
                 if k in ("shared", "blend"):
@@ -487,8 +516,11 @@ def compose_batch(
         finish_scaffold([b for b, r in enumerate(reqs) if r.seg_latents is not None])
 
     infos = [{"prompt": r.prompt, "seed": r.seed, "steps": steps, "guidance_scale": guidance_scale, "segments": r.s,
-              "harmonize": harmonize} for r in reqs]
-    return finish(engine, latents, output_type, infos)
+              "harmonize": harmonize, "sampler": sampler} for r in reqs]
+    return (yield from finish_program(engine, latents, output_type, infos))
+
+
+compose_batch = driven(compose_batch_program, "compose_batch")
 
 
 def _guide(engine, reqs, kinds, stages, tracks_x, tracks_eps, masks, alpha_t, model, scale,
@@ -534,5 +566,12 @@ def compose(engine: Engine, layout, segments, *, prompt: str, negative_prompt: s
 
     Returns a list of one PIL image (``output_type="pil"``), or a ``(1, ...)`` tensor.
     """
+    return drive(engine, compose_program(engine, layout, segments, prompt=prompt, negative_prompt=negative_prompt,
+                                         scaffold_image=scaffold_image, **kwargs))
+
+
+def compose_program(engine: Engine, layout, segments, *, prompt: str, negative_prompt: str | None = None,
+                    scaffold_image=None, **kwargs):
+    """:func:`compose` as a program (see :func:`compose_batch_program`)."""
     req = ComposeRequest(layout, segments, prompt, negative_prompt, scaffold_image)
-    return compose_batch(engine, [req], **kwargs)
+    return compose_batch_program(engine, [req], **kwargs)

@@ -33,18 +33,21 @@ from ..limits import DEFAULT_LIMITS, Limits
 from ..ops import ops_for
 from ..prediction import prediction_type_of, to_eps_x0, update_output
 from ..processors import CallContext, LayerInfo, capturable_blocks
+from ..samplers import check_sampler
 from ..validation import check_number, check_text
 from .common import (
     as_prompt_list,
     cfg_combine,
     check_batch,
     check_guidance,
+    check_model_steps,
     check_output_type,
     check_steps,
-    finish,
+    finish_program,
     resolve_seeds,
     resolve_size,
 )
+from .program import UNetCall, driven
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -79,8 +82,8 @@ def subject_token_indices(tokenizer, prompt: str, word: str, tokenize=None) -> l
 
 # --------------------------------------------------------------------------------------------- inversion
 @torch.no_grad()
-def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: torch.Tensor,
-                progress: bool | None = None, pooled: torch.Tensor | None = None) -> list[torch.Tensor]:
+def ddim_invert_program(engine: Engine, latent0: torch.Tensor, steps: int, embedding: torch.Tensor,
+                        progress: bool | None = None, pooled: torch.Tensor | None = None) -> list[torch.Tensor]:
     """DDIM inversion of a clean latent: returns ``traj`` with ``traj[i]`` the latent at the ``i``-th denoising
     timestep (``traj[0]`` is the noisiest), so that denoising step ``i`` sees the reference at ``traj[i]``.
 
@@ -88,7 +91,8 @@ def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: to
     ``t``, and moves along that ε (``z_t = sqrt(ᾱ_t)·x̂0 + sqrt(1 − ᾱ_t)·ε``); the output is read as the scheduler's
     ``prediction_type`` says (a v-model's ``v`` at timestep ``t`` becomes ``ε = sqrt(ᾱ_t)·v + sqrt(1 − ᾱ_t)·z``).
     Inverting then denoising returns the start up to DDIM inversion's own first-order error (it halves when the
-    steps double)."""
+    steps double). :func:`ddim_invert` runs it; this is its program (its UNet calls can share a scheduler's batched
+    calls: they carry no layer handlers)."""
     sched = engine.new_scheduler(steps)
     kind = prediction_type_of(sched)
     ac = sched.alphas_cumprod.to(engine.device)
@@ -101,7 +105,7 @@ def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: to
             t = timesteps[j]
             a_prev = ac[timesteps[j + 1]] if j + 1 < steps else final
             a_t = ac[t]
-            out = engine.unet_call(z, t, embedding, pooled=pooled)
+            out = yield UNetCall(z, t, embedding, pooled=pooled)
             eps, _ = to_eps_x0(out, z, a_t, kind)  # the model was told timestep t: its ᾱ converts the output
             x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
@@ -110,15 +114,19 @@ def ddim_invert(engine: Engine, latent0: torch.Tensor, steps: int, embedding: to
     return traj
 
 
-def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress) -> tuple[torch.Tensor, list]:
-    """(clean reference latent, inverted trajectory), cached per reference image, size, dtype and step count."""
+ddim_invert = driven(ddim_invert_program, "ddim_invert")
+
+
+def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress):
+    """Program: (clean reference latent, inverted trajectory), cached per reference image, size, dtype and step
+    count."""
     digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()
     key = (digest, tuple(reference.shape), steps, str(engine.dtype))
     found = engine.inversion_cache.get(key)
     if found is None:  # computed outside the cache's lock (two threads may both invert a new image: same result)
         z0 = engine.encode_image(reference)
         emb, pooled = engine.encode_text([""])
-        found = (z0, ddim_invert(engine, z0, steps, emb, progress, pooled))
+        found = (z0, (yield from ddim_invert_program(engine, z0, steps, emb, progress, pooled)))
         engine.inversion_cache.put(key, found)
     return found
 
@@ -269,6 +277,7 @@ def _ama_handler(state: _MatchState, ops) -> Callable:
         out[t_idx] = ops.ama_attention(q[t_idx], k[t_idx], v[t_idx], v[r_idx], flow, mask.to(q.dtype))
         return out
 
+    handler.dreamfuse_role, handler.state = "ama", state  # read by exported-graph UNet backends (export/runtime.py)
     return handler
 
 
@@ -297,6 +306,7 @@ def _foreground_handler(state: _MatchState, ops, token_idx: torch.Tensor) -> Cal
         state.fg_layers += 1
         return out
 
+    handler.dreamfuse_role, handler.state, handler.token_idx = "foreground", state, token_idx  # export/runtime.py
     return handler
 
 
@@ -325,7 +335,7 @@ def default_blocks(engine: Engine) -> tuple[list[int], list[int]]:
 
 
 # --------------------------------------------------------------------------------------------- pipeline
-def personalize(
+def personalize_program(
     engine: Engine,
     prompts: str | Sequence[str],
     reference_image,
@@ -349,8 +359,14 @@ def personalize(
     progress: bool | None = None,
     output_type: str = "pil",
     callback: Callable[[dict], None] | None = None,
+    sampler: str = "ddim",
 ):
     """Generate the subject of ``reference_image`` in the scenes of ``prompts`` (one reference, n targets).
+
+    :func:`personalize` runs it; ``personalize_program`` returns it as a program (see
+    :mod:`~dreamfuse.engine.pipelines.program`): arguments checked at once, the work done as it is driven. Its
+    sampling calls carry AMA's layer handlers, so a scheduler never merges them with other requests' rows; the
+    reference's inversion calls can be merged.
 
     Args:
         prompts: target prompt(s), each containing ``subject_token`` (e.g. "a photo of a sks dog on the beach").
@@ -379,11 +395,19 @@ def personalize(
         callback: called after each UNet call with ``{"step", "timestep", "eps", "rows"}`` (``eps``: the UNet
             output of every row, before guidance and CFG, in the model's parameterization: ε, or v / x0 as the
             scheduler's ``prediction_type`` says; rows = the batch layout), for inspection and tests.
+        sampler: ``"ddim"`` only. The reference row must sit on its DDIM-inverted trajectory at every timestep the
+            targets are evaluated at, in the same (variance-preserving) sample space, and AMA's matching and the
+            guidance pair the reference and target rows of one step. Other samplers evaluate at other timesteps
+            (DPM-Solver++, UniPC's own spacing; Heun's intermediate ones) or in σ space (the Euler family), and
+            multistep solvers would step the reference's history too: they are refused rather than approximated.
     """
     limits = engine.config.limits
+    if check_sampler(sampler) != "ddim":
+        raise ValueError(f"sampler: personalize samples with 'ddim' only (the reference row follows its DDIM "
+                         f"inversion step for step), got {sampler!r}")
     prompts = as_prompt_list(prompts, limits=limits)
     n = check_batch(len(prompts), limits)
-    steps = check_steps(steps, limits=limits)
+    steps = check_model_steps(engine, check_steps(steps, limits=limits))
     guidance_scale = check_guidance(guidance_scale)
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
@@ -399,8 +423,8 @@ def personalize(
     if subject_token is not None and not isinstance(subject_token, str):
         raise ValueError("subject_token: must be a string")
     reference_prompt = check_text(reference_prompt, "reference_prompt", limits.max_prompt_chars)
-    token_idx = (torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token, engine.tokenize) for p in prompts])
-                 if matching else None)
+    token_idx = (torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token, engine.tokenize)
+                               for p in prompts]) if matching else None)
     n_up = len(engine.unet.up_blocks)
     ama_blocks = default_blocks(engine)[0] if ama_blocks is None else list(ama_blocks)
     feature_blocks = default_blocks(engine)[1] if feature_blocks is None else list(feature_blocks)
@@ -420,13 +444,21 @@ def personalize(
     end = steps if ama_end is None else ama_end
     if not (1 <= start <= end <= steps):
         raise ValueError(f"ama_start/ama_end: need 1 <= start <= end <= steps ({steps}), got [{start}, {end})")
-    negatives = as_prompt_list([negative_prompt or ""], "negative_prompt", limits) * n
+    negatives = [None] * n if negative_prompt is None else as_prompt_list([negative_prompt], "negative_prompt",
+                                                                          limits) * n
     reference = load_reference(reference_image, height, width, limits)
+    return _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width, seeds, output_type,
+                              progress, callback, subject_token, reference_prompt, negatives, reference, matching,
+                              token_idx, ama, ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g)
 
+
+def _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width, seeds, output_type, progress,
+                       callback, subject_token, reference_prompt, negatives, reference, matching, token_idx, ama,
+                       ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g):
     ops = ops_for(engine.config.backend)
     lay = _Layout(n)
-    z0_ref, traj = _inversion(engine, reference, steps, progress)
-    texts = ["", *negatives, reference_prompt, *prompts]
+    z0_ref, traj = yield from _inversion(engine, reference, steps, progress)
+    texts = [None, *negatives, reference_prompt, *prompts]  # None: the unconditional (absent negative) row
     emb, pooled = engine.encode_text(texts)
     latents = engine.initial_latents(seeds, height, width)
     sched = engine.new_scheduler(steps)
@@ -441,9 +473,12 @@ def personalize(
     t_idx = lay.targets
 
     def run(x: torch.Tensor, i: int, t: torch.Tensor, ctx: CallContext, features: bool) -> torch.Tensor:
-        """The step's one UNet call; then this call's features (for guidance now and AMA at the next step) and
-        foreground mask (unless its first AMA layer already finished it)."""
-        out = engine.unet_call(x, t, emb, pooled=pooled, ctx=ctx)
+        """The step's one UNet call made here (the guided steps, which need its graph); see :func:`after`."""
+        return after(engine.unet_call(x, t, emb, pooled=pooled, ctx=ctx), i, t, ctx, features)
+
+    def after(out: torch.Tensor, i: int, t: torch.Tensor, ctx: CallContext, features: bool) -> torch.Tensor:
+        """After the step's UNet call: its features (for guidance now and AMA at the next step) and foreground
+        mask (unless its first AMA layer already finished it)."""
         if features:
             state.set_features([ctx.features[f"up_blocks.{b}"] for b in feature_blocks])
         state.finish_foreground()
@@ -473,8 +508,9 @@ def personalize(
                 out, grad = _matching_guidance_grad(call, model_in, z0_ref, ac[t], t_idx, match, kind, n)
                 out = _apply_guidance(out, grad, ac[t], lambda_g, t_idx, kind)
             else:
-                with torch.no_grad():
-                    out = call(model_in)
+                out = yield UNetCall(model_in, t, emb, pooled=pooled, ctx=ctx, step=i, steps=steps,
+                                     preview=(slice(n + 2, n + 3), ac[t]))
+                out = after(out, i, t, ctx, features)
             out_t = out[t_idx]  # (2n, ...): [uncond x n, cond x n]
             out_t = cfg_combine(out_t, n, guidance_scale) if guidance_scale > 1.0 else out_t[n:]
             latents = sched.step(out_t, t, latents, return_dict=False)[0]
@@ -482,7 +518,10 @@ def personalize(
 
     infos = [{"prompt": p, "seed": s, "steps": steps, "subject_token": subject_token or ""}
              for p, s in zip(prompts, seeds)]
-    return finish(engine, latents, output_type, infos)
+    return (yield from finish_program(engine, latents, output_type, infos))
+
+
+personalize = driven(personalize_program, "personalize")
 
 
 def guidance_distance(x0: torch.Tensor, z0_ref: torch.Tensor, flow: torch.Tensor, mask: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Text-to-image: batched DDIM with classifier-free guidance folded into one UNet call per step."""
+"""Text-to-image: batched sampling (DDIM or any sampler of :data:`~dreamfuse.engine.samplers.SAMPLERS`) with
+classifier-free guidance folded into one UNet call per model evaluation."""
 
 from __future__ import annotations
 
@@ -8,24 +9,26 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..ip_adapter import check_ip_scale, prompt_tokens
+from ..samplers import DEFAULT_SAMPLER, check_sampler
 from .common import (
     as_prompt_list,
     cfg_combine,
     check_batch,
     check_guidance,
+    check_model_steps,
     check_output_type,
     check_steps,
-    finish,
+    finish_program,
     resolve_seeds,
     resolve_size,
 )
+from .program import UNetCall, driven
 
 if TYPE_CHECKING:
     from ..engine import Engine
 
 
-@torch.no_grad()
-def text2img(
+def text2img_program(
     engine: Engine,
     prompts: str | Sequence[str],
     *,
@@ -39,13 +42,20 @@ def text2img(
     output_type: str = "pil",
     ip_image=None,
     ip_scale: float = 0.6,
+    sampler: str = DEFAULT_SAMPLER,
 ):
     """Generate one image per prompt.
 
+    :func:`text2img` runs it; ``text2img_program`` returns it as a program (see
+    :mod:`~dreamfuse.engine.pipelines.program`) for a scheduler to drive: the arguments are checked at once
+    (``ValueError`` naming the field), the work happens as the generator is driven.
+
     Args:
         prompts: a prompt or a list; the whole list is one batch (one UNet call per step).
-        negative_prompt: one for all prompts or one per prompt (default: empty).
-        steps: DDIM steps (eta = 0, deterministic).
+        negative_prompt: one for all prompts or one per prompt. Default (None): no negative prompt, i.e. the
+            empty prompt's embedding, or on SDXL base the zero embedding (diffusers' rule: only an *absent*
+            negative prompt is zeroed; an explicit ``""`` is encoded).
+        steps: sampler steps (Heun and DPM-SDE evaluate the model ``2·steps − 1`` times).
         guidance_scale: classifier-free guidance scale; ``<= 1`` drops the unconditional branch (half the rows).
         height, width: image size in pixels, multiples of 8 (default: the model's native size).
         seed: an int (prompt i gets ``seed + i``), one int per prompt, or None (random). An image depends
@@ -57,41 +67,60 @@ def text2img(
             tensor for all prompts, or a list with one per prompt. CFG's unconditional rows get the zero-image
             tokens, as in the official IP-Adapter code.
         ip_scale: weight of the image attention in the decoupled cross-attention (``>= 0``; 0 = text only).
+        sampler: a name of :data:`~dreamfuse.engine.samplers.SAMPLERS` (default ``"ddim"``, eta = 0). Stochastic
+            samplers draw each image's step noise from its own seed's generator, so batch invariance holds for
+            them too.
     """
     limits = engine.config.limits
     prompts = as_prompt_list(prompts, limits=limits)
     n = check_batch(len(prompts), limits)
-    steps = check_steps(steps, limits=limits)
+    steps = check_model_steps(engine, check_steps(steps, limits=limits))
     guidance_scale = check_guidance(guidance_scale)
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
     check_output_type(output_type)
     ip_scale = check_ip_scale(ip_scale)
-    negatives = as_prompt_list(negative_prompt if negative_prompt is not None else [""] * n, "negative_prompt",
-                               limits)
+    sampler = check_sampler(sampler)
+    # None = no negative prompt (SDXL base: the zero embedding, as diffusers); "" is encoded as text
+    negatives = [None] * n if negative_prompt is None else as_prompt_list(negative_prompt, "negative_prompt", limits)
     if len(negatives) == 1 and n > 1:
         negatives = negatives * n
     if len(negatives) != n:
         raise ValueError(f"negative_prompt: give one for all prompts or one per prompt ({n}), got {len(negatives)}")
 
+    if ip_image is not None and engine.ip_adapter is None:
+        raise ValueError("ip_image: no IP-Adapter is loaded (call engine.load_ip_adapter first)")
+    return _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height, width, seeds, progress,
+                           output_type, ip_image, ip_scale, sampler)
+
+
+@torch.no_grad()
+def _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height, width, seeds, progress,
+                    output_type, ip_image, ip_scale, sampler):
     use_cfg = guidance_scale > 1.0
     ip_tokens = prompt_tokens(engine, ip_image, n, use_cfg) if ip_image is not None else None
     rows = negatives + prompts if use_cfg else prompts
     embeddings, pooled = engine.encode_text(rows)
-    latents = engine.initial_latents(seeds, height, width)
-    sched = engine.new_scheduler(steps)
-    with engine.progress(steps, "text2img", progress) as bar:
-        for t in sched.timesteps:
+    sched = engine.new_sampler(sampler, steps, seeds)
+    latents = sched.initial_latents(engine.latent_shape(height, width), engine.device, engine.dtype)
+    cond = slice(n, n + 1) if use_cfg else slice(0, 1)
+    with engine.progress(sched.evaluations, "text2img", progress) as bar:
+        for i, t in enumerate(sched.timesteps):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            eps = engine.unet_call(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled)
+            eps = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
+                                 steps=sched.evaluations, preview=(cond, sched.alpha_bar(t)))
             if use_cfg:
                 eps = cfg_combine(eps, n, guidance_scale)
-            latents = sched.step(eps, t, latents, return_dict=False)[0]
+            latents = sched.step(eps, t, latents)
             bar.update(1)
 
-    infos = [{"prompt": p, "seed": s, "steps": steps, "guidance_scale": guidance_scale} for p, s in zip(prompts, seeds)]
+    infos = [{"prompt": p, "seed": s, "steps": steps, "guidance_scale": guidance_scale, "sampler": sampler}
+             for p, s in zip(prompts, seeds)]
     if ip_tokens is not None:
         for info in infos:
             info["ip_scale"] = ip_scale
-    return finish(engine, latents, output_type, infos)
+    return (yield from finish_program(engine, latents, output_type, infos))
+
+
+text2img = driven(text2img_program, "text2img")

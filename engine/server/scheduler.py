@@ -1,0 +1,551 @@
+"""The step scheduler: continuous batching of diffusion requests, one denoising step at a time.
+
+Every request is a pipeline *program* (:mod:`dreamfuse.engine.pipelines.program`): the very code of
+``engine.text2img`` / ``personalize`` / ``compose``, which asks for its UNet evaluations and VAE decodes instead of
+making them. The worker thread keeps a set of running programs; each *tick* it collects the next request of every
+one of them and
+
+- merges the UNet calls that fit together — same latent size, dtype, text width, IP-Adapter scale, no per-call
+  layer handlers — into batched calls of at most ``max_batch_rows`` rows, each row with its own timestep
+  (``timestep (B,)``: diffusers' UNet embeds each row's own), and hands every program its rows of the output;
+- runs the calls that carry layer handlers (personalize's AMA steps) on their own, in the same tick;
+- decodes the latents of the programs that finished in one batched VAE call per image size.
+
+A request admitted while others are at step 30 of 50 runs its step 0 in the next tick; a finished one leaves at
+once. Since a program never sees which rows shared its call, a request's image is the one it gets alone, within the
+rounding of batched matrix products (the same as batched text2img).
+
+Admission and policy: requests wait in a bounded priority queue (higher ``priority`` first, then arrival); a full
+queue rejects at once (:class:`QueueFull` with a retry hint). Between ticks, queued requests are admitted while the
+running rows stay within ``max_batch_rows`` (counted at the model's native size: a row of twice the side costs four),
+so at light load a request runs alone in small calls (lowest latency) and at heavy load every call is as full as
+the budget allows (highest throughput). Calls are padded to the engine's compile buckets by ``Engine.unet_call``.
+Deadlines: a request whose deadline has passed, or that cannot finish before it at the measured step time, is
+dropped (``timed_out``) before any more of its work is done. Cancellation takes effect between steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import io
+import itertools
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..pipelines.common import resolve_seeds
+from ..pipelines.program import Decode, UNetCall
+from ..prediction import prediction_type_of, to_eps_x0
+
+JOB_STATES = ("queued", "running", "done", "cancelled", "timed_out", "failed")
+TERMINAL_STATES = frozenset(JOB_STATES[2:])
+KINDS = ("text2img", "personalize", "compose")
+
+
+class QueueFull(Exception):
+    """The admission queue is full; try again after ``retry_after_s`` seconds."""
+
+    def __init__(self, retry_after_s: float, depth: int):
+        super().__init__(f"queue full ({depth} requests waiting); retry after {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class SchedulerClosed(Exception):
+    """The scheduler is shutting down and admits nothing new."""
+
+
+class Job:
+    """One request: its state, progress, events and result. Created by :meth:`StepScheduler.submit`."""
+
+    def __init__(self, kind: str, program, seeds: list[int], steps: int, rows: int, cost: float, priority: int,
+                 deadline: float | None):
+        self.id = uuid.uuid4().hex
+        self.kind = kind
+        self.seeds = seeds
+        self.step = 0
+        self.steps = steps
+        self.priority = priority
+        self.deadline = deadline
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.state = "queued"
+        self.error: str | None = None
+        self.images: list | None = None
+        self._program = program
+        self._pending: UNetCall | Decode | None = None
+        self._rows = rows  # estimated UNet rows per call (for admission)
+        self._cost = cost  # rows x (latent pixels / native latent pixels)
+        self._cancel = threading.Event()
+        self._cond = threading.Condition()
+        self._events: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------- public
+    def cancel(self, reason: str = "cancelled by the client") -> None:
+        """Ask for cancellation; it takes effect between steps (at once for a queued job). No-op when terminal."""
+        if not self.done():
+            self._cancel_reason = reason
+            self._cancel.set()
+
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is terminal (True) or ``timeout`` seconds passed (False)."""
+        with self._cond:
+            return self._cond.wait_for(self.done, timeout)
+
+    def events_since(self, index: int, timeout: float | None = None) -> list[dict]:
+        """Every event from position ``index`` on, in order; waits up to ``timeout`` for at least one."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._events) > index or self.done(), timeout)
+            return list(self._events[index:])
+
+    def __repr__(self) -> str:
+        return f"Job({self.kind}, {self.id[:8]}, {self.state}, step {self.step}/{self.steps})"
+
+    # ------------------------------------------------------------------------------------------- scheduler side
+    def _emit(self, event: dict) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    def _finish(self, state: str, error: str | None = None, images=None) -> None:
+        with self._cond:
+            if self.done():
+                return
+            self.images, self.error, self.finished = images, error, time.time()
+            self.state = state
+            event = {"type": state} if state == "done" else {"type": state, "reason": error}
+            self._events.append(event)
+            self._cond.notify_all()
+        if self._program is not None:
+            self._program.close()
+            self._program = None
+
+
+def _cat_timesteps(calls: Sequence[UNetCall], device) -> torch.Tensor:
+    """One fp32 timestep per row of the merged call (the UNet embeds timesteps as floats either way)."""
+    return torch.cat([torch.as_tensor(c.t, device=device).float().reshape(-1).expand(c.rows) for c in calls])
+
+
+def _merge_key(call: UNetCall):
+    ip = None if call.ip_tokens is None else (tuple(call.ip_tokens.shape[1:]), float(call.ip_scale))
+    return (tuple(call.latents.shape[1:]), call.latents.dtype, tuple(call.embeddings.shape[1:]), ip,
+            call.pooled is None)
+
+
+class StepScheduler:
+    """Continuous batching over one :class:`~dreamfuse.engine.Engine`; see the module docs. Starts its worker
+    thread at once.
+
+    Args:
+        engine: the engine (any UNet backend); the scheduler's worker is the only thread that should run pipelines
+            on it while it serves.
+        max_batch_rows: UNet rows per call (at the model's native size) and the admission budget of running rows.
+        max_queue: requests waiting for admission; one more is rejected with :class:`QueueFull`.
+        preview_every: emit a ``preview`` event (the current x̂0 of the request's first image through a fitted
+            latent->RGB linear map, a small PNG) every this many steps; 0 = never.
+        history: finished jobs kept for :meth:`get`.
+    """
+
+    def __init__(self, engine, *, max_batch_rows: int = 16, max_queue: int = 64, preview_every: int = 0,
+                 history: int = 1024):
+        for name, value, low in (("max_batch_rows", max_batch_rows, 1), ("max_queue", max_queue, 0),
+                                 ("preview_every", preview_every, 0), ("history", history, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        self.engine = engine
+        self.max_batch_rows = max_batch_rows
+        self.max_queue = max_queue
+        self.preview_every = preview_every
+        self.ready = False
+        self._native = (engine.default_size // engine.vae_scale_factor) ** 2
+        self._lock = threading.Condition()
+        self._queue: list[tuple[int, int, Job]] = []
+        self._seq = itertools.count()
+        self._active: list[Job] = []
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._history = history
+        self._closed = False
+        self._stop = False
+        self._step_ema: float | None = None  # seconds per tick, exponential moving average
+        self._rgb_map: torch.Tensor | None = None
+        self._stats = {"completed": Counter(), "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0,
+                       "unet_calls": 0, "images": 0, "rows_per_call": deque(maxlen=1024),
+                       "step_seconds": deque(maxlen=1024), "request_seconds": {k: deque(maxlen=1024) for k in KINDS}}
+        self._thread = threading.Thread(target=self._loop, name="dreamfuse-step-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- submitting
+    def submit(self, kind: str, *, n: int = 1, seed: int | Sequence[int] | None = None, priority: int = 0,
+               deadline_s: float | None = None, **fields) -> Job:
+        """Validate a request and queue it; returns its :class:`Job` at once. ``kind``: ``"text2img"`` (fields of
+        ``text2img_program``: ``prompt``, ``negative_prompt``, ``width``, ``height``, ``steps``, ``guidance_scale``,
+        ``sampler``, ``ip_image``, ``ip_scale``), ``"personalize"`` (``prompt``, ``reference_image``,
+        ``subject_token``, ... of ``personalize_program``) or ``"compose"`` (``layout``, ``segments``, ``prompt``,
+        ... of ``compose_batch_program``). ``n`` images, ``seed`` as the pipelines (image i gets seed + i).
+        ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted."""
+        if kind not in KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+        limits = self.engine.config.limits
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_images:
+            raise ValueError(f"n: must be an integer in [1, {limits.max_images}], got {n!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority: must be an integer, got {priority!r}")
+        deadline = None
+        if deadline_s is not None:
+            if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s > 0:
+                raise ValueError(f"deadline_s: must be a number of seconds > 0, got {deadline_s!r}")
+            deadline = time.monotonic() + float(deadline_s)
+        if "prompt" not in fields:
+            raise ValueError("prompt: required")
+        for reserved in ("progress", "output_type", "callback", "prompts", "requests"):
+            if reserved in fields:
+                raise ValueError(f"{reserved}: not a request field")
+        seeds = resolve_seeds(seed, n)
+        program, rows, steps, side = self._program(kind, n, seeds, fields)
+        cost = rows * side / self._native
+        job = Job(kind, program, seeds, steps, rows, cost, priority, deadline)
+        with self._lock:
+            if self._closed:
+                program.close()
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                self._stats["rejected"] += 1
+                program.close()
+                raise QueueFull(self._retry_after(), len(self._queue))
+            heapq.heappush(self._queue, (-priority, next(self._seq), job))
+            self._remember(job)
+            position = sum(1 for _, _, j in self._queue if (-j.priority, 0) <= (-priority, 0)) - 1
+            job._emit({"type": "queued", "position": position})
+            self._lock.notify_all()
+        return job
+
+    def _program(self, kind: str, n: int, seeds: list[int], fields: dict):
+        """(program, rows per call, sampling steps, latent pixels) of a request; checks every field now."""
+        e = self.engine
+        f = dict(fields)
+        prompt = f.pop("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: must be a string, got {type(prompt).__name__}")
+        common = dict(progress=False, output_type="pil")
+        if kind == "text2img":
+            from ..pipelines.text2img import text2img_program
+
+            program = text2img_program(e, [prompt] * n, seed=seeds, **common, **f)
+            cfg = f.get("guidance_scale", 7.5) > 1.0
+            rows = n * (2 if cfg else 1)
+        elif kind == "personalize":
+            from ..pipelines.personalize import personalize_program
+
+            ref = f.pop("reference_image", None)
+            if ref is None:
+                raise ValueError("reference_image: required")
+            program = personalize_program(e, [prompt] * n, ref, seed=seeds, **common, **f)
+            rows = 2 * (n + 1)
+        else:
+            from ..pipelines.composite import ComposeRequest, compose_batch_program
+
+            layout, segments = f.pop("layout", None), f.pop("segments", None)
+            if layout is None or segments is None:
+                raise ValueError(f"{'layout' if layout is None else 'segments'}: required")
+            req = ComposeRequest(layout, segments, prompt, f.pop("negative_prompt", None),
+                                 f.pop("scaffold_image", None))
+            program = compose_batch_program(e, [req] * n, seed=seeds, **common, **f)
+            rows = 2 * n
+        steps = f.get("steps", 80 if kind == "compose" else 50)
+        h = f.get("height") or e.default_size
+        w = f.get("width") or e.default_size
+        return program, rows, int(steps), (h // e.vae_scale_factor) * (w // e.vae_scale_factor)
+
+    # ------------------------------------------------------------------------------------------- queries
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            s = self._stats
+            return {"queue_depth": len(self._queue), "running": len(self._active),
+                    "completed": dict(s["completed"]), "cancelled": s["cancelled"], "timed_out": s["timed_out"],
+                    "failed": s["failed"], "rejected": s["rejected"], "unet_calls": s["unet_calls"],
+                    "rows_per_call": list(s["rows_per_call"]), "step_seconds": list(s["step_seconds"]),
+                    "request_seconds": {k: list(v) for k, v in s["request_seconds"].items()}, "images": s["images"]}
+
+    def warmup(self, timeout: float | None = None) -> None:
+        """One small text2img through the scheduler (first calls pay allocator and compile costs); then
+        :attr:`ready` is True."""
+        job = self.submit("text2img", prompt="warm-up", steps=2, seed=0)
+        job.wait(timeout)
+        if job.state != "done":
+            raise RuntimeError(f"warm-up failed: {job.state} ({job.error})")
+        self.ready = True
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop admitting; let queued and running jobs finish within ``grace_s`` seconds, cancel the rest; join."""
+        end = time.monotonic() + max(0.0, grace_s)
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: not self._active and not self._queue, max(0.0, end - time.monotonic()))
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join()
+        with self._lock:  # whatever the grace period did not finish
+            left = [j for _, _, j in self._queue] + self._active
+            self._queue.clear()
+            self._active.clear()
+        for job in left:
+            self._end(job, "cancelled", "server shutting down")
+        self.ready = False
+
+    # ------------------------------------------------------------------------------------------- worker
+    def _remember(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        while len(self._jobs) > self._history:
+            oldest = next(iter(self._jobs.values()))
+            if not oldest.done():
+                break
+            self._jobs.popitem(last=False)
+
+    def _retry_after(self) -> float:
+        per_step = self._step_ema or 0.5
+        return round(max(1.0, per_step * 10), 1)
+
+    def _end(self, job: Job, state: str, reason: str | None = None, images=None) -> None:
+        job._finish(state, reason, images)
+        with self._lock:
+            if state == "done":
+                self._stats["completed"][job.kind] += 1
+                self._stats["images"] += len(images or ())
+                self._stats["request_seconds"][job.kind].append(job.finished - job.created)
+            else:
+                self._stats[state] += 1
+            self._lock.notify_all()
+
+    def _admit(self) -> list[Job]:
+        """Under the lock: drop cancelled / expired queued jobs, admit while the rows budget allows."""
+        now = time.monotonic()
+        kept, dropped = [], []
+        for item in self._queue:
+            job = item[2]
+            if job._cancel.is_set():
+                dropped.append((job, "cancelled", getattr(job, "_cancel_reason", "cancelled")))
+            elif job.deadline is not None and now >= job.deadline:
+                dropped.append((job, "timed_out", "deadline passed while queued"))
+            else:
+                kept.append(item)
+        heapq.heapify(kept)
+        self._queue = kept
+        budget = self.max_batch_rows - sum(j._cost for j in self._active)
+        admitted = []
+        while self._queue:
+            job = self._queue[0][2]
+            if self._active or admitted:  # an idle scheduler always takes the first job, whatever its size
+                if job._cost > budget:
+                    break
+            heapq.heappop(self._queue)
+            if job.deadline is not None and self._step_ema is not None:
+                need = self._step_ema * job.steps
+                if now + need > job.deadline:
+                    dropped.append((job, "timed_out", f"cannot finish before its deadline (needs ~{need:.1f} s "
+                                                      f"at {self._step_ema:.3f} s/step)"))
+                    continue
+            budget -= job._cost
+            admitted.append(job)
+        for job, state, reason in dropped:
+            job._finish(state, reason)
+            self._stats[state] += 1
+        if dropped:
+            self._lock.notify_all()
+        return admitted
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stop:
+                    return
+                new = self._admit()
+                if not new and not self._active:
+                    self._lock.wait(timeout=0.05)
+                    continue
+            for job in new:
+                self._start(job)
+            with self._lock:
+                active = list(self._active)
+            if active:
+                t0 = time.perf_counter()
+                self._tick(active)
+                dt = time.perf_counter() - t0
+                with self._lock:
+                    self._stats["step_seconds"].append(dt)
+                    self._step_ema = dt if self._step_ema is None else 0.8 * self._step_ema + 0.2 * dt
+
+    def _start(self, job: Job) -> None:
+        job.started = time.time()
+        job.state = "running"
+        job._emit({"type": "started"})
+        try:
+            job._pending = next(job._program)
+        except StopIteration as stop:  # nothing to compute (cannot happen for the pipelines, but be exact)
+            self._end(job, "done", images=stop.value)
+            return
+        except Exception as exc:  # noqa: BLE001 - the request fails alone, with its reason
+            self._end(job, "failed", _reason(exc))
+            return
+        with self._lock:
+            self._active.append(job)
+
+    def _advance(self, job: Job, result: torch.Tensor) -> None:
+        """Send ``result`` to the job's program; record its next request, or its end."""
+        request = job._pending
+        try:
+            job._pending = job._program.send(result)
+        except StopIteration as stop:
+            self._retire(job)
+            self._end(job, "done", images=stop.value)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self._retire(job)
+            self._end(job, "failed", _reason(exc))
+            return
+        if isinstance(request, UNetCall) and request.step is not None:
+            job.step, job.steps = request.step + 1, request.steps
+            job._emit({"type": "step", "step": job.step, "steps": job.steps})
+            if self.preview_every and request.preview is not None and job.step % self.preview_every == 0:
+                self._preview(job, request, result)
+
+    def _retire(self, job: Job) -> None:
+        with self._lock:
+            if job in self._active:
+                self._active.remove(job)
+
+    def _tick(self, active: list[Job]) -> None:
+        now = time.monotonic()
+        runnable = []
+        for job in active:
+            if job._cancel.is_set():
+                self._retire(job)
+                self._end(job, "cancelled", getattr(job, "_cancel_reason", "cancelled"))
+            elif job.deadline is not None and now >= job.deadline:
+                self._retire(job)
+                self._end(job, "timed_out", f"deadline passed at step {job.step} of {job.steps}")
+            elif (job.deadline is not None and self._step_ema is not None
+                  and now + self._step_ema * (job.steps - job.step) > job.deadline):
+                self._retire(job)
+                self._end(job, "timed_out", f"cannot finish before its deadline (step {job.step} of {job.steps}, "
+                                            f"{self._step_ema:.3f} s/step)")
+            else:
+                runnable.append(job)
+        decodes = [j for j in runnable if isinstance(j._pending, Decode)]
+        calls = [j for j in runnable if isinstance(j._pending, UNetCall)]
+        # ---- batched VAE decodes of the finished programs, per latent size
+        by_shape: dict[tuple, list[Job]] = {}
+        for job in decodes:
+            by_shape.setdefault(tuple(job._pending.latents.shape[1:]), []).append(job)
+        for group in by_shape.values():
+            self._run_group(group, lambda js: self.engine.decode(torch.cat([j._pending.latents for j in js])),
+                            lambda j: j._pending.latents.shape[0])
+        # ---- UNet calls: merge what fits, the calls with layer handlers alone
+        groups: dict[Any, list[Job]] = {}
+        alone = []
+        for job in calls:
+            if job._pending.ctx is not None:
+                alone.append([job])
+            else:
+                groups.setdefault(_merge_key(job._pending), []).append(job)
+        chunks = []
+        for group in groups.values():
+            chunk, rows = [], 0
+            for job in group:
+                r = job._pending.rows
+                if chunk and rows + r > self.max_batch_rows:
+                    chunks.append(chunk)
+                    chunk, rows = [], 0
+                chunk.append(job)
+                rows += r
+            chunks.append(chunk)
+        for chunk in chunks + alone:
+            self._run_group(chunk, self._unet, lambda j: j._pending.rows)
+
+    def _run_group(self, jobs: list[Job], fn, rows_of) -> None:
+        """Run ``fn(jobs)`` once for the group and give each job its rows; if the merged run fails, run each job
+        alone so that only the jobs that fail by themselves fail."""
+        try:
+            out = fn(jobs)
+        except Exception as exc:  # noqa: BLE001 - a merged run is retried job by job
+            if len(jobs) == 1:
+                self._retire(jobs[0])
+                self._end(jobs[0], "failed", _reason(exc))
+            else:
+                for job in jobs:
+                    self._run_group([job], fn, rows_of)
+            return
+        start = 0
+        for job in jobs:
+            r = rows_of(job)
+            self._advance(job, out[start : start + r])
+            start += r
+
+    def _unet(self, jobs: list[Job]) -> torch.Tensor:
+        calls = [j._pending for j in jobs]
+        with self._lock:
+            self._stats["unet_calls"] += 1
+            self._stats["rows_per_call"].append(sum(c.rows for c in calls))
+        if len(calls) == 1:
+            return calls[0].run(self.engine)
+        e = self.engine
+        first = calls[0]
+        time_ids = None
+        if e.is_xl:
+            h, w = (s * e.vae_scale_factor for s in first.latents.shape[-2:])
+            time_ids = torch.cat([torch.as_tensor(c.time_ids if c.time_ids is not None else e.time_ids(h, w))
+                                  .to(e.device, e.dtype).reshape(-1, 6).expand(c.rows, -1) for c in calls])
+        merged = UNetCall(
+            torch.cat([c.latents for c in calls]), _cat_timesteps(calls, e.device),
+            torch.cat([c.embeddings for c in calls]),
+            None if first.ip_tokens is None else torch.cat([c.ip_tokens for c in calls]), first.ip_scale,
+            pooled=None if first.pooled is None else torch.cat([c.pooled for c in calls]), time_ids=time_ids)
+        return merged.run(e)
+
+    # ------------------------------------------------------------------------------------------- previews
+    def _preview(self, job: Job, call: UNetCall, out: torch.Tensor) -> None:
+        rows, alpha = call.preview
+        kind = prediction_type_of(self.engine.scheduler)
+        _, x0 = to_eps_x0(out[rows].float(), call.latents[rows].float(), alpha, kind)
+        rgb = (x0[0].permute(1, 2, 0) @ self._latent_rgb()[:-1] + self._latent_rgb()[-1]).clamp(0, 1)
+        from PIL import Image
+
+        img = Image.fromarray((rgb.cpu().numpy() * 255).round().astype("uint8"))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        job._emit({"type": "preview", "step": job.step, "png_b64": base64.b64encode(buf.getvalue()).decode()})
+
+    def _latent_rgb(self) -> torch.Tensor:
+        """A ``(C + 1, 3)`` affine map latent channels -> RGB, least-squares fitted once to this model's VAE on a
+        few random latents (each latent pixel against the mean colour of the 8x8 patch it decodes to)."""
+        if self._rgb_map is None:
+            e = self.engine
+            g = torch.Generator("cpu").manual_seed(0)
+            z = torch.randn(4, e.unet.config.in_channels, 8, 8, generator=g).to(e.device, e.dtype)
+            img = e.decode(z)  # (4, 3, 8f, 8f) in [0, 1]
+            target = torch.nn.functional.avg_pool2d(img, e.vae_scale_factor).permute(0, 2, 3, 1).reshape(-1, 3)
+            x = z.float().cpu().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+            x = torch.cat([x, torch.ones(x.shape[0], 1)], 1)
+            self._rgb_map = torch.linalg.lstsq(x, target).solution.to(e.device)
+        return self._rgb_map
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+__all__ = ["JOB_STATES", "KINDS", "Job", "QueueFull", "SchedulerClosed", "StepScheduler"]

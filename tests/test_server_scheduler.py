@@ -1,0 +1,244 @@
+"""The step scheduler: continuous batching gives every request the image it gets alone, whatever shares its
+steps; admission, priority, deadlines, cancellation, failure isolation, shutdown; nothing lost."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from dreamfuse.engine import Engine, EngineConfig
+from dreamfuse.engine.server import JOB_STATES, QueueFull, SchedulerClosed, StepScheduler
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained("tiny", EngineConfig(device="cpu", backend="torch", progress=False))
+
+
+@pytest.fixture
+def sched(engine):
+    s = StepScheduler(engine, max_batch_rows=16)
+    yield s
+    s.shutdown(grace_s=0)
+
+
+def _pixels(img) -> np.ndarray:
+    return np.asarray(img).astype(np.int16)
+
+
+def _solo(engine, kind, n=1, seed=0, **fields):
+    prompt = fields.pop("prompt")
+    if kind == "text2img":
+        return engine.text2img([prompt] * n, seed=seed, **fields)
+    if kind == "personalize":
+        return engine.personalize([prompt] * n, fields.pop("reference_image"), seed=seed, **fields)
+    from dreamfuse.engine.pipelines.composite import ComposeRequest, compose_batch
+
+    req = ComposeRequest(fields.pop("layout"), fields.pop("segments"), prompt, fields.pop("negative_prompt", None))
+    return compose_batch(engine, [req] * n, seed=seed, **fields)
+
+
+def _assert_same_as_solo(engine, job, kind, fields):
+    assert job.wait(120) and job.state == "done", (job.state, job.error)
+    solo = _solo(engine, kind, n=len(job.seeds), seed=job.seeds, **dict(fields))
+    for got, ref in zip(job.images, solo):
+        assert np.abs(_pixels(got) - _pixels(ref)).max() <= 1  # batched rounding: at most 1/255
+        assert got.info["seed"] == ref.info["seed"]
+
+
+def test_per_row_timesteps_equal_separate_unet_calls(engine):
+    """What continuous batching rests on: diffusers' UNet with one timestep per row gives each row what a call
+    at that row's timestep alone gives."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 8, 8, generator=g)
+    emb = engine.encode_prompts(["a cat", "a dog", "a car"])
+    t = torch.tensor([901, 500, 21])
+    together = engine.unet_call(x, t, emb)
+    for i in range(3):
+        torch.testing.assert_close(together[i : i + 1], engine.unet_call(x[i : i + 1], t[i], emb[i : i + 1]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_staggered_mixed_requests_equal_their_solo_images(engine, sched):
+    """Arrivals while others are mid-way, mixed steps, guidance, sizes, samplers, image counts: each image is
+    its solo generation's, and calls really carried rows of several requests at different timesteps."""
+    seen_t = []
+    real = engine.unet_call
+
+    def spy(latents, t, *a, **k):
+        seen_t.append(torch.as_tensor(t).reshape(-1).tolist())
+        return real(latents, t, *a, **k)
+
+    engine.unet_call = spy
+    try:
+        requests = [
+            dict(prompt="a photo of a cat", steps=6, guidance_scale=7.5, sampler="ddim", height=SIZE, width=SIZE),
+            dict(prompt="a red car", steps=4, guidance_scale=3.0, sampler="euler-a", height=SIZE, width=SIZE),
+            dict(prompt="a dog", steps=5, guidance_scale=1.0, sampler="dpmpp-2m", height=SIZE, width=SIZE),
+            dict(prompt="a house", steps=3, guidance_scale=5.0, sampler="heun", height=SIZE, width=96),
+            dict(prompt="a tree", steps=4, guidance_scale=6.0, sampler="ddim", height=SIZE, width=SIZE,
+                 negative_prompt="blurry"),
+        ]
+        jobs = []
+        for i, r in enumerate(requests):
+            n = 2 if i == 1 else 1
+            jobs.append((sched.submit("text2img", n=n, seed=10 * i, **r), r))
+            if i < 2:  # the next ones arrive while these are running
+                first = jobs[-1][0]
+                while first.step < 2 and not first.done():
+                    time.sleep(0.01)
+        for job, _ in jobs:
+            assert job.wait(120)
+    finally:
+        del engine.unet_call
+    for job, r in jobs:
+        _assert_same_as_solo(engine, job, "text2img", r)
+    mixed = [ts for ts in seen_t if len(set(ts)) > 1]
+    assert mixed, "no call carried rows at different timesteps"
+    assert max(sched.stats()["rows_per_call"]) > 4
+
+
+def test_personalize_and_compose_are_served_beside_text2img(engine, sched):
+    ref = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    layout = np.zeros((SIZE, SIZE, 3), np.uint8)
+    layout[:, : SIZE // 2] = (255, 0, 0)
+    layout[:, SIZE // 2:] = (0, 0, 255)
+    per = dict(prompt="a photo of a sks dog", reference_image=ref, subject_token="sks", steps=3, height=SIZE,
+               width=SIZE)
+    com = dict(prompt="a pet pair", layout=layout, segments={"#ff0000": "a cat", "#0000ff": "a dog"}, steps=3,
+               global_steps=1, scaffold_fraction=0.34)
+    t2i = dict(prompt="a cat", steps=3, height=SIZE, width=SIZE)
+    jobs = [(sched.submit("personalize", seed=1, **per), "personalize", per),
+            (sched.submit("compose", seed=2, **com), "compose", com),
+            (sched.submit("text2img", seed=3, **t2i), "text2img", t2i)]
+    for job, kind, fields in jobs:
+        _assert_same_as_solo(engine, job, kind, fields)
+
+
+def test_events_progress_and_preview(engine):
+    s = StepScheduler(engine, preview_every=2)
+    try:
+        job = s.submit("text2img", prompt="a cat", steps=4, seed=0, height=SIZE, width=SIZE)
+        assert job.wait(60) and job.state == "done"
+        events = job.events_since(0)
+    finally:
+        s.shutdown(grace_s=0)
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["queued", "started"] and kinds[-1] == "done"
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2, 3, 4]
+    previews = [e for e in events if e["type"] == "preview"]
+    assert [p["step"] for p in previews] == [2, 4]
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(previews[-1]["png_b64"])))
+    assert img.size == (SIZE // 8, SIZE // 8)
+
+
+def test_priority_orders_admission(engine):
+    s = StepScheduler(engine, max_batch_rows=2)  # one CFG request at a time
+    try:
+        first = s.submit("text2img", prompt="a", steps=4, seed=0, height=SIZE, width=SIZE)
+        low = s.submit("text2img", prompt="b", steps=2, seed=0, height=SIZE, width=SIZE, priority=0)
+        high = s.submit("text2img", prompt="c", steps=2, seed=0, height=SIZE, width=SIZE, priority=5)
+        for j in (first, low, high):
+            assert j.wait(60) and j.state == "done"
+        assert high.started < low.started
+    finally:
+        s.shutdown(grace_s=0)
+
+
+def test_deadlines_drop_work_that_cannot_finish(engine):
+    s = StepScheduler(engine, max_batch_rows=2)
+    try:
+        long = s.submit("text2img", prompt="a", steps=8, seed=0, height=SIZE, width=SIZE)
+        queued = s.submit("text2img", prompt="b", steps=8, seed=0, height=SIZE, width=SIZE, deadline_s=0.05)
+        assert queued.wait(60) and queued.state == "timed_out" and queued.step == 0  # never computed
+        assert long.wait(60) and long.state == "done"
+        running = s.submit("text2img", prompt="c", steps=200, seed=0, height=SIZE, width=SIZE, deadline_s=1.0)
+        assert running.wait(60) and running.state == "timed_out" and running.step < 200
+        assert "deadline" in running.error
+    finally:
+        s.shutdown(grace_s=0)
+
+
+def test_cancel_between_steps(engine, sched):
+    job = sched.submit("text2img", prompt="a cat", steps=100, seed=0, height=SIZE, width=SIZE)
+    while job.step < 1:
+        time.sleep(0.01)
+    job.cancel()
+    assert job.wait(30) and job.state == "cancelled" and job.step < 100
+    assert job.events_since(0)[-1]["type"] == "cancelled"
+    queued_then_cancelled = StepScheduler(engine, max_batch_rows=2)
+    try:
+        a = queued_then_cancelled.submit("text2img", prompt="a", steps=6, seed=0, height=SIZE, width=SIZE)
+        b = queued_then_cancelled.submit("text2img", prompt="b", steps=6, seed=0, height=SIZE, width=SIZE)
+        b.cancel()
+        assert b.wait(30) and b.state == "cancelled" and b.started is None
+        assert a.wait(60) and a.state == "done"
+    finally:
+        queued_then_cancelled.shutdown(grace_s=0)
+
+
+def test_full_queue_rejects_at_once_and_nothing_is_lost(engine):
+    s = StepScheduler(engine, max_batch_rows=2, max_queue=3)
+    accepted, rejected = [], 0
+    try:
+        for i in range(10):
+            try:
+                accepted.append(s.submit("text2img", prompt=f"p{i}", steps=2, seed=i, height=SIZE, width=SIZE))
+            except QueueFull as e:
+                rejected += 1
+                assert e.retry_after_s >= 1.0
+        for j in accepted:
+            assert j.wait(60)
+    finally:
+        s.shutdown(grace_s=0)
+    assert rejected >= 1 and len(accepted) + rejected == 10
+    assert s.stats()["rejected"] == rejected
+    for j in accepted:
+        events = j.events_since(0)
+        terminal = [e for e in events if e["type"] in JOB_STATES[2:]]
+        assert len(terminal) == 1 and events[-1] is terminal[0] and j.state == "done"
+
+
+def test_a_failing_request_fails_alone(engine, sched):
+    """A request whose latents blow up (a guidance scale far too large) fails with the reason; the requests that
+    shared its calls finish as if alone."""
+    bad = sched.submit("text2img", prompt="a cat", steps=3, seed=0, height=SIZE, width=SIZE, guidance_scale=1e38)
+    good = sched.submit("text2img", prompt="a dog", steps=3, seed=1, height=SIZE, width=SIZE)
+    assert bad.wait(60) and bad.state == "failed" and "NonFiniteOutputError" in bad.error
+    _assert_same_as_solo(engine, good, "text2img", dict(prompt="a dog", steps=3, height=SIZE, width=SIZE))
+    later = sched.submit("text2img", prompt="a car", steps=2, seed=2, height=SIZE, width=SIZE)
+    assert later.wait(60) and later.state == "done"
+
+
+def test_bad_fields_are_value_errors_at_submit(sched):
+    for fields, field in [(dict(prompt="a", steps=0), "steps"), (dict(prompt="a", sampler="nope"), "sampler"),
+                          (dict(steps=2), "prompt"), (dict(prompt="a", height=12), "height"),
+                          (dict(prompt="a", n=0), "n"), (dict(prompt="a", deadline_s=-1), "deadline_s")]:
+        with pytest.raises(ValueError, match=rf"^{field}"):
+            sched.submit("text2img", **fields)
+    with pytest.raises(ValueError, match="^kind"):
+        sched.submit("video", prompt="a")
+    with pytest.raises(ValueError, match="^reference_image"):
+        sched.submit("personalize", prompt="a sks dog", subject_token="sks")
+
+
+def test_shutdown_finishes_within_grace_then_cancels(engine):
+    s = StepScheduler(engine, max_batch_rows=4)
+    quick = s.submit("text2img", prompt="a", steps=3, seed=0, height=SIZE, width=SIZE)
+    slow = s.submit("text2img", prompt="b", steps=900, seed=0, height=SIZE, width=SIZE)
+    while quick.step < 1:
+        time.sleep(0.01)
+    done = threading.Event()
+    threading.Thread(target=lambda: (s.shutdown(grace_s=3.0), done.set()), daemon=True).start()
+    assert done.wait(60)
+    assert quick.state == "done" and slow.state == "cancelled" and "shutting down" in slow.error
+    with pytest.raises(SchedulerClosed):
+        s.submit("text2img", prompt="c", steps=2)

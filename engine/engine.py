@@ -360,6 +360,52 @@ class Engine:
 
         unload_ip_adapter(self)
 
+    # LoRA (see dreamfuse.engine.lora). Thread safety: loading, unloading, fusing and scale changes mutate the
+    # shared model; do them while no call runs (as for load_ip_adapter).
+    @property
+    def loras(self):
+        """name -> scale of the loaded LoRAs, in load order (a read-only snapshot)."""
+        from .lora import loras
+
+        return loras(self)
+
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Load a LoRA ``.safetensors`` (diffusers or kohya format; UNet and text encoder(s)) next to any loaded
+        ones, at ``scale`` (>= 0), as ``name`` (default: the file's stem); returns the name. Mutates the shared
+        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.load_lora`."""
+        from .lora import load_lora
+
+        return load_lora(self, path, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove the LoRA ``name`` (default: all; then the model is bit-identical to the base). Mutates the shared
+        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.unload_lora`."""
+        from .lora import unload_lora
+
+        unload_lora(self, name)
+
+    def set_lora_scale(self, name_or_scales, scale: float | None = None) -> None:
+        """``set_lora_scale("style", 0.5)`` or ``set_lora_scale({"style": 0.5, "subject": 1.0})``. Mutates the shared
+        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.set_lora_scale`."""
+        from .lora import set_lora_scale
+
+        set_lora_scale(self, name_or_scales, scale)
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded LoRAs into the base weights (no per-call LoRA cost; :meth:`unfuse_lora` restores the
+        base exactly). Mutates the shared model: call it while no pipeline runs. See
+        :func:`dreamfuse.engine.lora.fuse_lora`."""
+        from .lora import fuse_lora
+
+        fuse_lora(self)
+
+    def unfuse_lora(self) -> None:
+        """Undo :meth:`fuse_lora`: the LoRAs run as separate, hot-swappable layers again. Mutates the shared
+        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.unfuse_lora`."""
+        from .lora import unfuse_lora
+
+        unfuse_lora(self)
+
     def personalize(self, prompts, reference_image, **kwargs):
         """DreamMatcher personalization; see :func:`dreamfuse.engine.pipelines.personalize.personalize`."""
         from .pipelines.personalize import personalize

@@ -34,3 +34,12 @@ def build_tiny_backbone(seed: int = 0):
         model = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
     return model.eval().requires_grad_(False)
+
+
+def build_tiny_lora(engine, path, *, seed: int = 0, rank: int = 4, text_encoder: bool = True,
+                    format: str = "diffusers"):
+    """Write a seeded tiny LoRA ``.safetensors`` for ``engine``'s model (diffusers or kohya format) and return its
+    path; see :func:`dreamfuse.engine.lora.build_tiny_lora`."""
+    from .lora import build_tiny_lora as build
+
+    return build(engine, path, seed=seed, rank=rank, text_encoder=text_encoder, format=format)

@@ -89,8 +89,10 @@ def seed_int(name: str = "--seed"):
 
 # ------------------------------------------------------------------------------------------------ shared options
 def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, dtype_option: bool = True,
-                   backend_default: str = "triton on CUDA, torch on CPU") -> None:
-    """Options shared by every subcommand that loads a model. Trainers leave out what they cannot honour."""
+                   lora_option: bool = True, backend_default: str = "triton on CUDA, torch on CPU",
+                   unet_option: bool | None = None) -> None:
+    """Options shared by every subcommand that loads a model. Trainers leave out what they cannot honour
+    (``unet_option``, an exported UNet instead of the PyTorch one, follows ``compile_option`` unless given)."""
     g = p.add_argument_group("model and runtime")
     g.add_argument("--model", default="tiny",
                    help="'tiny' (embedded random-weight SD-layout model, the default), 'tiny-xl' (its SDXL-layout "
@@ -107,6 +109,16 @@ def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, d
                    help=f"attention backend (default: {backend_default})")
     if compile_option:
         g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
+    if compile_option if unet_option is None else unet_option:
+        g.add_argument("--unet", default=None, metavar="DIR|FILE.plan",
+                       help="run the UNet from an export instead of PyTorch: a `dreamfuse export onnx` folder "
+                            "(onnxruntime) or a `dreamfuse export tensorrt` folder / .plan file (TensorRT); checked "
+                            "against --model's weights, and calls outside its exported sizes are refused")
+    if lora_option:
+        g.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",
+                       help="a LoRA .safetensors (diffusers or kohya format; UNet and text encoder layers) applied "
+                            "to the model, at SCALE >= 0 (default 1.0); repeat for several at once. A path holding "
+                            "':' is read as a path unless what follows the last ':' is a number")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars or loading messages (also the default when stderr is not a terminal)")
 
@@ -218,8 +230,39 @@ def output_folder(out: str, flag: str = "--out") -> Path:
     return path
 
 
+def lora_spec(s: str) -> tuple[str, float]:
+    """``--lora FILE[:SCALE]`` -> ``(FILE, SCALE)`` (scale 1.0 by default). The part after the last ``:`` is the
+    scale only when it reads as a number and the whole argument is not itself an existing file, so ``dir:x/a.st``
+    stays a path; a numeric scale must be finite and >= 0."""
+    head, sep, tail = s.rpartition(":")
+    if not sep or Path(s).expanduser().is_file():
+        return s, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        return s, 1.0
+    if not head:
+        raise argparse.ArgumentTypeError(f"{s!r} has a scale but no file (FILE[:SCALE])")
+    if not math.isfinite(scale) or scale < 0:
+        raise argparse.ArgumentTypeError(f"--lora scale must be a finite number >= 0, got {tail!r} in {s!r}")
+    return head, scale
+
+
+def lora_names(specs) -> list[str]:
+    """A name per ``--lora`` file: its stem, numbered (``style-2``) when two files share one."""
+    names: list[str] = []
+    for path, _ in specs:
+        stem = Path(path).stem or "lora"
+        name, i = stem, 1
+        while name in names:
+            i += 1
+            name = f"{stem}-{i}"
+        names.append(name)
+    return names
+
+
 def check_model_args(args) -> None:
-    """``--model``/``--config``/``--device``/``--dtype`` before any model work."""
+    """``--model``/``--config``/``--device``/``--dtype``/``--lora`` before any model work."""
     from ..validation import EMBEDDED_MODELS, check_device
 
     if args.model not in EMBEDDED_MODELS:
@@ -238,6 +281,11 @@ def check_model_args(args) -> None:
 
         if args.dtype.lower() not in DTYPE_NAMES:
             raise CLIError(f"--dtype: unknown dtype {args.dtype!r} (use one of fp16, bf16, fp32)")
+    if getattr(args, "lora", None):
+        from ..lora import check_lora_file
+
+        for path, _ in args.lora:
+            check_lora_file(path, "--lora")  # exists, .safetensors, LoRA tensors (its header only; no torch)
 
 
 def quiet_libraries(enabled: bool) -> None:
@@ -281,7 +329,25 @@ def load_engine(args, **overrides):
     fields = {"device": args.device, "dtype": getattr(args, "dtype", None), "backend": args.backend,
               "compile": getattr(args, "compile", False), "progress": progress_enabled(args)}
     fields.update(overrides)
-    return Engine.from_pretrained(args.model, EngineConfig(**fields), config_dir=args.config)
+    unet = None
+    if getattr(args, "unet", None):
+        if fields.get("compile"):
+            raise CLIError("--compile: compiles the PyTorch UNet; --unet runs an exported one (use one or the other)")
+        from dreamfuse.export.runtime import backend_for_path
+
+        try:
+            unet = backend_for_path(args.unet)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(f"--unet: {str(e).removeprefix('unet: ')}") from None
+    engine = Engine.from_pretrained(args.model, EngineConfig(**fields), config_dir=args.config)
+    if getattr(args, "lora", None):
+        from ..lora import load_lora
+
+        for (path, scale), name in zip(args.lora, lora_names(args.lora)):
+            load_lora(engine, path, scale, name, field="--lora")
+    if unet is not None:  # after the LoRAs: an export made with them loaded hashes like this engine's UNet
+        engine.set_unet_backend(unet, Path(args.unet).expanduser(), field="--unet")
+    return engine
 
 
 def save_images(images, out: str) -> None:

@@ -88,6 +88,7 @@ class Engine:
         self.processors = install_processors(self.unet, self.config.backend)
         self._feature_hooks = install_feature_hooks(self.unet)
         self._unet_fn = self.unet
+        self.unet_backend = "torch"  # what runs the UNet calls: see set_unet_backend
         if self.config.compile:
             mode = "reduce-overhead" if (self.config.cuda_graphs and self.device.type == "cuda") else None
             self._unet_fn = torch.compile(self.unet, mode=mode, dynamic=False)
@@ -100,14 +101,48 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "tiny", config: EngineConfig | None = None, *,
-                        config_dir: str | Path | None = None) -> Engine:
+                        config_dir: str | Path | None = None, unet_backend="torch",
+                        unet_path: str | Path | None = None) -> Engine:
         """Load ``"tiny"`` / ``"tiny-xl"`` (the embedded SD 1.x- and SDXL-layout models), ``"random-sd15"`` /
         ``"random-sdxl"`` (random weights, real architectures: for benchmarks), a local diffusers folder
         (``model_index.json``), or a single ``.safetensors`` SD/SDXL checkpoint (its architecture configs from
-        ``config_dir``; see ``loading.py``)."""
+        ``config_dir``; see ``loading.py``). ``unet_backend``/``unet_path``: what runs the UNet calls; see
+        :meth:`set_unet_backend`."""
         config = (config or EngineConfig()).resolved()
-        return cls(load_components(name_or_path, dtype=config.dtype, config_dir=config_dir, device=config.device),
-                   config)
+        engine = cls(load_components(name_or_path, dtype=config.dtype, config_dir=config_dir, device=config.device),
+                     config)
+        if unet_backend != "torch" or unet_path is not None:
+            engine.set_unet_backend(unet_backend, unet_path)
+        return engine
+
+    def set_unet_backend(self, backend="torch", path: str | Path | None = None, **options) -> None:
+        """What runs the UNet calls of every pipeline: ``"torch"`` (the engine's PyTorch UNet, compiled with
+        ``config.compile``), ``"onnxruntime"`` (``path``: a ``dreamfuse export onnx`` folder), ``"tensorrt"``
+        (``path``: a ``dreamfuse export tensorrt`` folder or ``.plan``), or a backend object (see
+        ``dreamfuse.export.runtime.UNetBackend``); ``options`` go to the backend (e.g. ``providers=["cuda"]``).
+        An exported backend is checked against this engine's UNet weights (and IP-Adapter) before use, and refuses
+        calls outside its exported profile. Clears the inversion cache (made with the previous UNet). Changes
+        shared state: call it while no pipeline runs."""
+        if isinstance(backend, str) and backend == "torch":
+            if path is not None:
+                raise ValueError("unet_path: only for an exported backend (onnxruntime, tensorrt)")
+            fn = self.unet
+            if self.config.compile:
+                mode = "reduce-overhead" if (self.config.cuda_graphs and self.device.type == "cuda") else None
+                fn = torch.compile(self.unet, mode=mode, dynamic=False)
+        else:
+            if isinstance(backend, str):  # loaded lazily by name: the core does not import export/ otherwise
+                import importlib
+
+                runtime = importlib.import_module("dreamfuse.export.runtime")
+                if path is None:
+                    raise ValueError(f"unet_path: the {backend} backend needs an export folder")
+                backend = runtime.load_unet_backend(backend, path, **options)
+            backend.bind(self)
+            fn = backend
+        self._unet_fn = fn
+        self.unet_backend = "torch" if fn is self.unet or not hasattr(fn, "bind") else getattr(fn, "name", "?")
+        self.inversion_cache.clear()
 
     # ----------------------------------------------------------------------------------------- defaults
     @property

@@ -420,7 +420,8 @@ def scan_sample(folder: Path) -> tuple[Path, list[Path], str]:
     return refs[0], gens, prompt_file.read_text().strip()
 
 
-def quality_maps(dataset_dir, estimator: PatchQualityEstimator, latent_hw, cache_dir) -> list[QualitySample]:
+def quality_maps(dataset_dir, estimator: PatchQualityEstimator, latent_hw, cache_dir, *,
+                 shard: tuple[int, int] = (0, 1)) -> list[QualitySample]:
     """Patch-quality maps of a PatchDPO dataset, computed once and cached.
 
     Layout: ``DATASET_DIR/<sample>/{ref.png, gen*.png, prompt.txt}`` (one reference, one or more generated
@@ -428,6 +429,9 @@ def quality_maps(dataset_dir, estimator: PatchQualityEstimator, latent_hw, cache
     ``{"q_gen", "q_ref"}`` at ``latent_hw``; the key hashes the two files' contents, ``latent_hw`` and
     :meth:`PatchQualityEstimator.fingerprint`, so an edited image or another backbone recomputes, and a
     renamed or copied sample does not. A sample's uncached pairs go through the estimator as one batch.
+
+    ``shard = (rank, world_size)``: only the samples ``i`` (in folder-name order) with ``i % world_size == rank``
+    (one rank's share of a data-parallel run's cache; the whole dataset is still validated first).
 
     Raises:
         ValueError: a missing or empty dataset folder, or a sample without ``ref.*``, ``gen*`` or
@@ -443,6 +447,8 @@ def quality_maps(dataset_dir, estimator: PatchQualityEstimator, latent_hw, cache
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     scanned = [(f, *scan_sample(f)) for f in folders]  # validate everything before any model work
+    rank, world = shard
+    scanned = scanned[rank::world]
     tag = f"{estimator.fingerprint()}|{size[0]}x{size[1]}"
     out = []
     for folder, ref, gens, prompt in scanned:

@@ -19,13 +19,20 @@ outputs:
   OUT/checkpoints/step-NNNNNNN.pt   resumable state (--checkpoint-every, --resume latest)
 
 SD 1.x/2.x and SDXL (per-image SDXL time ids: original size, crop 0 0, training size). Training runs in fp32
-(mixed precision on CUDA through --mixed-precision).
+(mixed precision on CUDA through --mixed-precision, or accelerate launch's --mixed_precision with the default auto).
+
+several GPUs / machines: run the same command under torchrun or accelerate launch (one process per GPU);
+--batch-size is per process, the effective batch (printed at start) is batch x accumulation x processes; rank 0
+writes OUT (put it on a filesystem every machine sees).
 
 examples:
   dreamfuse train patchdpo --model ./sd15 --ip-adapter ip-adapter-plus_sd15.bin --image-encoder ./image_encoder \\
       --data ./patchdpo-data --backbone ./dinov2-base --out ./patchdpo-out
   dreamfuse train patchdpo --ip-adapter tiny --image-encoder tiny --backbone tiny --data ./pairs --out ./pdpo \\
       --max-steps 5                                          # embedded tiny model, adapter and backbone
+  torchrun --nproc_per_node 8 -m dreamfuse.engine.cli train patchdpo --model ./sdxl \\
+      --ip-adapter ip-adapter-plus_sdxl_vit-h.bin --image-encoder ./image_encoder --backbone ./dinov2-base \\
+      --data ./patchdpo-data --out ./patchdpo-out --batch-size 4 --steps 30000   # 8 GPUs x 4 pairs (the paper's)
 """
 
 
@@ -63,7 +70,17 @@ def register(sub, name: str, help_: str) -> None:
 
 
 def run(args) -> None:
+    from ..train.distributed import env_context, shutdown
+
+    try:
+        _run(args, env_context())
+    finally:
+        shutdown()
+
+
+def _run(args, env) -> None:
     from ..tiny_adapters import TINY_ADAPTERS
+    from ..train.distributed import rank_device
     from ..train.patchdpo import PatchDPOConfig, check_dataset, train
     from .common import load_engine
     from .patch_quality import check_backbone_arg, make_estimator
@@ -74,6 +91,9 @@ def run(args) -> None:
         ip_scale=args.ip_scale, resolution=args.resolution, mixed_precision=args.mixed_precision, seed=args.seed,
         checkpoint_every=args.checkpoint_every, resume=args.resume, save_format=args.save_format,
         progress=False if args.no_progress else None).validate()
+    if not env.is_main:  # under torchrun / accelerate launch: rank 0 alone shows progress and prints
+        args.no_progress = True
+    args.device = rank_device(args.device, env)  # one GPU per process
     output_folder(args.out)
     check_dataset(args.data)  # fail on bad data before loading any model
     if args.ip_adapter in TINY_ADAPTERS or args.image_encoder == "tiny":
@@ -95,7 +115,9 @@ def run(args) -> None:
         adapter, encoder = build_tiny_ip_adapter(engine, plus=args.ip_adapter == "tiny"), None
     else:
         adapter, encoder = args.ip_adapter, args.image_encoder
-    result = train(engine, adapter, encoder, args.data, out=args.out, config=cfg, estimator=estimator)
+    result = train(engine, adapter, encoder, args.data, out=args.out, config=cfg, estimator=estimator,
+                   log=lambda line: print(line, flush=True))
     last = result.losses[-1]["loss"] if result.losses else float("nan")
-    print(f"wrote {result.path} after {cfg.steps} steps (final loss {last:.4f})")
+    if env.is_main:
+        print(f"wrote {result.path} after {cfg.steps} steps (final loss {last:.4f})")
 

@@ -32,6 +32,12 @@ examples:
   dreamfuse train reversion --data ./painted_on --out ./painted_on-out --max-steps 20   # tiny model, a minute
   dreamfuse train reversion --model ./stable-diffusion-v1-5 --data ./painted_on --out ./out --resume latest
   dreamfuse generate --relation ./out/learned_embeds.bin --prompt "cat <R> wall" --out cat.png
+  torchrun --nproc_per_node 2 -m dreamfuse.engine.cli train reversion --model ./stable-diffusion-v1-5 \\
+      --data ./painted_on --out ./out --batch-size 1      # 2 GPUs x batch 1 x accumulation 4 = 8 images per step
+
+several GPUs / machines: run the same command under torchrun or accelerate launch (one process per GPU);
+--batch-size is per process, the effective batch (printed at start) is batch x accumulation x processes; rank 0
+writes OUT (put it on a filesystem every machine sees).
 """
 
 
@@ -103,16 +109,30 @@ def config_from_args(args):
 
 
 def run(args) -> None:
+    from ..train.distributed import env_context, shutdown
+
+    try:
+        _run(args, env_context())
+    finally:
+        shutdown()
+
+
+def _run(args, env) -> None:
+    from ..train.distributed import rank_device
     from ..train.reversion import load_exemplars, train
     from .common import load_engine
 
     cfg = config_from_args(args)
+    if not env.is_main:  # under torchrun / accelerate launch: rank 0 alone shows progress and prints
+        args.no_progress = True
+    args.device = rank_device(args.device, env)  # one GPU per process
     output_folder(args.out)
     load_exemplars(args.data)  # fail on bad data before loading the model
     engine = load_engine(args, dtype=args.dtype or "fp32", backend=args.backend or "torch")
-    result = train(engine, args.data, args.out, cfg)
+    result = train(engine, args.data, args.out, cfg, log=lambda line: print(line, flush=True))
     last = result.losses[-1] if result.losses else None
     tail = f" (final denoise {last['denoise']:.4f}, steer {last['steer']:.4f})" if last else ""
     if last and not cfg.lambda_steer:
         tail = f" (final denoise {last['denoise']:.4f}, steering off)"
-    print(f"wrote {result.path}: {result.token} after {cfg.steps} steps{tail}")
+    if env.is_main:
+        print(f"wrote {result.path}: {result.token} after {cfg.steps} steps{tail}")

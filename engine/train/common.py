@@ -91,21 +91,53 @@ def resume_path(resume: str | None, out: Path) -> Path | None:
     return path
 
 
+def shared_resume_path(resume: str | None, out: Path, dist) -> Path | None:
+    """:func:`resume_path` on every rank of a data-parallel run (``dist``, a
+    :class:`~dreamfuse.engine.train.distributed.Context`), rank 0's choice binding: a rank that resolves
+    ``"latest"`` to another checkpoint (or none) does not see rank 0's ``OUT`` (``ValueError``: ``OUT`` must be a
+    folder that every machine shares)."""
+    mine = resume_path(resume, out)
+    name = None if mine is None else str(mine)
+    chosen = dist.broadcast(name)
+    if name != chosen:
+        raise ValueError(f"resume: rank {dist.rank} finds {name or 'no checkpoint'} in {str(out)!r} but rank 0 "
+                         f"resumes from {chosen or 'no checkpoint'}; OUT must be a folder every machine shares")
+    return mine
+
+
+def _rng_state() -> dict:
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
 def write_checkpoint(trainer, weights: dict) -> Path:
     """Write ``OUT/checkpoints/step-NNNNNNN.pt`` atomically (:func:`~dreamfuse.engine.files.torch_save_atomic`):
     the trainer's ``weights`` entries plus what makes a resumed run continue exactly (step, optimizer, gradient
     scaler, the CPU sampling generator, torch and CUDA RNG states, loss history, config). ``trainer`` has
-    ``out``, ``step``, ``optimizer``, ``scaler``, ``generator``, ``losses`` and ``cfg`` (a dataclass)."""
-    folder = trainer.out / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": trainer.step, **weights,
-        "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
-        "generator": trainer.generator.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "losses": list(trainer.losses), "config": dataclasses.asdict(trainer.cfg),
-    }
-    return torch_save_atomic(state, folder / f"step-{trainer.step:07d}.pt")
+    ``out``, ``step``, ``optimizer``, ``scaler``, ``generator``, ``losses`` and ``cfg`` (a dataclass), and ``dist``
+    (a :class:`~dreamfuse.engine.train.distributed.Context`; absent = one process).
+
+    Data-parallel runs: every rank calls this (a collective); the torch/CUDA RNG states of all ranks are gathered
+    into ``ranks`` (rank 0's are also the top-level ones), ``world_size`` is recorded, rank 0 alone writes, and no
+    rank returns before the file is complete. The generator, the weights and the optimizer are the same on every
+    rank (the same draws, DDP-averaged gradients), so rank 0's stand for all."""
+    from .distributed import SINGLE
+
+    ctx = getattr(trainer, "dist", SINGLE)
+    ranks = ctx.all_gather(_rng_state())
+    path = trainer.out / CHECKPOINT_DIR / f"step-{trainer.step:07d}.pt"
+    if ctx.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": trainer.step, **weights,
+            "optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "generator": trainer.generator.get_state(), **ranks[0],
+            "losses": list(trainer.losses), "config": dataclasses.asdict(trainer.cfg),
+            "world_size": ctx.world_size, "ranks": ranks,
+        }
+        torch_save_atomic(state, path)
+    ctx.barrier()
+    return path
 
 
 def read_checkpoint(path: Path, kind: str, weights_key: str) -> dict:
@@ -121,12 +153,24 @@ def read_checkpoint(path: Path, kind: str, weights_key: str) -> dict:
     return state
 
 
-def check_resume_config(saved: dict, cfg, source: str, ignore=RESUMABLE_CHANGES) -> None:
+def check_resume_config(saved: dict, cfg, source: str, ignore=RESUMABLE_CHANGES,
+                        world: tuple[int, int] = (1, 1)) -> None:
     """Refuse to resume with other hyper-parameters than the checkpoint's: ``ValueError`` listing every field
     that differs (``lr: 0.002 in the checkpoint, 0.001 now``), except the ``ignore`` fields. A field this version
-    has and the checkpoint lacks counts as a difference (the run that wrote it may have behaved otherwise)."""
+    has and the checkpoint lacks counts as a difference (the run that wrote it may have behaved otherwise).
+
+    ``world``: the number of processes that wrote the checkpoint and that resume it. When they differ,
+    ``batch_size`` (per process) may differ too as long as the global micro-batch ``batch_size × processes`` is the
+    same: the samples, the noise and the data position are functions of that alone (see
+    :mod:`~dreamfuse.engine.train.distributed`)."""
     now = dataclasses.asdict(cfg)
     diffs = []
+    then_w, now_w = world
+    if then_w != now_w and "batch_size" in saved and "batch_size" in now:
+        ignore = frozenset(ignore) | {"batch_size"}
+        if saved["batch_size"] * then_w != now["batch_size"] * now_w:
+            diffs.append(f"batch_size × processes: {saved['batch_size']} × {then_w} in the checkpoint, "
+                         f"{now['batch_size']} × {now_w} now")
     for name, value in now.items():
         if name in ignore:
             continue
@@ -141,13 +185,24 @@ def check_resume_config(saved: dict, cfg, source: str, ignore=RESUMABLE_CHANGES)
                          "checkpoint's settings or start a new output folder")
 
 
+def checkpoint_world_size(state: dict) -> int:
+    """The number of processes that wrote a checkpoint (1 for checkpoints from before data parallelism)."""
+    return int(state.get("world_size", 1))
+
+
 def restore_training_state(trainer, state: dict) -> None:
-    """Put back what :func:`write_checkpoint` saved besides the weights."""
+    """Put back what :func:`write_checkpoint` saved besides the weights: rank ``r`` takes the torch/CUDA RNG state
+    of rank ``r`` (of ``r mod`` the writing run's process count, when that differed)."""
+    from .distributed import SINGLE
+
+    ctx = getattr(trainer, "dist", SINGLE)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    ranks = state.get("ranks") or [state]
+    mine = ranks[ctx.rank % len(ranks)]
+    torch.set_rng_state(mine["torch_rng"])
+    if mine["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
     trainer.step = int(state["step"])
     trainer.losses = list(state["losses"])

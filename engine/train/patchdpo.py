@@ -61,13 +61,15 @@ from .common import (
     check_numbers,
     check_resolution_and_resume,
     check_resume_config,
+    checkpoint_world_size,
     output_folder,
     read_checkpoint,
     resolve_amp,
     restore_training_state,
-    resume_path,
+    shared_resume_path,
     write_checkpoint,
 )
+from .distributed import SINGLE, Context, Trainable, launcher_mixed_precision, no_sync, rank_device, setup, wrap
 
 SAVE_FORMATS = ("bin", "safetensors")
 CACHE_DIR = "quality_cache"
@@ -171,14 +173,21 @@ def patchdpo_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tenso
     return ((pred.float() - target.float()).square() * (w if power == 1 else w.square())).mean()
 
 
-def pair_batch(ref_latents: torch.Tensor, gen_latents: torch.Tensor, noise_scheduler,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_batch(ref_latents: torch.Tensor, gen_latents: torch.Tensor, noise_scheduler, generator: torch.Generator,
+               *, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The UNet batch of ``B`` pairs: ``(noisy, noise, t, clean)``, each ``2B`` rows ``[ref; gen]``, with the same
-    noise and timestep for both images of a pair (drawn on the CPU ``generator``: device independent)."""
+    noise and timestep for both images of a pair (drawn on the CPU ``generator``: device independent).
+
+    ``shard = (rank, world_size)``: the ``B`` pairs are rank ``rank``'s rows of a global micro-batch of
+    ``world_size · B`` pairs; the noise and timesteps are drawn for all of them (as one process with that batch
+    draws them) and this rank's rows kept."""
     b = ref_latents.shape[0]
+    rank, world = shard
     T = int(noise_scheduler.config.num_train_timesteps)
-    noise = torch.randn(ref_latents.shape, generator=generator).to(ref_latents.device, ref_latents.dtype)
-    t = torch.randint(0, T, (b,), generator=generator).to(ref_latents.device)
+    rows = slice(rank * b, (rank + 1) * b)
+    noise = torch.randn((world * b, *ref_latents.shape[1:]), generator=generator)[rows]
+    noise = noise.to(ref_latents.device, ref_latents.dtype)
+    t = torch.randint(0, T, (world * b,), generator=generator)[rows].to(ref_latents.device)
     clean = torch.cat([ref_latents, gen_latents])
     noise, t = torch.cat([noise, noise]), torch.cat([t, t])
     return noise_scheduler.add_noise(clean, noise, t), noise, t, clean
@@ -232,10 +241,10 @@ class MicroBatch:
 
 
 class _Trainer:
-    def __init__(self, engine, samples, out: Path, cfg: PatchDPOConfig, size: int):
+    def __init__(self, engine, samples, out: Path, cfg: PatchDPOConfig, size: int, dist: Context = SINGLE):
         from diffusers import DDPMScheduler
 
-        self.engine, self.cfg, self.out = engine, cfg, out
+        self.engine, self.cfg, self.out, self.dist = engine, cfg, out, dist
         self.device = engine.device
         self.amp = resolve_amp(cfg.mixed_precision, self.device)
         adapter = engine.ip_adapter
@@ -247,6 +256,9 @@ class _Trainer:
         if cfg.train_projection:
             adapter.image_proj.requires_grad_(True)
         self.params = {n: p for n, p in adapter.named_parameters() if p.requires_grad}
+        # the unit DDP averages the gradients of: the IP layers (and the projection when it trains), nothing frozen
+        parts = {"layers": adapter.layers, **({"image_proj": adapter.image_proj} if cfg.train_projection else {})}
+        self.model = wrap(Trainable(parts), dist)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.noise_sched = DDPMScheduler.from_config(engine.scheduler.config)
@@ -285,17 +297,21 @@ class _Trainer:
                 self.q_ref.append(s.q_ref[g].float().to(self.device))
 
     def micro_batch(self, micro_index: int) -> MicroBatch:
-        """The :class:`MicroBatch` (2B rows) of micro-batch number ``micro_index``."""
+        """The :class:`MicroBatch` (2B rows) of micro-batch number ``micro_index``: this rank's ``B`` pairs of the
+        global micro-batch (all of it in one process)."""
         cfg, n = self.cfg, len(self.items)
         picks = []
+        first, world = self.dist.first_row(cfg.batch_size), self.dist.world_size
         for j in range(cfg.batch_size):
             # Epoch-wise shuffling derived from the sample counter alone: a resumed run needs no sampler state.
-            c = micro_index * cfg.batch_size + j
+            # Several processes: this rank's rows of the global micro-batch (see distributed.py).
+            c = micro_index * cfg.batch_size * world + first + j
             perm = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + c // n))
             picks.append(self.items[int(perm[c % n])])
         ref = torch.stack([self.ref_lat[r] for r, _ in picks])
         gen = torch.stack([self.gen_lat[g] for _, g in picks])
-        noisy, noise, t, clean = pair_batch(ref, gen, self.noise_sched, self.generator)
+        noisy, noise, t, clean = pair_batch(ref, gen, self.noise_sched, self.generator,
+                                            shard=(self.dist.rank, world))
         target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(clean, noise, t)
         weights = pair_weights(torch.stack([self.q_ref[g] for _, g in picks]),
                                torch.stack([self.q_gen[g] for _, g in picks]))
@@ -309,6 +325,10 @@ class _Trainer:
         return batch
 
     def micro_loss(self, micro_index: int) -> torch.Tensor:
+        """This rank's loss of micro-batch ``micro_index`` (through the DDP module when there are several)."""
+        return self.model(lambda: self._micro_loss(micro_index))
+
+    def _micro_loss(self, micro_index: int) -> torch.Tensor:
         e = self.engine
         b = self.micro_batch(micro_index)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -322,12 +342,14 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for a in range(cfg.grad_accum):
-            loss = self.micro_loss(self.step * cfg.grad_accum + a) / cfg.grad_accum
-            self.scaler.scale(loss).backward()
+            with no_sync(self.model, last=a == cfg.grad_accum - 1):  # DDP reduces once, on the last backward
+                loss = self.micro_loss(self.step * cfg.grad_accum + a) / cfg.grad_accum
+                self.scaler.scale(loss).backward()
             total += float(loss.detach())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        (total,) = self.dist.mean([total])  # the global batch's loss, the same on every rank
         rec = {"step": self.step, "loss": total}
         self.losses.append(rec)
         return rec
@@ -341,7 +363,8 @@ class _Trainer:
         returned for it); ``ValueError`` when it was trained with other settings (listed) or other weights."""
         source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, dict) else "the checkpoint"
         state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, "PatchDPO", "params")
-        check_resume_config(state["config"], self.cfg, source, ignore=RESUMABLE)
+        check_resume_config(state["config"], self.cfg, source, ignore=RESUMABLE,
+                            world=(checkpoint_world_size(state), self.dist.world_size))
         if set(state["params"]) != set(self.params):
             raise ValueError(f"resume: {source} trains other weights than this run (another adapter)")
         with torch.no_grad():
@@ -354,11 +377,13 @@ class _Trainer:
 
 
 @contextlib.contextmanager
-def training_session(engine, samples, out: str | Path, cfg: PatchDPOConfig, size: int):
+def training_session(engine, samples, out: str | Path, cfg: PatchDPOConfig, size: int, dist: Context = SINGLE):
     """Prepare ``engine`` (with its IP-Adapter loaded) for PatchDPO steps and yield the trainer (``train_step()``,
     ``micro_batch(i)``, ``save_checkpoint()``, ``load_checkpoint(path)``, ``params``, ``losses``). Inside, every
     attention processor runs the torch (SDPA) backend; on exit the backends are restored and the adapter is
-    frozen again. ``samples`` is what ``quality_maps`` returns, at the latent grid of ``size``."""
+    frozen again. ``samples`` is what ``quality_maps`` returns, at the latent grid of ``size``. ``dist``: this
+    process's place in a data-parallel run (:func:`~dreamfuse.engine.train.distributed.setup`); every rank then
+    runs the same calls (``train_step`` and ``save_checkpoint`` are collectives)."""
     if engine.ip_adapter is None:
         raise ValueError("ip_adapter: no IP-Adapter is loaded in the engine")
     if engine.dtype != torch.float32:
@@ -367,18 +392,42 @@ def training_session(engine, samples, out: str | Path, cfg: PatchDPOConfig, size
     saved = {name: proc.backend for name, proc in engine.processors.items()}
     for proc in engine.processors.values():
         proc.backend = "torch"  # SDPA: differentiable on every device
+    trainer = None
     try:
-        yield _Trainer(engine, samples, Path(out), cfg, size)
+        trainer = _Trainer(engine, samples, Path(out), cfg, size, dist)
+        yield trainer
     finally:
+        if trainer is not None:
+            trainer.model = None  # DDP's gradient hooks go with it
         for name, proc in engine.processors.items():
             proc.backend = saved[name]
         engine.ip_adapter.requires_grad_(False)
 
 
+def shared_quality_maps(data, estimator, latent: int, cache: Path, dist: Context = SINGLE) -> list:
+    """:func:`~dreamfuse.engine.patch_quality.quality_maps` for every rank of a data-parallel run, each map computed
+    once: every rank computes (and caches, atomically) the maps of its shard of the samples missing from the cache,
+    then, after a barrier, every rank reads the whole dataset's maps from the cache. ``OUT`` on a filesystem all
+    machines share makes that one computation per map; a machine that does not see the others' entries computes the
+    missing ones itself (the same maps, more work)."""
+    from ..patch_quality import quality_maps
+
+    if dist.enabled:
+        quality_maps(data, estimator, latent, cache, shard=(dist.rank, dist.world_size))
+        dist.barrier()
+    return quality_maps(data, estimator, latent, cache)
+
+
 def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = ".", backbone=None,
           out: str | Path = "patchdpo-out", config: PatchDPOConfig | None = None, *, estimator=None,
-          **overrides) -> TrainResult:
+          log=None, **overrides) -> TrainResult:
     """Fine-tune an IP-Adapter(-Plus) with PatchDPO; write ``OUT/ip_adapter.bin`` (or ``.safetensors``).
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process calls this with the same
+    arguments: the processes join the launcher's group (:mod:`~dreamfuse.engine.train.distributed`), each trains
+    its rows of every global micro-batch (``batch_size`` pairs per process) and DDP averages the IP layers'
+    gradients; rank 0 alone logs and writes the checkpoints and the output file. ``mixed_precision="auto"`` takes
+    the launcher's ``--mixed_precision fp16|bf16``.
 
     Args:
         model: an :class:`~dreamfuse.engine.engine.Engine` (fp32; trained in place: on return its IP-Adapter is
@@ -391,27 +440,34 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
         estimator: a ready :class:`~dreamfuse.engine.patch_quality.PatchQualityEstimator` (keyword).
         out: output folder (created): the IP-Adapter file, ``quality_cache/``, ``checkpoints/step-NNNNNNN.pt``.
         config: a :class:`PatchDPOConfig`; keyword ``overrides`` replace its fields (``steps=10``).
+        log: called on rank 0 with the line stating the effective batch when training starts (the CLI prints it).
     """
     from ..config import EngineConfig
     from ..engine import Engine
     from ..ip_adapter import load_ip_adapter, save_ip_adapter
-    from ..patch_quality import PatchQualityEstimator, quality_maps
+    from ..patch_quality import PatchQualityEstimator
 
     cfg = dataclasses.replace(config or PatchDPOConfig(), **overrides)
     if isinstance(cfg.resume, Path):
         cfg = dataclasses.replace(cfg, resume=str(cfg.resume))
+    cfg = dataclasses.replace(cfg, mixed_precision=launcher_mixed_precision(cfg.mixed_precision))
     cfg.validate()
     check_dataset(data)
     if (backbone is None) == (estimator is None):
         raise ValueError("backbone: give exactly one of backbone (a vision model folder) or estimator")
     out = output_folder(out)
-    resume = resume_path(cfg.resume, out)
+    device = model.device if isinstance(model, Engine) else torch.device(
+        rank_device(None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = setup(device)
+    resume = shared_resume_path(cfg.resume, out, dist)
     state = None
     if resume is not None:  # readable and trained with these settings: checked before any model loads
         state = read_checkpoint(resume, "PatchDPO", "params")
-        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}", ignore=RESUMABLE)
+        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}", ignore=RESUMABLE,
+                            world=(checkpoint_world_size(state), dist.world_size))
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(
-        model, EngineConfig(dtype="fp32", backend="torch", progress=cfg.progress))
+        model, EngineConfig(device=str(device), dtype="fp32", backend="torch",
+                            progress=cfg.progress if dist.is_main else False))
     if ip_adapter is not None:
         load_ip_adapter(engine, ip_adapter, image_encoder)
     elif engine.ip_adapter is None:
@@ -421,13 +477,17 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
         estimator.backbone.to(engine.device)
     size = cfg.resolution or engine.default_size
     latent = size // engine.vae_scale_factor
-    out.mkdir(parents=True, exist_ok=True)
-    samples = quality_maps(data, estimator, latent, out / CACHE_DIR)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    samples = shared_quality_maps(data, estimator, latent, out / CACHE_DIR, dist)
 
-    with training_session(engine, samples, out, cfg, size) as trainer:
+    with training_session(engine, samples, out, cfg, size, dist) as trainer:
         if state is not None:
             trainer.load_checkpoint(state)
-        with engine.progress(cfg.steps, "patchdpo", cfg.progress) as bar:
+        if log is not None and dist.is_main:
+            log(f"patchdpo: {dist.describe(cfg.batch_size, cfg.grad_accum, '(ref, gen) pairs')}")
+        with engine.progress(cfg.steps, "patchdpo", cfg.progress if dist.is_main else False) as bar:
             bar.update(min(trainer.step, cfg.steps))
             while trainer.step < cfg.steps:
                 rec = trainer.train_step()
@@ -435,9 +495,12 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
                 bar.update(1)
                 if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
                     trainer.save_checkpoint()
-    path = save_ip_adapter(engine.ip_adapter, out / f"ip_adapter.{cfg.save_format}")
+    path = out / f"ip_adapter.{cfg.save_format}"
+    if dist.is_main:  # the weights are the same on every rank (DDP)
+        path = save_ip_adapter(engine.ip_adapter, path)
+    dist.barrier()  # the file is complete on every rank's return
     return TrainResult(path=path, adapter=engine.ip_adapter, losses=trainer.losses)
 
 
 __all__ = ["MicroBatch", "PatchDPOConfig", "TrainResult", "check_dataset", "pair_batch", "pair_weights",
-           "patchdpo_loss", "train", "training_session"]
+           "patchdpo_loss", "shared_quality_maps", "train", "training_session"]

@@ -67,13 +67,15 @@ from .common import (
     check_numbers,
     check_resolution_and_resume,
     check_resume_config,
+    checkpoint_world_size,
     output_folder,
     read_checkpoint,
     resolve_amp,
     restore_training_state,
-    resume_path,
+    shared_resume_path,
     write_checkpoint,
 )
+from .distributed import SINGLE, Context, Trainable, launcher_mixed_precision, no_sync, rank_device, setup, wrap
 
 # Paper, supplementary Table A4 (= the official templates/relation_words.py): the 56 basis prepositions.
 BASIS_PREPOSITIONS = (
@@ -402,7 +404,10 @@ def save_embeds(path: str | Path, token: str, embedding: torch.Tensor) -> Path:
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of ``B`` images as the trainer uses it."""
+    """One micro-batch of ``B`` images as the trainer uses it. In a data-parallel run the denoising fields
+    (``latents`` to ``input_ids``) are this rank's ``B`` rows and the steering fields (``positive_words`` to
+    ``negative_ids``) the whole global micro-batch's: every rank computes the steering loss of all ``W·B`` images
+    (cheap: table rows), so its DDP average is the single-process loss of that batch."""
 
     latents: torch.Tensor
     """Clean latents ``(B, C, h, w)`` (scaled by the VAE's scaling factor)."""
@@ -425,13 +430,13 @@ class MicroBatch:
 
 
 class _Trainer:
-    def __init__(self, engine, exemplars, out: Path, cfg: ReVersionConfig):
+    def __init__(self, engine, exemplars, out: Path, cfg: ReVersionConfig, dist: Context = SINGLE):
         from diffusers import DDPMScheduler
 
         from ..relation import add_token, check_relation_model
 
         check_relation_model(engine)
-        self.engine, self.cfg, self.out = engine, cfg, out
+        self.engine, self.cfg, self.out, self.dist = engine, cfg, out, dist
         self.device = engine.device
         self.amp = resolve_amp(cfg.mixed_precision, self.device)
         tok, te = engine.tokenizer, engine.text_encoder
@@ -445,6 +450,7 @@ class _Trainer:
             m.requires_grad_(False)
         self.table = te.get_input_embeddings().weight  # frozen; read for the steering embeddings
         self.param = torch.nn.Parameter(init.to(self.device))
+        self.model = wrap(Trainable(params={"token_embedding": self.param}), dist)  # DDP averages <R>'s gradient
         self.noise_sched = DDPMScheduler.from_config(engine.scheduler.config)
         self.T = int(self.noise_sched.config.num_train_timesteps)
         self.prediction_type = self.noise_sched.config.prediction_type
@@ -492,10 +498,15 @@ class _Trainer:
     def micro_batch(self, micro_index: int) -> MicroBatch:
         """The :class:`MicroBatch` of micro-batch number ``micro_index`` (draws from the trainer's generator)."""
         cfg, g, n, e = self.cfg, self.generator, len(self.templates), self.engine
+        # Several processes: every rank draws for the whole global micro-batch of G images, in the single-process
+        # order, and keeps its rows [lo, hi) for the denoising loss (see distributed.py).
+        G = cfg.batch_size * self.dist.world_size
+        lo = self.dist.first_row(cfg.batch_size)
+        hi = lo + cfg.batch_size
         images, captions, drawn, word_negatives = [], [], [], []
-        for j in range(cfg.batch_size):
+        for j in range(G):
             # Epoch-wise shuffling derived from the sample counter alone, so a resumed run needs no sampler state.
-            c = micro_index * cfg.batch_size + j
+            c = micro_index * G + j
             perm = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(cfg.seed * 1_000_003 + c // n))
             i = int(perm[c % n])
             templates = self.templates[i]
@@ -505,13 +516,14 @@ class _Trainer:
             images.append(2 * i + int(flip))
             captions.append(tpl.replace("{}", f" {cfg.token} ").strip())
             word_negatives += negative_words(tpl)
-        mean = torch.stack([self.posteriors[k][0] for k in images])
-        std = torch.stack([self.posteriors[k][1] for k in images])
-        latents = (mean + std * torch.randn(mean.shape, generator=g).to(self.device))
+        mean = torch.stack([self.posteriors[k][0] for k in images[lo:hi]])
+        std = torch.stack([self.posteriors[k][1] for k in images[lo:hi]])
+        shape = (G, *mean.shape[1:])
+        latents = (mean + std * torch.randn(shape, generator=g)[lo:hi].to(self.device))
         latents = latents * e.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g).to(self.device)
-        t = sample_timesteps(cfg.batch_size, self.T, importance=cfg.importance_sampling, alpha=cfg.alpha,
-                             generator=g).to(self.device)
+        noise = torch.randn(shape, generator=g)[lo:hi].to(self.device)
+        t = sample_timesteps(G, self.T, importance=cfg.importance_sampling, alpha=cfg.alpha,
+                             generator=g)[lo:hi].to(self.device)
         tokens = e.tokenize(captions, padding="max_length", max_length=e.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")
         words = [[BASIS_PREPOSITIONS[k] for k in ks] for ks in drawn]
@@ -525,10 +537,15 @@ class _Trainer:
             pos = torch.stack([self.word_embedding(w) for ws in words for w in ws])
             neg = (torch.stack([self.word_embedding(w) for w in word_negatives]) if word_negatives
                    else pos.new_zeros(0, pos.shape[1]))
-        return MicroBatch(latents, noise, t, captions, tokens.input_ids.to(self.device), words,
+        return MicroBatch(latents, noise, t, captions[lo:hi], tokens.input_ids[lo:hi].to(self.device), words,
                           pos.to(self.device), neg.to(self.device), pos_ids, neg_ids)
 
     def _losses(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``(denoise, steer)`` of micro-batch ``micro_index`` (through the DDP module when there are
+        several)."""
+        return self.model(lambda: self._micro_losses(micro_index))
+
+    def _micro_losses(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         e, cfg = self.engine, self.cfg
         b = self.micro_batch(micro_index)
         noisy = self.noise_sched.add_noise(b.latents, b.noise, b.t)
@@ -547,17 +564,20 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         d_sum = s_sum = 0.0
         for a in range(cfg.grad_accum):
-            denoise, steer = self._losses(self.step * cfg.grad_accum + a)
-            loss = cfg.lambda_denoise * denoise
-            if cfg.lambda_steer:
-                loss = loss + cfg.lambda_steer * steer
-            loss = loss / cfg.grad_accum
-            self.scaler.scale(loss).backward()
+            with no_sync(self.model, last=a == cfg.grad_accum - 1):  # DDP reduces once, on the last backward
+                denoise, steer = self._losses(self.step * cfg.grad_accum + a)
+                loss = cfg.lambda_denoise * denoise
+                if cfg.lambda_steer:
+                    loss = loss + cfg.lambda_steer * steer
+                loss = loss / cfg.grad_accum
+                self.scaler.scale(loss).backward()
             d_sum += float(denoise.detach())
             s_sum += float(steer.detach())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
+        if self.dist.enabled:  # the global batch's losses, the same on every rank (steer already is)
+            d_sum, s_sum = self.dist.mean([d_sum, s_sum])
         d, s = d_sum / cfg.grad_accum, s_sum / cfg.grad_accum
         total = cfg.lambda_denoise * d + (cfg.lambda_steer * s if cfg.lambda_steer else 0.0)
         rec = {"step": self.step, "loss": total, "denoise": d, "steer": s}
@@ -573,7 +593,8 @@ class _Trainer:
         returned for it); ``ValueError`` when it was trained with other settings (listed)."""
         source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, dict) else "the checkpoint"
         state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, "ReVersion", "embedding")
-        check_resume_config(state["config"], self.cfg, source)
+        check_resume_config(state["config"], self.cfg, source, world=(checkpoint_world_size(state),
+                                                                       self.dist.world_size))
         if state["token"] != self.cfg.token:
             raise ValueError(f"resume: {source} trains token {state['token']!r}, not {self.cfg.token!r}")
         if state["embedding"].shape != self.param.shape:
@@ -585,21 +606,25 @@ class _Trainer:
 
 
 @contextlib.contextmanager
-def training_session(engine, exemplars, out: str | Path, cfg: ReVersionConfig):
+def training_session(engine, exemplars, out: str | Path, cfg: ReVersionConfig, dist: Context = SINGLE):
     """Prepare ``engine`` for ReVersion steps and yield the trainer (``train_step()``, ``micro_batch(i)``,
     ``save_checkpoint()``, ``load_checkpoint(path)``, ``param``, ``losses``); on exit the embedding hook is
     removed and the engine's attention processors are restored. :func:`train` is the usual entry point; this is
-    for custom loops and the benchmark. ``exemplars`` is what :func:`load_exemplars` returns."""
+    for custom loops and the benchmark. ``exemplars`` is what :func:`load_exemplars` returns. ``dist``: this
+    process's place in a data-parallel run (:func:`~dreamfuse.engine.train.distributed.setup`); every rank then
+    runs the same calls (``train_step`` and ``save_checkpoint`` are collectives)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     saved_processors = engine.unet.attn_processors
     engine.unet.set_attn_processor(AttnProcessor2_0())  # stock SDPA: differentiable on every device
-    hook = None
+    hook = trainer = None
     try:
-        trainer = _Trainer(engine, exemplars, Path(out), cfg)
+        trainer = _Trainer(engine, exemplars, Path(out), cfg, dist)
         hook = _TokenOverride(engine.text_encoder.get_input_embeddings(), trainer.token_id, trainer.param)
         yield trainer
     finally:
+        if trainer is not None:
+            trainer.model = None  # DDP's gradient hooks go with it
         if hook is not None:
             hook.remove()
         engine.unet.set_attn_processor(saved_processors)
@@ -607,7 +632,7 @@ def training_session(engine, exemplars, out: str | Path, cfg: ReVersionConfig):
 
 
 def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out",
-          config: ReVersionConfig | None = None, **overrides) -> TrainResult:
+          config: ReVersionConfig | None = None, *, log=None, **overrides) -> TrainResult:
     """Learn a ReVersion relation token from a folder of exemplar images; write ``OUT/learned_embeds.bin``.
 
     Args:
@@ -619,6 +644,14 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
         out: output folder (created): ``learned_embeds.bin`` and ``checkpoints/step-NNNNNNN.pt``.
         config: a :class:`ReVersionConfig` (default: the official recipe; ``ReVersionConfig.from_recipe("paper")``
             for the paper's); keyword ``overrides`` replace its fields (``steps=10``).
+        log: called on rank 0 with the line stating the effective batch when training starts (the CLI prints it).
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) every process calls this with the same
+    arguments: the processes join the launcher's group (:mod:`~dreamfuse.engine.train.distributed`), each
+    denoises its rows of every global micro-batch (``batch_size`` images per process; the steering loss covers the
+    whole global micro-batch on every rank) and DDP averages ``<R>``'s gradient; rank 0 alone logs and writes the
+    checkpoints and ``learned_embeds.bin``. ``mixed_precision="auto"`` takes the launcher's
+    ``--mixed_precision fp16|bf16``.
 
     Everything that can be checked without a model is checked before one is loaded: the config, the data, the
     output folder, and a checkpoint to resume (readable, and trained with the same settings).
@@ -631,22 +664,31 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
     cfg = dataclasses.replace(config or ReVersionConfig(), **overrides)
     if isinstance(cfg.resume, Path):
         cfg = dataclasses.replace(cfg, resume=str(cfg.resume))
+    cfg = dataclasses.replace(cfg, mixed_precision=launcher_mixed_precision(cfg.mixed_precision))
     cfg.validate()
     exemplars = load_exemplars(data)
     out = output_folder(out)
-    resume = resume_path(cfg.resume, out)
+    device = model.device if isinstance(model, Engine) else torch.device(
+        rank_device(None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dist = setup(device)
+    resume = shared_resume_path(cfg.resume, out, dist)
     state = None
     if resume is not None:
         state = read_checkpoint(resume, "ReVersion", "embedding")
-        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}")
+        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}",
+                            world=(checkpoint_world_size(state), dist.world_size))
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(
-        model, EngineConfig(dtype="fp32", backend="torch", progress=cfg.progress))
-    out.mkdir(parents=True, exist_ok=True)
+        model, EngineConfig(device=str(device), dtype="fp32", backend="torch",
+                            progress=cfg.progress if dist.is_main else False))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
 
-    with training_session(engine, exemplars, out, cfg) as trainer:
+    with training_session(engine, exemplars, out, cfg, dist) as trainer:
         if state is not None:
             trainer.load_checkpoint(state)
-        with engine.progress(cfg.steps, "reversion", cfg.progress) as bar:
+        if log is not None and dist.is_main:
+            log(f"reversion: {dist.describe(cfg.batch_size, cfg.grad_accum, 'images')}")
+        with engine.progress(cfg.steps, "reversion", cfg.progress if dist.is_main else False) as bar:
             bar.update(min(trainer.step, cfg.steps))
             while trainer.step < cfg.steps:
                 rec = trainer.train_step()
@@ -662,7 +704,10 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
     with torch.no_grad():
         engine.text_encoder.get_input_embeddings().weight[trainer.token_id] = trainer.param.to(trainer.table.dtype)
     engine.clear_prompt_cache()
-    path = save_embeds(out / EMBEDS_FILE, cfg.token, embedding)
+    path = out / EMBEDS_FILE
+    if dist.is_main:  # the embedding is the same on every rank (DDP)
+        path = save_embeds(path, cfg.token, embedding)
+    dist.barrier()  # the file is complete on every rank's return
     return TrainResult(token=cfg.token, embedding=embedding, path=path, losses=trainer.losses)
 
 

@@ -57,7 +57,8 @@ class Engine:
     Thread safety: any number of threads may run pipelines (text2img, IP-Adapter, personalize, compose) on one
     engine at once; every UNet call carries its own :class:`~dreamfuse.engine.processors.CallContext`, and the
     prompt and inversion caches are locked around their dictionaries only. Loading or unloading an IP-Adapter or
-    a relation token, and training, change the shared model: do them while no call is running.
+    a relation token, a LoRA (load, unload, fuse, scale), a UNet backend, and training, change the shared model: do
+    them while no call is running.
     """
 
     def __init__(self, components: dict, config: EngineConfig | None = None):

@@ -10,6 +10,13 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests (minutes each) run with `-m slow` (or any -m naming slow) or DREAMFUSE_SLOW=1; the default run
+    # keeps one representative test per backend.
+    if "slow" not in (config.getoption("-m") or "") and os.environ.get("DREAMFUSE_SLOW") != "1":
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow or DREAMFUSE_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

@@ -86,33 +86,54 @@ def safetensors_load(path: str | Path, field: str) -> dict:
         raise ValueError(f"{field}: cannot read {str(path)!r} ({type(e).__name__}: {first})") from None
 
 
-def read_json(path: str | Path, field: str, what: str, max_bytes: int):
-    """A user-named JSON file (SEGMENTS.json, text.json) -> its value, refusing what no such file is: more than
-    ``max_bytes``, not UTF-8 (a BOM is fine), invalid JSON, an object with a key twice (JSON keeps the last one
-    silently), nesting deep enough to exhaust the parser. ``ValueError`` naming ``field``; ``what`` names the
-    kind of file in the messages ("a segments file")."""
+def loads_json(data: bytes | str, field: str, *, name: str | None = None, what: str = "JSON",
+               max_bytes: int | None = None, max_depth: int | None = None):
+    """JSON text (or bytes) from a user -> its value, refusing what no such input is: more than ``max_bytes``,
+    not UTF-8 (a BOM is fine), invalid JSON, an object with a key twice (JSON keeps the last one silently),
+    nesting deeper than ``max_depth`` (checked before parsing) or deep enough to exhaust the parser.
+    ``ValueError`` naming ``field`` (and ``name``, e.g. the file's path, when given)."""
     import json
 
-    path = Path(path)
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"{field}: {str(path)!r} is {size} bytes, more than the {max_bytes} {what} may have")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{field}: {str(path)!r} is not UTF-8 text ({e})") from None
+    subject = f"{field}: {name!r}" if name else f"{field}: the JSON"
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"{subject} is {len(data)} bytes, more than the {max_bytes} {what} may have")
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{subject} is not UTF-8 text ({e})") from None
 
     def unique(pairs):
         out = {}
         for key, value in pairs:
             if key in out:
-                raise ValueError(f"{field}: {str(path)!r} lists {key!r} twice (a JSON object's keys must be unique)")
+                raise ValueError(f"{subject} lists {key!r} twice (a JSON object's keys must be unique)")
             out[key] = value
         return out
 
+    if max_depth is not None:
+        depth = deepest = 0
+        for ch in data:  # cheap pre-scan: the parser recurses per level
+            if ch in "[{":
+                depth += 1
+                deepest = max(deepest, depth)
+            elif ch in "]}":
+                depth -= 1
+        if deepest > max_depth:
+            raise ValueError(f"{subject} is nested {deepest} levels deep (at most {max_depth})")
     try:
-        return json.loads(text, object_pairs_hook=unique)
+        return json.loads(data, object_pairs_hook=unique)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{field}: {str(path)!r} is not valid JSON ({e})") from None
+        raise ValueError(f"{subject} is not valid JSON ({e})") from None
     except RecursionError:
-        raise ValueError(f"{field}: {str(path)!r} is nested too deeply to be {what}") from None
+        raise ValueError(f"{subject} is nested too deeply to be {what}") from None
+
+
+def read_json(path: str | Path, field: str, what: str, max_bytes: int):
+    """A user-named JSON file (SEGMENTS.json, text.json) -> its value, refusing what :func:`loads_json` refuses;
+    the size is checked before reading. ``what`` names the kind of file in the messages ("a segments file")."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{field}: {str(path)!r} is {size} bytes, more than the {max_bytes} {what} may have")
+    return loads_json(path.read_bytes(), field, name=str(path), what=what)

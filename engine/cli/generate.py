@@ -61,29 +61,48 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     p.set_defaults(func=run)
 
 
-def check_ip_adapter_args(args) -> None:
-    """``--ip-adapter``, ``--image-encoder`` and ``--image`` go together and must exist (before any model work)."""
+def check_adapter_args(ip_adapter, image_encoder) -> None:
+    """``--ip-adapter`` and ``--image-encoder`` go together and must exist (before any model work); the embedded
+    tiny adapters go with ``--image-encoder tiny``. Shared with ``dreamfuse serve``."""
     from ..tiny_adapters import TINY_ADAPTERS
 
-    given = {"--ip-adapter": args.ip_adapter, "--image-encoder": args.image_encoder, "--image": args.image}
-    if not any(given.values()):
+    if not ip_adapter and not image_encoder:
         return
-    if not args.ip_adapter:
-        raise CLIError("--image needs --ip-adapter (an IP-Adapter weights file) and --image-encoder")
-    for flag, value in given.items():
+    for flag, value in (("--ip-adapter", ip_adapter), ("--image-encoder", image_encoder)):
         if not value:
-            raise CLIError(f"{flag} is required with --ip-adapter")
-    if args.ip_adapter in TINY_ADAPTERS:
-        if args.image_encoder != "tiny":
-            raise CLIError(f"--image-encoder: the embedded adapter {args.ip_adapter!r} comes with its own encoder; "
+            raise CLIError(f"{flag} is required: --ip-adapter and --image-encoder go together")
+    if ip_adapter in TINY_ADAPTERS:
+        if image_encoder != "tiny":
+            raise CLIError(f"--image-encoder: the embedded adapter {ip_adapter!r} comes with its own encoder; "
                            "pass --image-encoder tiny")
     else:
-        check_file("--ip-adapter", args.ip_adapter)
-        if args.image_encoder == "tiny":
+        check_file("--ip-adapter", ip_adapter)
+        if image_encoder == "tiny":
             raise CLIError("--image-encoder: 'tiny' goes with --ip-adapter tiny or tiny-base")
         from ..ip_adapter import check_image_encoder_folder
 
-        check_image_encoder_folder(args.image_encoder, "--image-encoder")
+        check_image_encoder_folder(image_encoder, "--image-encoder")
+
+
+def load_adapter(engine, ip_adapter, image_encoder) -> None:
+    """Load the IP-Adapter the (checked) options name, the embedded tiny ones included."""
+    from ..tiny_adapters import TINY_ADAPTERS, build_tiny_ip_adapter
+
+    if ip_adapter in TINY_ADAPTERS:
+        engine.load_ip_adapter(build_tiny_ip_adapter(engine, plus=ip_adapter == "tiny"))
+    else:
+        engine.load_ip_adapter(ip_adapter, image_encoder)
+
+
+def check_ip_adapter_args(args) -> None:
+    """``--ip-adapter``, ``--image-encoder`` and ``--image`` go together and must exist (before any model work)."""
+    if not (args.ip_adapter or args.image_encoder or args.image):
+        return
+    if not args.ip_adapter:
+        raise CLIError("--image needs --ip-adapter (an IP-Adapter weights file) and --image-encoder")
+    if not args.image:
+        raise CLIError("--image is required with --ip-adapter")
+    check_adapter_args(args.ip_adapter, args.image_encoder)
     check_file("--image", args.image)
 
 
@@ -99,12 +118,7 @@ def run(args) -> None:
         engine.load_relation(args.relation)
     ip = {}
     if args.ip_adapter:
-        from ..tiny_adapters import TINY_ADAPTERS, build_tiny_ip_adapter
-
-        if args.ip_adapter in TINY_ADAPTERS:
-            engine.load_ip_adapter(build_tiny_ip_adapter(engine, plus=args.ip_adapter == "tiny"))
-        else:
-            engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
+        load_adapter(engine, args.ip_adapter, args.image_encoder)
         ip = {"ip_image": args.image, "ip_scale": args.ip_scale}
     images = engine.text2img(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                              guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed,

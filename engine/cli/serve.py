@@ -9,7 +9,8 @@ import os
 import sys
 import warnings
 
-from .common import CLIError, add_model_args, check_dir, check_file, finite_float, int_at_least, positive_int
+from .common import CLIError, add_model_args, check_file, finite_float, int_at_least, positive_int
+from .generate import check_adapter_args, load_adapter
 
 API_KEY_ENV = "DREAMFUSE_API_KEY"
 
@@ -104,24 +105,13 @@ def is_loopback(host: str) -> bool:
 
 def check_serve_args(args) -> None:
     """Everything checkable before the model loads."""
-    from ..tiny_adapters import TINY_ADAPTERS
-
     if args.port > 65535:
         raise CLIError(f"--port: must be <= 65535, got {args.port}")
     if (args.replicas is not None or args.autoscale is not None or args.ray_address is not None) and not args.ray:
         raise CLIError("--replicas / --autoscale / --ray-address go with --ray")
     for path in args.preload_relation or ():
         check_file("--preload-relation", path)
-    if bool(args.ip_adapter) != bool(args.image_encoder):
-        raise CLIError("--ip-adapter and --image-encoder go together")
-    if args.ip_adapter:
-        if args.ip_adapter in TINY_ADAPTERS:
-            if args.image_encoder != "tiny":
-                raise CLIError(f"--image-encoder: the embedded adapter {args.ip_adapter!r} comes with its own "
-                               "encoder; pass --image-encoder tiny")
-        else:
-            check_file("--ip-adapter", args.ip_adapter)
-            check_dir("--image-encoder", args.image_encoder)
+    check_adapter_args(args.ip_adapter, args.image_encoder)
     if not args.api_key and os.environ.get(API_KEY_ENV):
         args.api_key = os.environ[API_KEY_ENV]
     if not is_loopback(args.host) and not args.api_key:
@@ -138,12 +128,7 @@ def prepare_engine(args):
         token = engine.load_relation(path)
         print(f"relation token {token} from {path}", file=sys.stderr)
     if args.ip_adapter:
-        from ..tiny_adapters import TINY_ADAPTERS, build_tiny_ip_adapter
-
-        if args.ip_adapter in TINY_ADAPTERS:
-            engine.load_ip_adapter(build_tiny_ip_adapter(engine, plus=args.ip_adapter == "tiny"))
-        else:
-            engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
+        load_adapter(engine, args.ip_adapter, args.image_encoder)
     return engine
 
 

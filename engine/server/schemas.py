@@ -14,12 +14,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import math
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ..files import loads_json as files_loads_json
 
 MAX_SEED = 2**64 - 1
 MIB = 1 << 20
@@ -143,37 +144,9 @@ def _side(v: int, field: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ body decoding
 def loads_json(data: bytes | str, field: str = "body", max_bytes: int | None = None):
-    """JSON text -> value, refusing what engine.files.read_json refuses in files: a key given twice (JSON keeps
-    the last silently), non-UTF-8 bytes, nesting deep enough to exhaust the parser."""
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ValueError(f"{field}: {len(data)} bytes of JSON, the limit is {max_bytes}")
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{field}: not UTF-8 text ({e})") from None
-
-    def unique(pairs):
-        out = {}
-        for key, value in pairs:
-            if key in out:
-                raise ValueError(f"{field}: {key!r} is given twice (a JSON object's keys must be unique)")
-            out[key] = value
-        return out
-
-    depth = max_depth = 0
-    for ch in data:  # cheap pre-scan: the parser recurses per level
-        if ch in "[{":
-            depth += 1
-            max_depth = max(max_depth, depth)
-        elif ch in "]}":
-            depth -= 1
-    if max_depth > _MAX_JSON_DEPTH:
-        raise ValueError(f"{field}: JSON nested {max_depth} levels deep (at most {_MAX_JSON_DEPTH})")
-    try:
-        return json.loads(data, object_pairs_hook=unique)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{field}: not valid JSON ({e})") from None
+    """JSON text -> value, refusing what ``engine.files.read_json`` refuses in files (a key twice, non-UTF-8
+    bytes, nesting beyond 32 levels), see :func:`dreamfuse.engine.files.loads_json`."""
+    return files_loads_json(data, field, max_bytes=max_bytes, max_depth=_MAX_JSON_DEPTH)
 
 
 def segments_mapping(value, field: str = "segments") -> dict:

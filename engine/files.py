@@ -10,17 +10,23 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+_UMASK = os.umask(0)  # reading the umask means setting it: once, at import (not per write, racing threads)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; when the block succeeds it replaces ``path`` (``os.replace``,
-    atomic on POSIX and Windows), when it fails the temporary file is removed and ``path`` is untouched."""
+    atomic on POSIX and Windows), when it fails the temporary file is removed and ``path`` is untouched. The file
+    gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the umask), not ``mkstemp``'s
+    private ``0o600``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -195,3 +195,16 @@ def test_trainers_estimator_and_ip_adapter_use_the_loader(tmp_path):
     # EXIF orientation reaches the trainers: PatchDPO's SDXL "original size" is the upright one
     _sideways_jpeg(tmp_path / "phone.jpg")
     assert _load_resized(tmp_path / "phone.jpg", 8)[1] == (16, 8)
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    """mkstemp makes 0o600 files; a written image must be readable as any file the user writes (0o666 - umask)."""
+    import os
+
+    from dreamfuse.engine.files import save_image_atomic
+    from PIL import Image
+
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (4, 4)).save(plain)
+    atomic = save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "atomic.png")
+    assert os.stat(atomic).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

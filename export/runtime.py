@@ -31,6 +31,7 @@ exported ones; every call is checked against the exported profile (batch rows, l
 
 from __future__ import annotations
 
+import abc
 import threading
 import weakref
 from pathlib import Path
@@ -44,7 +45,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _CAK_KEYS = {"dreamfuse_ctx", "ip_tokens", "ip_scale"}
 
 
-class UNetBackend:
+class UNetBackend(abc.ABC):
     """The UNet call of the pipelines, served by something other than the engine's PyTorch UNet.
 
     ``bind(engine)`` checks that the backend serves this engine's model (it raises ``ValueError`` otherwise) and is
@@ -53,12 +54,12 @@ class UNetBackend:
 
     name = "?"
 
-    def bind(self, engine) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def bind(self, engine) -> None: ...
 
+    @abc.abstractmethod
     def __call__(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False,
-                 cross_attention_kwargs=None):
-        raise NotImplementedError
+                 cross_attention_kwargs=None): ...
 
 
 def load_unet_backend(kind: str, path: str | Path | None, **kwargs) -> UNetBackend:
@@ -105,10 +106,10 @@ class GraphUNet(UNetBackend):
         self._bound: tuple | None = None  # (lora snapshot, ip adapter) at bind time
 
     # ----------------------------------------------------------------------------------------- to implement
+    @abc.abstractmethod
     def _run(self, graph: str, feeds: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """Run graph ``graph`` (a key of the manifest's ``graphs``) on ``feeds`` (torch tensors; cast to the graph's
         input types here); return its outputs by name as torch tensors on ``device``."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------- binding
     def bind(self, engine) -> None:

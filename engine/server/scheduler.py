@@ -83,6 +83,7 @@ class Job:
         self._rows = rows  # estimated UNet rows per call (for admission)
         self._cost = cost  # rows x (latent pixels / native latent pixels)
         self._cancel = threading.Event()
+        self._cancel_reason = "cancelled"
         self._cond = threading.Condition()
         self._events: list[dict] = []
 
@@ -337,7 +338,7 @@ class StepScheduler:
         for item in self._queue:
             job = item[2]
             if job._cancel.is_set():
-                dropped.append((job, "cancelled", getattr(job, "_cancel_reason", "cancelled")))
+                dropped.append((job, "cancelled", job._cancel_reason))
             elif job.deadline is not None and now >= job.deadline:
                 dropped.append((job, "timed_out", "deadline passed while queued"))
             else:
@@ -433,7 +434,7 @@ class StepScheduler:
         for job in active:
             if job._cancel.is_set():
                 self._retire(job)
-                self._end(job, "cancelled", getattr(job, "_cancel_reason", "cancelled"))
+                self._end(job, "cancelled", job._cancel_reason)
             elif job.deadline is not None and now >= job.deadline:
                 self._retire(job)
                 self._end(job, "timed_out", f"deadline passed at step {job.step} of {job.steps}")

@@ -70,24 +70,10 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--nproc: must be >= 1")
         return scaling(args)
 
-    from dreamfuse.engine.ip_adapter import build_tiny_ip_adapter
-    from dreamfuse.engine.patch_quality import PatchQualityEstimator, quality_maps
+    from dreamfuse.engine.patch_quality import quality_maps
     from dreamfuse.engine.train.patchdpo import PatchDPOConfig, training_session
-    from transformers import ViTConfig, ViTModel
 
-    engine = trainer_engine(args)
-    if args.ip_adapter:
-        engine.load_ip_adapter(args.ip_adapter, args.image_encoder)
-    else:
-        engine.load_ip_adapter(build_tiny_ip_adapter(engine, plus=True))
-    if args.backbone:
-        estimator = PatchQualityEstimator(args.backbone)
-    else:
-        torch.manual_seed(0)
-        estimator = PatchQualityEstimator(ViTModel(ViTConfig(
-            image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64), add_pooling_layer=False))
-    estimator.backbone.to(engine.device)
+    engine, estimator = _engine_and_estimator(args)
     size = args.resolution or engine.default_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,12 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).write_text(json.dumps({"title": title, "rows": rows}, indent=1, default=to_json))
 
 
-# ------------------------------------------------------------------------------------------- data parallel
-def _session(args, root: Path, dist):
-    """The engine, estimator-derived samples and PatchDPO config of one process of a scaling run."""
+def _engine_and_estimator(args):
+    """The engine with its IP-Adapter (the given one, or the tiny Plus adapter) and the patch-quality estimator
+    (the given backbone, or a seeded tiny ViT), both on the engine's device."""
     from dreamfuse.engine.ip_adapter import build_tiny_ip_adapter
     from dreamfuse.engine.patch_quality import PatchQualityEstimator
-    from dreamfuse.engine.train.patchdpo import PatchDPOConfig, shared_quality_maps
     from transformers import ViTConfig, ViTModel
 
     engine = trainer_engine(args)
@@ -133,6 +118,15 @@ def _session(args, root: Path, dist):
             image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64), add_pooling_layer=False))
     estimator.backbone.to(engine.device)
+    return engine, estimator
+
+
+# ------------------------------------------------------------------------------------------- data parallel
+def _session(args, root: Path, dist):
+    """The engine, estimator-derived samples and PatchDPO config of one process of a scaling run."""
+    from dreamfuse.engine.train.patchdpo import PatchDPOConfig, shared_quality_maps
+
+    engine, estimator = _engine_and_estimator(args)
     size = args.resolution or engine.default_size
     samples = shared_quality_maps(root / "data", estimator, size // engine.vae_scale_factor, root / "cache", dist)
     cfg = PatchDPOConfig(batch_size=args.batch_size, resolution=size, mixed_precision=args.mixed_precision,

@@ -1,18 +1,24 @@
 """Exported UNets against eager PyTorch: seconds per denoising step at the same model, size and batch, side by side
 in one run, plus the export and build times.
 
-    python -m bench.export                                   # tiny, CPU: eager vs onnxruntime
+    python -m bench.export                                   # tiny, CPU: eager, torch.compile, aoti, onnxruntime
+    python -m bench.export --height 64 --width 64 --batch 1  # the README's figures (tiny, 64², 2 UNet rows)
     python -m bench.export --model random-sd15 --height 64 --width 64 --batch 1 --steps 4   # SD 1.5-sized UNet
     python -m bench.export --model ./sd15 --dtype fp16 --height 512 --width 512 --tensorrt  # on a GPU
-    python -m bench.export --onnx ./tiny-onnx                # reuse an export (no export time then)
+    python -m bench.export --onnx ./tiny-onnx --aoti ./tiny-aoti   # reuse exports (no export time then)
+    python -m bench.export --skip torch.compile --skip aoti  # leave columns out (the compiles take minutes)
 
-Columns: eager (the engine's PyTorch UNet), onnxruntime (``OnnxRuntimeUNet`` on the export, CPU provider on CPU,
-CUDA provider on CUDA) and, with ``--tensorrt`` where TensorRT and a GPU are present, ``TensorRTUNet``. Each call is
+Columns: eager (the engine's PyTorch UNet), torch.compile (``torch.compile(unet, dynamic=False)``, what
+``EngineConfig(compile=True)`` runs), aoti (``AotiUNet`` on an AOTInductor package compiled for this device, batch
+and size), onnxruntime (``OnnxRuntimeUNet`` on the export, CPU provider on CPU, CUDA provider on CUDA) and, with
+``--tensorrt`` where TensorRT and a GPU are present, ``TensorRTUNet``. Each call is
 one text-to-image run of ``--steps`` steps with CFG (2 UNet rows per prompt) and ``output_type="latent"`` (VAE
 excluded); the columns are timed interleaved, call by call (``bench._util.compare``), and every cell is ``median /
 min`` s/step; ratios are eager / backend (> 1: the backend is faster). The outputs of every backend are compared
 with eager's in the same run (max abs difference of the latents). With ``--tensorrt`` and TensorRT-RTX but no GPU
-the engine is built (its build time is reported) and not run.
+the engine is built (its build time is reported) and not run. The second table gives each column's one-off cost:
+the ONNX export, the AOTInductor trace + compile, torch.compile's first call (compiling; minus nothing: it includes
+that call's own steps), the TensorRT build.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ def main(argv=None) -> None:
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--onnx", default=None, metavar="DIR", help="an existing export of --model (skips the export)")
+    ap.add_argument("--aoti", default=None, metavar="DIR",
+                    help="an existing `dreamfuse export aoti` package of --model (skips the compile)")
+    ap.add_argument("--skip", action="append", default=[], choices=("torch.compile", "aoti", "onnxruntime"),
+                    help="leave a column out (repeat for several)")
     ap.add_argument("--tensorrt", action="store_true", help="also build (and, with a GPU, run) a TensorRT engine")
     ap.add_argument("--compute-capability", default=None, help="TensorRT-RTX's build target without a GPU (8.9)")
     ap.add_argument("--iters", type=int, default=5, help="timed calls per column, interleaved (default 5)")
@@ -51,8 +61,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     threads = args.threads or torch.get_num_threads()
 
+    from dreamfuse.export.aoti import export_aoti
     from dreamfuse.export.onnx import export_onnx
-    from dreamfuse.export.runtime import OnnxRuntimeUNet
+    from dreamfuse.export.runtime import AotiUNet, OnnxRuntimeUNet
 
     eng = Engine.from_pretrained(args.model, EngineConfig(device=args.device, dtype=args.dtype, progress=False))
     device = eng.device
@@ -62,15 +73,32 @@ def main(argv=None) -> None:
     times = []
     work = tempfile.TemporaryDirectory(prefix="dreamfuse-bench-export-")
     folder = Path(args.onnx) if args.onnx else Path(work.name) / "onnx"
-    if not args.onnx:
-        t0 = time.perf_counter()
-        manifest = export_onnx(eng, folder, opset=args.opset, batch=(rows, rows), min_size=min(h, w),
-                               max_size=max(h, w), text_encoders=False, vae=False, model_name=args.model)
-        times.append(["onnx export (unet)", f"{time.perf_counter() - t0:.1f}",
-                      f"trace {manifest['graphs']['unet']['trace_s']} s + lower/save"])
+    backends = {}
+    if "torch.compile" not in args.skip:
+        backends["torch.compile"] = _torch_compile(eng, prompts=["a photo of a cat"] * args.batch, h=h, w=w,
+                                                   steps=args.steps, times=times)
+    if "aoti" not in args.skip:
+        aoti_dir = Path(args.aoti) if args.aoti else Path(work.name) / "aoti"
+        if not args.aoti:
+            t0 = time.perf_counter()
+            sizes = dict(size=h, static=True) if h == w else dict(min_size=min(h, w), max_size=max(h, w))
+            manifest = export_aoti(eng, aoti_dir, batch=(rows, rows), model_name=args.model, **sizes)
+            g = manifest["graphs"]["unet"]
+            times.append([f"aoti export + compile (unet, {device.type})", f"{time.perf_counter() - t0:.1f}",
+                          f"trace {g['trace_s']} s, lower {g['lower_s']} s, AOTInductor {g['compile_s']} s"])
+        backends["aoti"] = AotiUNet(aoti_dir)
+        backends["aoti"].bind(eng)
     providers = ["cuda"] if device.type == "cuda" else ["cpu"]
-    backends = {"onnxruntime": OnnxRuntimeUNet(folder, providers=providers, threads=threads)}
-    backends["onnxruntime"].bind(eng)
+    if "onnxruntime" not in args.skip or args.tensorrt:
+        if not args.onnx:
+            t0 = time.perf_counter()
+            manifest = export_onnx(eng, folder, opset=args.opset, batch=(rows, rows), min_size=min(h, w),
+                                   max_size=max(h, w), text_encoders=False, vae=False, model_name=args.model)
+            times.append(["onnx export (unet)", f"{time.perf_counter() - t0:.1f}",
+                          f"trace {manifest['graphs']['unet']['trace_s']} s + lower/save"])
+    if "onnxruntime" not in args.skip:
+        backends["onnxruntime"] = OnnxRuntimeUNet(folder, providers=providers, threads=threads)
+        backends["onnxruntime"].bind(eng)
     if args.tensorrt:
         trt_backend = _tensorrt(folder, Path(work.name) / "trt", args, times, eng)
         if trt_backend is not None:
@@ -106,11 +134,28 @@ def main(argv=None) -> None:
     print(f"# exported UNets vs eager — {hardware(device)}")
     print(f"model={args.model} dtype={str(eng.dtype).removeprefix('torch.')} backend={eng.config.backend} "
           f"batch {args.batch} prompts ({rows} UNet rows, CFG), {h}x{w}, {args.steps} steps, opset {args.opset}, "
-          f"onnxruntime {providers[0]} provider, {threads} threads; {args.iters} interleaved calls per column")
+          f"onnxruntime {providers[0]} provider, {threads} threads; {args.iters} interleaved calls per column; "
+          f"{time.strftime('%Y-%m-%d')}")
     print_table("seconds per denoising step (whole text2img call / steps, VAE excluded)",
                 ["backend", "s/step", "eager/backend", "max |latents - eager|"], table)
     print_table("export and build times (seconds, once)", ["what", "s", "note"], times or [["-", "-", "reused"]])
     work.cleanup()
+
+
+def _torch_compile(eng, prompts, h: int, w: int, steps: int, times: list):
+    """``torch.compile`` of the engine's UNet as ``EngineConfig(compile=True)`` makes it; its first text2img call
+    (the compile, plus that call's own steps) goes into the times table."""
+    fn = torch.compile(eng.unet, dynamic=False)
+    before = eng._unet_fn
+    eng._unet_fn = fn
+    try:
+        t0 = time.perf_counter()
+        eng.text2img(prompts, steps=steps, height=h, width=w, seed=0, output_type="latent")
+        times.append(["torch.compile (first call: compile + its steps)", f"{time.perf_counter() - t0:.1f}",
+                      "dynamic=False, inductor"])
+    finally:
+        eng._unet_fn = before
+    return fn
 
 
 def _tensorrt(folder: Path, out: Path, args, times: list, eng):

@@ -119,14 +119,15 @@ class Engine:
     def set_unet_backend(self, backend="torch", path: str | Path | None = None, **options) -> None:
         """What runs the UNet calls of every pipeline: ``"torch"`` (the engine's PyTorch UNet, compiled with
         ``config.compile``), ``"onnxruntime"`` (``path``: a ``dreamfuse export onnx`` folder), ``"tensorrt"``
-        (``path``: a ``dreamfuse export tensorrt`` folder or ``.plan``), or a backend object (see
+        (``path``: a ``dreamfuse export tensorrt`` folder or ``.plan``), ``"aoti"`` (``path``: a ``dreamfuse export
+        aoti`` folder, an AOTInductor package compiled for this engine's device and dtype), or a backend object (see
         ``dreamfuse.export.runtime.UNetBackend``); ``options`` go to the backend (e.g. ``providers=["cuda"]``).
         An exported backend is checked against this engine's UNet weights (and IP-Adapter) before use, and refuses
         calls outside its exported profile. Clears the inversion cache (made with the previous UNet). Changes
         shared state: call it while no pipeline runs."""
         if isinstance(backend, str) and backend == "torch":
             if path is not None:
-                raise ValueError("unet_path: only for an exported backend (onnxruntime, tensorrt)")
+                raise ValueError("unet_path: only for an exported backend (onnxruntime, tensorrt, aoti)")
             fn = self.unet
             if self.config.compile:
                 mode = "reduce-overhead" if (self.config.cuda_graphs and self.device.type == "cuda") else None

@@ -9,6 +9,9 @@ Every export folder (ONNX graphs from :mod:`dreamfuse.export.onnx`, TensorRT pla
   UNet graph (the image tokens are then a graph input);
 * ``profile``: the UNet batch rows and latent height/width ranges the graphs accept (``static``: one shape);
 * ``dtype``, ``opset``, the dreamfuse/torch versions, and per graph its file, inputs and outputs;
+* ``plugins``: ``null``, or the dreamfuse plugin nodes the graphs hold (``--plugins``: custom-domain nodes that need
+  TensorRT's plugin library or onnxruntime's custom ops, :mod:`dreamfuse.export.plugins`): their domain, namespace,
+  version and op types; each graph lists its own under ``graphs.<name>.plugins``;
 * ``tensorrt`` (plan folders only): the module and version that built the plans, the compute capability, the
   optimization profiles and the cache key.
 
@@ -22,17 +25,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+from dreamfuse.engine.files import atomic_path
 
 MANIFEST = "dreamfuse.json"
 FORMAT = 1
 LATENT_MULTIPLE = 8
 """Exported latents are ``8·k`` high and wide (diffusers' down/upsamplers guard on it when the size is dynamic):
 images in multiples of 64 pixels with the SD VAE."""
+
+
+PLUGIN_OPS = ("AmaAttention", "MatchArgmax", "CycleMask", "CompositeBlend")
+"""The plugin op types this dreamfuse runs (:data:`dreamfuse.export.plugins.PLUGINS`)."""
+
+
+def plugins_entry(graphs: dict) -> dict | None:
+    """The manifest's top-level ``plugins``: None when no graph lists plugin nodes."""
+    ops = sorted({op for g in graphs.values() for op in g.get("plugins") or ()})
+    if not ops:
+        return None
+    return {"domain": "dreamfuse", "plugin_namespace": "dreamfuse", "plugin_version": "1", "ops": ops,
+            "graphs": sorted(name for name, g in graphs.items() if g.get("plugins"))}
+
+
+def graph_plugins(manifest: dict, graph: str) -> list[str]:
+    """The plugin op types graph ``graph`` of ``manifest`` holds ([] for none, or for an export made before
+    plugins existed)."""
+    return list(manifest["graphs"].get(graph, {}).get("plugins") or [])
 
 
 def dreamfuse_version() -> str:
@@ -66,15 +87,8 @@ def write_manifest(folder: str | Path, manifest: dict) -> Path:
     """Write ``folder/dreamfuse.json`` atomically (a temporary file renamed into place)."""
     folder = Path(folder)
     path = folder / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=".dreamfuse-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -102,6 +116,10 @@ def read_manifest(folder: str | Path, field: str = "unet_path") -> dict:
             if graph.get(key) and not (folder / graph[key]).is_file():
                 raise FileNotFoundError(f"{field}: {str(folder)!r} lists {graph[key]!r} for {name} but the file is "
                                         "missing")
+        unknown = sorted(set(graph.get("plugins") or ()) - set(PLUGIN_OPS))
+        if unknown:
+            raise ValueError(f"{field}: {name} needs plugin nodes {unknown} this dreamfuse does not know (export "
+                             "again, or update dreamfuse)")
     return manifest
 
 

@@ -11,10 +11,13 @@ dreamfuse op that can appear in a UNet graph:
   pattern by itself, so the plain path needs no plugin.
 * ``dreamfuse::ama_attention`` -> the AMA value warp in standard ops: ``GatherElements`` of the reference values by
   the flow, the blend by the mask, then the attention above. A DreamMatcher step runs in onnxruntime and TensorRT
-  with no plugin (a fused plugin is the native-parts work).
+  with no plugin. With ``plugins=True`` (``--plugins``) each AMA layer is instead one ``dreamfuse::AmaAttention``
+  custom-domain node (:mod:`dreamfuse.export.plugins` holds the node spec): ``torch.export`` once, then
+  ``run_decompositions`` lowers the op to ``torch.onnx.ops.symbolic`` before the exporter runs. TensorRT runs those
+  nodes with dreamfuse's plugin library; onnxruntime with onnxruntime-extensions' Python custom ops.
 
 The other dreamfuse ops (matching, cycle mask, composite blending) run in the pipelines between UNet calls and are
-never part of an exported graph.
+never part of an exported UNet graph; :func:`dreamfuse.export.plugins.op_graph` gives each its one-node plugin graph.
 
 Shapes. ``sample (B, 4, h, w)`` with ``B`` and ``h = 8·a``, ``w = 8·b`` dynamic within the profile (diffusers'
 down/upsamplers guard on multiples of 8 latent pixels; ``Upsample2D`` caps a dynamic batch at 63); ``timestep
@@ -47,7 +50,7 @@ import torch
 from dreamfuse.engine.processors import CallContext, LayerInfo
 from torch import nn
 
-from .manifest import FORMAT, LATENT_MULTIPLE, dreamfuse_version, weights_hash, write_manifest
+from .manifest import FORMAT, LATENT_MULTIPLE, dreamfuse_version, plugins_entry, weights_hash, write_manifest
 
 OPSETS = range(18, 24)
 DEFAULT_OPSET = 18
@@ -342,10 +345,11 @@ def _dynamic(specs: list):
 
 
 def _export_graph(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_names, path: Path,
-                  opset: int, fixed: int | None = None) -> dict:
+                  opset: int, fixed: int | None = None, plugins: bool = False) -> dict:
     """``torch.export`` + the dynamo ONNX exporter; writes ``path`` (weights in ``path.data`` past 1 GB).
     ``fixed``: the number of named parameters of ``module.forward`` before its ``*extra`` (their dynamic shapes
-    come first, then one tuple for the rest)."""
+    come first, then one tuple for the rest). ``plugins``: dreamfuse ops with a plugin node (AMA attention) become
+    that node instead of standard ops; the returned info lists the plugin op types in the graph."""
     if dynamic_shapes is not None and fixed is not None and len(dynamic_shapes) > fixed:
         dynamic_shapes = (*dynamic_shapes[:fixed], tuple(dynamic_shapes[fixed:]))
     from torch.onnx._internal.exporter import _registration  # noqa: F401 (its torchvision notices are noise here)
@@ -355,6 +359,10 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes, input_names, o
         warnings.simplefilter("ignore")  # torch.export's deprecation chatter about pytree specs
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        if plugins:
+            from .plugins import decompositions
+
+            ep = ep.run_decompositions(decompositions())  # only these ops; the exporter decomposes the rest
         t_trace = time.perf_counter() - t0
         with contextlib.redirect_stdout(_Quiet()):
             prog = torch.onnx.export(ep, dynamo=True, input_names=input_names, output_names=output_names,
@@ -365,9 +373,18 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes, input_names, o
     external = weights > EXTERNAL_DATA_BYTES
     prog.save(str(path), external_data=external)
     return {"file": path.name, "inputs": list(input_names), "outputs": list(output_names),
-            "external_data": external, "trace_s": round(t_trace, 1),
+            "external_data": external, "plugins": _plugin_nodes(prog.model) if plugins else [],
+            "trace_s": round(t_trace, 1),
             "lower_s": round(t_lower, 1),
             "export_s": round(time.perf_counter() - t0, 1)}
+
+
+def _plugin_nodes(model) -> list[str]:
+    """The dreamfuse plugin op types (sorted, unique) in an ``onnx_ir`` model, its functions included."""
+    from .plugins import DOMAIN
+
+    nodes = [*model.graph, *(n for f in model.functions.values() for n in f)]
+    return sorted({n.op_type for n in nodes if n.domain == DOMAIN})
 
 
 class _Quiet:
@@ -417,8 +434,8 @@ def personalize_layers(engine) -> tuple[dict[str, int], list[str], list[str]]:
 
 def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=None, batch=(1, 16),
                 size: int | None = None, min_size: int | None = None, max_size: int | None = None,
-                static: bool = False, personalize: bool = False, text_encoders: bool = True, vae: bool = True,
-                model_name: str | None = None, progress=None) -> dict:
+                static: bool = False, personalize: bool = False, plugins: bool = False, text_encoders: bool = True,
+                vae: bool = True, model_name: str | None = None, progress=None) -> dict:
     """Export ``engine``'s model to ONNX graphs in ``out`` and write their manifest; returns it.
 
     Writes ``unet.onnx``; with ``personalize`` also ``unet_personalize.onnx`` (DreamMatcher's AMA and foreground
@@ -427,15 +444,23 @@ def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=No
     (:mod:`dreamfuse.export.manifest`). ``dtype``: the graphs' dtype (default the engine's); the VAE decoder of a
     model that upcasts its VAE stays fp32. A loaded IP-Adapter's image layers are baked into ``unet.onnx`` with
     ``ip_tokens``/``ip_scale`` inputs (the personalize graph has none: DreamMatcher runs no image prompt).
-    ``batch``/``size``/``min_size``/``max_size``/``static``: :func:`make_profile`. ``progress``: a callable taking
-    one line per graph.
+    ``batch``/``size``/``min_size``/``max_size``/``static``: :func:`make_profile`. ``plugins`` (with
+    ``personalize``): the personalize graph's AMA layers as ``dreamfuse::AmaAttention`` plugin nodes (module
+    docstring; the manifest lists them per graph under ``plugins``). ``progress``: a callable taking one line per
+    graph.
 
     Mutates the engine while it runs (processor backends, module dtypes; restored on exit): export while no other
     call runs. About 30 s per UNet graph for tiny on 2 CPU cores.
     """
     if not OPSETS.start <= int(opset) < OPSETS.stop:
         raise ValueError(f"opset: {opset} is not supported (use {OPSETS.start}..{OPSETS.stop - 1})")
+    if plugins and not personalize:
+        raise ValueError("plugins: only the personalize graph has plugin nodes (AMA attention): export it with "
+                         "personalize=True (--personalize)")
     dtype = engine.dtype if dtype is None else _model_dtype(dtype)
+    if plugins and dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"plugins: the plugin nodes are float32 or float16 (the TensorRT plugins' types), not "
+                         f"{str(dtype).removeprefix('torch.')}")
     profile = make_profile(engine, batch, size, min_size, max_size, static)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -510,16 +535,19 @@ def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=No
                 p_dyn += [_spec(d0=B, d1=_times(k, H8), d2=_times(k, W8))] * 2 + [None]
             say("unet_personalize: tracing ...")
             info = _export_graph(graph, tuple(p_args), _dynamic(p_dyn), graph.input_names(),
-                                 graph.output_names(), out / "unet_personalize.onnx", opset, fixed=3)
+                                 graph.output_names(), out / "unet_personalize.onnx", opset, fixed=3,
+                                 plugins=plugins)
             info.update(ama_layers=ama_layers, foreground_layers=fg_layers, feature_blocks=feature_blocks,
                         ama_factors=graph.factors, foreground_factor=FOREGROUND_FACTOR)
             manifest["graphs"]["unet_personalize"] = info
-            say(f"unet_personalize: {info['export_s']} s")
+            say(f"unet_personalize: {info['export_s']} s" + (f" ({len(ama_layers)} {', '.join(info['plugins'])} "
+                                                              "plugin nodes)" if plugins else ""))
     if text_encoders:
         manifest["graphs"].update(_export_text_encoders(engine, out, profile, dtype, opset, say))
     if vae:
         manifest["graphs"]["vae_decoder"] = _export_vae(engine, out, profile, dtype, opset, say)
     manifest["export_s"] = {k: g["export_s"] for k, g in manifest["graphs"].items()}
+    manifest["plugins"] = plugins_entry(manifest["graphs"])
     write_manifest(out, manifest)
     return manifest
 

@@ -10,8 +10,10 @@ return_dict=False, cross_attention_kwargs=...)``; a backend is any object with t
 * :class:`TensorRTUNet` ``(plan or dir)``: TensorRT (or TensorRT-RTX) engines built by
   :mod:`dreamfuse.export.tensorrt`: I/O bound to torch tensors, ``execute_async_v3`` on torch's current stream,
   CUDA-graph replay for static engines.
-* A third backend (an AOTInductor package, say) subclasses :class:`UNetBackend` and implements ``__call__``; one that
-  runs a named graph on a dict of tensors subclasses :class:`GraphUNet` and implements ``_run`` only.
+* :class:`AotiUNet` ``(dir)``: an AOTInductor package (``unet.pt2``, :mod:`dreamfuse.export.aoti`) through
+  ``torch._inductor.aoti_load_package``, on the device it was compiled for.
+* Another backend subclasses :class:`UNetBackend` and implements ``__call__``; one that runs a named graph on a dict
+  of tensors subclasses :class:`GraphUNet` and implements ``_run`` only.
 
 What crosses the graph boundary. Per-row timesteps ``(B,)``; SDXL's ``text_embeds``/``time_ids``; IP-Adapter image
 tokens and scale (when the export baked the adapter's layers in; a call without tokens feeds zero tokens at scale
@@ -39,9 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import plugins
 from .manifest import check_model, check_request, read_manifest
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
 _CAK_KEYS = {"dreamfuse_ctx", "ip_tokens", "ip_scale"}
 
 
@@ -63,28 +66,33 @@ class UNetBackend(abc.ABC):
 
 
 def load_unet_backend(kind: str, path: str | Path | None, **kwargs) -> UNetBackend:
-    """``"onnxruntime"`` (a folder with ``unet.onnx``) or ``"tensorrt"`` (a folder with ``unet.plan`` or a ``.plan``
-    file); ``kwargs`` go to the backend's constructor."""
+    """``"onnxruntime"`` (a folder with ``unet.onnx``), ``"tensorrt"`` (a folder with ``unet.plan`` or a ``.plan``
+    file) or ``"aoti"`` (a folder with ``unet.pt2``); ``kwargs`` go to the backend's constructor."""
     if kind == "onnxruntime":
         return OnnxRuntimeUNet(path, **kwargs)
     if kind == "tensorrt":
         return TensorRTUNet(path, **kwargs)
+    if kind == "aoti":
+        return AotiUNet(path, **kwargs)
     raise ValueError(f"unet_backend: unknown backend {kind!r} (use one of {', '.join(BACKENDS)})")
 
 
 def backend_for_path(path: str | Path) -> str:
     """The backend that reads ``path``: ``"tensorrt"`` for a ``.plan`` file or a folder holding ``unet.plan``,
-    ``"onnxruntime"`` for a folder holding ``unet.onnx`` (``ValueError`` otherwise)."""
+    ``"aoti"`` for a folder holding ``unet.pt2``, ``"onnxruntime"`` for a folder holding ``unet.onnx``
+    (``ValueError`` otherwise)."""
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".plan":
         return "tensorrt"
     if p.is_dir():
         if (p / "unet.plan").is_file():
             return "tensorrt"
+        if (p / "unet.pt2").is_file():
+            return "aoti"
         if (p / "unet.onnx").is_file():
             return "onnxruntime"
-        raise ValueError(f"unet: {str(path)!r} holds neither unet.onnx nor unet.plan (make one with `dreamfuse "
-                         "export onnx` / `dreamfuse export tensorrt`)")
+        raise ValueError(f"unet: {str(path)!r} holds none of unet.onnx, unet.plan, unet.pt2 (make one with "
+                         "`dreamfuse export onnx` / `dreamfuse export tensorrt` / `dreamfuse export aoti`)")
     if not p.exists():
         raise FileNotFoundError(f"unet: {str(path)!r} does not exist")
     raise ValueError(f"unet: {str(path)!r} is neither an export folder nor a .plan file")
@@ -301,6 +309,9 @@ class OnnxRuntimeUNet(GraphUNet):
             raise ValueError(f"{field}: the onnxruntime backend needs onnxruntime (pip install 'dreamfuse[export]')") \
                 from None
         super().__init__(folder, field)
+        if self.manifest.get("kind") == "aoti":
+            raise ValueError(f"{field}: {str(self.folder)!r} holds an AOTInductor package, not ONNX graphs (use "
+                             "unet_backend='aoti')")
         available = ort.get_available_providers()
         if providers is None:
             providers = ["cuda", "cpu"] if "CUDAExecutionProvider" in available and torch.cuda.is_available() \
@@ -331,6 +342,7 @@ class OnnxRuntimeUNet(GraphUNet):
                         opts.intra_op_num_threads = int(self.threads)
                         opts.inter_op_num_threads = 1
                     opts.log_severity_level = 3
+                    plugins.add_onnxruntime_ops(opts, self.graphs[graph], self.manifest["dtype"])  # plugin nodes
                     path = self.folder / self.graphs[graph]["file"]
                     sess = ort.InferenceSession(str(path), opts, providers=self.providers)
                     self._sessions[graph] = sess
@@ -414,6 +426,7 @@ class TensorRTUNet(GraphUNet):
             self.trt = import_tensorrt(trt_info.get("module"))
         except ImportError as e:
             raise ValueError(f"{field}: {e}") from None
+        plugins.load_tensorrt_plugins(self.trt, trt_info.get("plugin_libraries"))  # before deserializing
         self.device = torch.device(device)
         self.static = bool(trt_info.get("static"))
         self._engines: dict[str, _TrtGraph] = {}
@@ -534,3 +547,88 @@ def _torch_dtype(trt, dt) -> torch.dtype:
     if hasattr(trt.DataType, "BF16"):
         table[trt.DataType.BF16] = torch.bfloat16
     return table[dt]
+
+
+# --------------------------------------------------------------------------------------------- AOTInductor
+_AOTI_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32}
+
+
+class AotiUNet(GraphUNet):
+    """An AOTInductor package (``dreamfuse export aoti``, :mod:`dreamfuse.export.aoti`) as the UNet: ``unet.pt2``
+    loaded with ``torch._inductor.aoti_load_package`` on the device type it was compiled for.
+
+    Args:
+        path: a package folder (with ``dreamfuse.json``) or the ``unet.pt2`` inside one.
+        device: where to load it (default: the type it was compiled for; ``cuda`` is the current CUDA device). A
+            device of another type is a ``ValueError``.
+
+    Binding refuses an engine on another device type or in another dtype than the package's, or with other UNet
+    weights (the manifest's hash; LoRAs count); every call is checked against the exported profile (batch rows,
+    latent size, text length) before it runs, and its inputs are cast to the package's dtypes and made contiguous (a
+    package reads its inputs with the strides it was traced with). A gradient through the UNet and personalize's
+    per-layer handlers (DreamMatcher's AMA and foreground layers, decoder features) are refused: the package is the
+    plain UNet call, forward only. Safe to share between threads (AOTInductor's runner serializes its runs).
+    """
+
+    name = "aoti"
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None, field: str = "unet_path"):
+        p = Path(path).expanduser()
+        folder = p.parent if p.suffix == ".pt2" else p
+        super().__init__(folder, field)
+        if self.manifest.get("kind") != "aoti":
+            raise ValueError(f"{field}: {str(folder)!r} holds no AOTInductor package (make one with `dreamfuse "
+                             "export aoti`, or use the backend its files are for)")
+        compiled_for = self.manifest.get("device")
+        self.device = torch.device(compiled_for if device is None else device)
+        if self.device.type != compiled_for:
+            raise ValueError(f"device: the package was compiled for {compiled_for}, not {self.device.type} (export "
+                             f"it again with --device {self.device.type})")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"{field}: {str(folder)!r} was compiled for cuda and no CUDA GPU is available here")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        graph = self.graphs["unet"]
+        try:
+            self.inputs = [(spec["name"], _AOTI_DTYPES[spec["dtype"]]) for spec in graph["inputs"]]
+        except (KeyError, TypeError):
+            raise ValueError(f"{field}: {str(folder)!r} has a manifest without the package's input list (export "
+                             "again)") from None
+        file = folder / graph["file"]
+        try:
+            self._model = torch._inductor.aoti_load_package(str(file), device_index=self.device.index
+                                                            if self.device.type == "cuda" else -1)
+        except Exception as e:  # another torch build's package, a truncated file: the loader's own exceptions
+            raise ValueError(f"{field}: {str(file)!r} could not be loaded ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); export it again with "
+                             f"this torch ({torch.__version__})") from None
+
+    def bind(self, engine) -> None:
+        if engine.device.type != self.device.type:
+            raise ValueError(f"device: the package was compiled for {self.device.type}, the engine runs on "
+                             f"{engine.device.type} (export it on {engine.device.type}: `dreamfuse export aoti "
+                             f"--device {engine.device.type}`)")
+        dtype = str(engine.dtype).removeprefix("torch.")
+        if dtype != self.manifest["dtype"]:
+            raise ValueError(f"dtype: the package was compiled for {self.manifest['dtype']}, the engine runs {dtype} "
+                             "(export with this dtype, --export-dtype, or load the engine in the package's)")
+        super().bind(engine)
+
+    def _run(self, graph, feeds, device):
+        args = []
+        for name, dtype in self.inputs:
+            if name not in feeds:
+                raise ValueError(f"{name}: the package takes it as an input and the call gives none")
+            args.append(feeds[name].to(self.device, dtype).contiguous())
+        with torch.no_grad():
+            out = self._model(*args)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return {"noise_pred": out.to(device)}
+
+    def _personalize_call(self, ctx, feeds, sample):
+        raise ValueError("personalize: an AOTInductor package holds the plain UNet call; per-layer handlers "
+                         "(DreamMatcher's AMA and foreground layers, decoder features) cannot cross it (use "
+                         "unet_backend='torch', or an ONNX export made with --personalize)")

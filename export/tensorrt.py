@@ -6,8 +6,14 @@ parser into a strongly typed network (the precision is the ONNX graph's: export 
 engine), adds one optimization profile per ``(min, opt, max)`` shape triple (``static``: one shape, for CUDA
 graphs), sets the builder's workspace limit, reads and writes a timing cache, optionally marks the engine
 refittable, serializes ``unet.plan`` and writes the folder's ``dreamfuse.json`` (the ONNX manifest plus a
-``tensorrt`` section). Built engines are cached under a key of the model hash, the TensorRT module and version,
-the compute capability, the profiles and the build options (:func:`cache_key`).
+``tensorrt`` section). A graph exported with ``--plugins`` holds ``dreamfuse::*`` plugin nodes: the plugin library
+built from ``native/trt_plugins/`` (``plugins=LIB``, ``--plugins LIB``) is loaded into TensorRT's plugin registry
+before parsing, where the ONNX parser finds each node's plugin by op type, ``plugin_namespace`` and
+``plugin_version``; its absolute path goes into the manifest (``tensorrt.plugin_libraries``) so that
+``TensorRTUNet`` and :func:`refit_tensorrt` load it before deserializing. No library and plugin nodes: a
+``ValueError`` naming ``plugins`` before anything is built. Built engines are cached under a key of the model
+hash, the TensorRT module and version, the compute capability, the profiles, the build options and the plugin
+libraries' contents (:func:`cache_key`).
 
 TensorRT-RTX (``pip install tensorrt-rtx-cu13``) has the same builder and ONNX parser and builds with no GPU for a
 chosen compute capability (``compute_capability="8.9"``): that is how the build is tested on machines without a
@@ -25,13 +31,14 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from .manifest import MANIFEST, read_manifest, write_manifest
+from dreamfuse.engine.files import atomic_path
+
+from .manifest import MANIFEST, graph_plugins, read_manifest, write_manifest
+from .plugins import load_tensorrt_plugins
 
 MODULES = ("tensorrt", "tensorrt_rtx")
 UNET_GRAPHS = ("unet", "unet_personalize")
@@ -150,13 +157,16 @@ class _Logger:
 
 
 def cache_key(manifest: dict, trt, compute_capability: str, profiles: list[dict], static: bool, refit: bool,
-              graph: str) -> str:
+              graph: str, plugin_libraries=()) -> str:
     """The key a built engine is cached under: model and IP-Adapter hashes, dtype, opset, dreamfuse version, the
-    TensorRT module and version, the compute capability, the profiles and the build options."""
+    TensorRT module and version, the compute capability, the profiles, the build options and the contents of the
+    plugin libraries the graph needs."""
     data = {"model": manifest["model"]["hash"], "ip": (manifest.get("ip_adapter") or {}).get("hash"),
             "dtype": manifest["dtype"], "opset": manifest["opset"], "dreamfuse": manifest.get("dreamfuse_version"),
             "trt": [module_name(trt), trt.__version__], "cc": compute_capability, "profiles": profiles,
             "static": static, "refit": refit, "graph": graph}
+    if plugin_libraries:
+        data["plugins"] = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in plugin_libraries]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -194,7 +204,7 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
                    static: bool = False, dtype: str | None = None, timing_cache: str | Path | None = None,
                    refit: bool = False, workspace_gb: float | None = None, compute_capability: str | None = None,
                    cache_dir: str | Path | None = None, module: str | None = None, graphs=UNET_GRAPHS,
-                   verbose: bool = False, progress=None) -> dict:
+                   plugins=None, verbose: bool = False, progress=None) -> dict:
     """Build TensorRT engines from an ONNX export folder into ``out``; returns the written manifest.
 
     Args:
@@ -215,6 +225,9 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
             ones there.
         module: ``"tensorrt"`` or ``"tensorrt_rtx"`` (default: the first importable).
         graphs: which of the export's UNet graphs to build (those it has).
+        plugins: the TensorRT plugin library (a path, or a list) implementing the ``dreamfuse::*`` plugin nodes of
+            a ``--plugins`` export (:mod:`dreamfuse.export.plugins`); required when a graph to build has them,
+            ignored otherwise.
     """
     trt = import_tensorrt(module)
     onnx_dir, out = Path(onnx_dir).expanduser(), Path(out).expanduser()
@@ -243,6 +256,15 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
                          "--refit, or on the GPU)")
     if workspace_gb is not None and not workspace_gb > 0:
         raise ValueError(f"workspace: must be > 0 GB, got {workspace_gb}")
+    needed = {g: graph_plugins(manifest, g) for g in graphs if graph_plugins(manifest, g)}
+    libraries = []
+    if needed:
+        if not plugins:
+            graph, ops = next(iter(needed.items()))
+            raise ValueError(f"plugins: {manifest['graphs'][graph]['file']} holds dreamfuse plugin nodes "
+                             f"({', '.join(ops)}); give the TensorRT plugin library built from native/trt_plugins/ "
+                             "with --plugins LIB (or export the ONNX without --plugins)")
+        libraries = load_tensorrt_plugins(trt, plugins, sorted({op for ops in needed.values() for op in ops}))
     out.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda line: None)
     built = dict(manifest)
@@ -250,7 +272,7 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
     rtx = module_name(trt) == "tensorrt_rtx"
     info = {"module": module_name(trt), "version": trt.__version__, "static": bool(static), "refit": bool(refit),
             "profiles": profiles, "build_s": {}, "timing_cache": None if timing_cache is None or rtx
-            else str(timing_cache)}
+            else str(timing_cache), "plugin_libraries": libraries}
     for graph in graphs:
         if graph not in manifest["graphs"]:
             continue
@@ -261,7 +283,7 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
         config = builder.create_builder_config()
         cc = _compute_capability(trt, config, compute_capability)
         info["compute_capability"] = cc
-        key = cache_key(manifest, trt, cc, profiles, static, refit, graph)
+        key = cache_key(manifest, trt, cc, profiles, static, refit, graph, libraries if graph in needed else ())
         plan_name = f"{graph}.plan"
         cached = Path(cache_dir).expanduser() / key / plan_name if cache_dir else None
         t0 = time.perf_counter()
@@ -326,14 +348,8 @@ def _raise_build_error(errors: list[str], workspace_gb) -> None:
 
 
 def _write_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # --------------------------------------------------------------------------------------------- refit
@@ -361,6 +377,7 @@ def refit_tensorrt(plan_dir: str | Path, onnx_dir: str | Path, module: str | Non
 
     if not torch.cuda.is_available():
         raise ValueError("engine: refitting deserializes the engine, which needs its GPU; none is available here")
+    load_tensorrt_plugins(trt, info.get("plugin_libraries"))  # the plugin nodes' library, before deserializing
     logger = _Logger(trt).logger
     runtime = trt.Runtime(logger)
     for graph, g in manifest["graphs"].items():

@@ -342,7 +342,9 @@ def _attention_fwd(q, k, v, scale: float, v_ref=None, flow=None, mask=None) -> t
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     sa = _stride_unit(q, k, v, v_ref, out)
     st = lambda t: [s // sa for s in t.stride()[:3]]
-    _attention_fwd_kernel[grid](
+    # wrap_triton: traced by torch.compile / AOTInductor as the kernel itself (embedded in a package); in eager
+    # mode (and for the interpreter's kernels) it returns the kernel unchanged.
+    torch.library.wrap_triton(_attention_fwd_kernel)[grid](
         q, k, v, v_ref, flow, mask, out, lse,
         scale * math.log2(math.e),
         *st(q), *st(k), *st(v), *st(v_ref),
@@ -361,11 +363,31 @@ def _attention_fwd(q, k, v, scale: float, v_ref=None, flow=None, mask=None) -> t
 
 
 # --------------------------------------------------------------------------------------------- torch ops
-@torch.library.custom_op("dreamfuse::attention", mutates_args=())
+# `triton_op`, not `custom_op`: torch.compile and AOTInductor trace through the op's body to the Triton launch
+# (`wrap_triton` above), so a compiled graph, and an AOTInductor package on CUDA, embeds the kernel and runs it
+# without Python; a `custom_op` stays an opaque Python call there (a C++ AOTIModelPackageLoader fails on it with
+# "Could not find schema"). torch.export keeps each call as one `dreamfuse::attention` node (the ONNX exporter
+# translates it; `run_decompositions(decompose_custom_triton_ops=True)` lowers it). The body is what those traces
+# see: the Triton kernel on CUDA, the reference in ATen ops elsewhere, so a CPU graph compiles to plain ATen.
+# Eager calls on CPU go to the registered CPU kernel: the Triton interpreter under TRITON_INTERPRET=1 (how the
+# tests run the kernel), else the reference. The fake is the shapes alone (the body would trace the launcher).
+@torch.library.triton_op("dreamfuse::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     _check_qkv(q, k, v)
-    if _common.use_triton(q):
+    if q.is_cuda and _common.use_triton(q):
         return _attention_fwd(q, k, v, scale)
+    return _attention_torch(q, k, v, scale)
+
+
+@_attention_op.register_kernel("cpu")
+def _(q, k, v, scale):
+    _check_qkv(q, k, v)
+    if _common.use_triton(q):  # the interpreter
+        return _attention_fwd(q, k, v, scale)
+    return _attention_torch(q, k, v, scale)
+
+
+def _attention_torch(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = attention_reference(q, k, v, scale=scale, return_lse=True)
     return _empty_out(q).copy_(out), lse  # same strides as the Triton path and the fake
 
@@ -391,11 +413,24 @@ def _attention_backward(ctx, d_out, d_lse):
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-@torch.library.custom_op("dreamfuse::ama_attention", mutates_args=())
+@torch.library.triton_op("dreamfuse::ama_attention", mutates_args=())
 def _ama_attention_op(q: torch.Tensor, k: torch.Tensor, v_tgt: torch.Tensor, v_ref: torch.Tensor,
                       flow: torch.Tensor, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # as dreamfuse::attention above; traced on CPU, the flow is clamped into [0, Lk) as the kernel does (checking it
+    # would read the data), where an eager reference call raises on it
     _check_ama(q, k, v_tgt, v_ref, flow, mask)
-    if _common.use_triton(q):
+    if q.is_cuda and _common.use_triton(q):
+        return _attention_fwd(q, k, v_tgt, scale, v_ref, flow, mask)
+    flow = flow.clamp(0, k.shape[2] - 1)
+    ct = _compute_dtype(v_tgt)
+    v_w = _blend(v_tgt.to(ct), _gather_rows(v_ref.to(ct), flow), mask.to(ct)[:, None, :, None])
+    return _attention_torch(q, k, v_w, scale)
+
+
+@_ama_attention_op.register_kernel("cpu")
+def _(q, k, v_tgt, v_ref, flow, mask, scale):
+    _check_ama(q, k, v_tgt, v_ref, flow, mask)
+    if _common.use_triton(q):  # the interpreter
         return _attention_fwd(q, k, v_tgt, scale, v_ref, flow, mask)
     out, lse = ama_attention_reference(q, k, v_tgt, v_ref, flow, mask, scale=scale, return_lse=True)
     return _empty_out(q).copy_(out), lse

@@ -271,7 +271,7 @@ def _blend_fwd(eps_uncond, eps_cond, masks, guidance, guidance_scale: float) -> 
     flat = all(p[2] for p in planes)
     bc = _block_c(C)
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, bc), B)
-    _composite_blend_fwd_kernel[grid](
+    torch.library.wrap_triton(_composite_blend_fwd_kernel)[grid](
         eps_uncond, eps_cond, masks, g, out,
         eps_uncond.stride(0), eps_uncond.stride(1), eps_uncond.stride(2), uh, uw,
         eps_cond.stride(0), eps_cond.stride(1), eps_cond.stride(2), ch, cw,
@@ -295,7 +295,7 @@ def _latents_fwd(latents, masks, fill) -> torch.Tensor:
     flat = all(p[2] for p in planes)
     bc = _block_c(C)
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, bc), B)
-    _composite_latents_fwd_kernel[grid](
+    torch.library.wrap_triton(_composite_latents_fwd_kernel)[grid](
         latents, masks, f, out,
         latents.stride(0), latents.stride(1), latents.stride(2), xh, xw,
         masks.stride(0), masks.stride(1), mh, mw,
@@ -315,7 +315,7 @@ def _fill_fwd(latents, masks, fill) -> torch.Tensor:
     flat = all(p[2] for p in planes)
     bc = _block_c(C)
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(C, bc), B)
-    _segment_fill_fwd_kernel[grid](
+    torch.library.wrap_triton(_segment_fill_fwd_kernel)[grid](
         latents, masks, fill, out,
         latents.stride(0), latents.stride(1), latents.stride(2), xh, xw,
         masks.stride(0), masks.stride(1), mh, mw,
@@ -329,11 +329,23 @@ def _fill_fwd(latents, masks, fill) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------- torch ops
 # Strided inputs go to the kernels as they are (strides are kernel arguments): slices of the UNet output, an
 # `expand` over the segment axis (stride 0) or a crop along w cost no copy. Outputs are always contiguous.
-@torch.library.custom_op("dreamfuse::composite_blend", mutates_args=())
+# `triton_op` (see kernels/attention.py): torch.compile and AOTInductor trace the body, the Triton kernel on CUDA
+# (`wrap_triton`, embedded in a package), the reference in ATen ops elsewhere; eager CPU calls take the CPU kernel
+# (the interpreter under TRITON_INTERPRET=1, else the reference); the fakes are the shapes alone.
+@torch.library.triton_op("dreamfuse::composite_blend", mutates_args=())
 def _composite_blend_op(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, masks: torch.Tensor,
                         guidance: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+    return _blend_impl(eps_uncond, eps_cond, masks, guidance, guidance_scale, eps_uncond.is_cuda)
+
+
+@_composite_blend_op.register_kernel("cpu")
+def _(eps_uncond, eps_cond, masks, guidance, guidance_scale):
+    return _blend_impl(eps_uncond, eps_cond, masks, guidance, guidance_scale, True)
+
+
+def _blend_impl(eps_uncond, eps_cond, masks, guidance, guidance_scale, kernel: bool):
     _check_blend(eps_uncond, eps_cond, masks, guidance if guidance is not None else guidance_scale)
-    if use_triton(eps_uncond):
+    if kernel and use_triton(eps_uncond):
         return _blend_fwd(eps_uncond, eps_cond, masks, guidance, guidance_scale)
     return composite_blend_reference(eps_uncond, eps_cond, masks, guidance if guidance is not None else guidance_scale)
 
@@ -345,11 +357,20 @@ def _(eps_uncond, eps_cond, masks, guidance, guidance_scale):
     return eps_uncond.new_empty((B, C, h, w))
 
 
-@torch.library.custom_op("dreamfuse::composite_latents", mutates_args=())
+@torch.library.triton_op("dreamfuse::composite_latents", mutates_args=())
 def _composite_latents_op(latents: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+    return _latents_impl(latents, masks, fill, latents.is_cuda)
+
+
+@_composite_latents_op.register_kernel("cpu")
+def _(latents, masks, fill):
+    return _latents_impl(latents, masks, fill, True)
+
+
+def _latents_impl(latents, masks, fill, kernel: bool):
     _check_segments("latents", latents, masks)
     _check_fill(fill, latents, required=False)
-    if use_triton(latents):
+    if kernel and use_triton(latents):
         return _latents_fwd(latents, masks, fill)
     return composite_latents_reference(latents, masks, fill)
 
@@ -362,11 +383,20 @@ def _(latents, masks, fill):
     return latents.new_empty((B, C, h, w))
 
 
-@torch.library.custom_op("dreamfuse::segment_fill", mutates_args=())
+@torch.library.triton_op("dreamfuse::segment_fill", mutates_args=())
 def _segment_fill_op(latents: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    return _fill_impl(latents, masks, fill, latents.is_cuda)
+
+
+@_segment_fill_op.register_kernel("cpu")
+def _(latents, masks, fill):
+    return _fill_impl(latents, masks, fill, True)
+
+
+def _fill_impl(latents, masks, fill, kernel: bool):
     _check_segments("latents", latents, masks)
     _check_fill(fill, latents, required=True)
-    if use_triton(latents):
+    if kernel and use_triton(latents):
         return _fill_fwd(latents, masks, fill)
     return segment_fill_reference(latents, masks, fill)
 

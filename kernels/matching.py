@@ -257,11 +257,15 @@ def _launch_cycle(t2r, r2t, fg, height: int, width: int, lambda_c: float) -> tor
     block = 64 if interpreting() else 1024  # elementwise gather: one wide tile per program on a GPU
     guard = torch.cuda.device(fg.device) if fg.is_cuda else contextlib.nullcontext()
     with guard:
-        _cycle_mask_fwd_kernel[(triton.cdiv(N, block), B)](t2r, r2t, fg, thr, out, N, width, BLOCK=block)
+        torch.library.wrap_triton(_cycle_mask_fwd_kernel)[(triton.cdiv(N, block), B)](
+            t2r, r2t, fg, thr, out, N, width, BLOCK=block)
     return out
 
 
 # --------------------------------------------------------------------------------------------- torch ops
+# match_argmax stays a `custom_op` (opaque to torch.compile and AOTInductor: a package holding it needs dreamfuse's
+# Python at run time): its result reads the autotuned BLOCK_M after the launch (`best_config`, how many row-tile
+# partials are real), which a traced launch does not know. It runs between UNet calls, in no exported graph.
 @torch.library.custom_op("dreamfuse::match_argmax", mutates_args=())
 def _match_argmax_op(f_tgt: torch.Tensor, f_ref: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -281,10 +285,21 @@ def _match_argmax_fake(f_tgt, f_ref):
             f_tgt.new_empty(B, M, dtype=f32))
 
 
-@torch.library.custom_op("dreamfuse::cycle_mask", mutates_args=())
+# cycle_mask is a `triton_op` (see kernels/attention.py): compile/AOTInductor trace the Triton kernel on CUDA, the
+# reference elsewhere; eager CPU calls take the CPU kernel (the interpreter under TRITON_INTERPRET=1).
+@torch.library.triton_op("dreamfuse::cycle_mask", mutates_args=())
 def _cycle_mask_op(t2r: torch.Tensor, r2t: torch.Tensor, fg: torch.Tensor, height: int, width: int,
                    lambda_c: float) -> torch.Tensor:
-    if use_triton(fg) and fg.numel() > 0:
+    return _cycle_impl(t2r, r2t, fg, height, width, lambda_c, fg.is_cuda)
+
+
+@_cycle_mask_op.register_kernel("cpu")
+def _(t2r, r2t, fg, height, width, lambda_c):
+    return _cycle_impl(t2r, r2t, fg, height, width, lambda_c, True)
+
+
+def _cycle_impl(t2r, r2t, fg, height: int, width: int, lambda_c: float, kernel: bool) -> torch.Tensor:
+    if kernel and use_triton(fg) and fg.numel() > 0:
         return _launch_cycle(t2r, r2t, fg, height, width, lambda_c)
     return cycle_mask_reference(t2r, r2t, fg, height=height, width=width, lambda_c=lambda_c)
 

@@ -263,8 +263,8 @@ def test_cli_generate_with_unet_folder(tiny, tmp_path, capsys):
     assert err == [
         "dreamfuse: error: height: 256 px is outside the exported profile [64, 128] px (export or build again with "
         "a wider range)",
-        f"dreamfuse: error: --unet: {str(tmp_path)!r} holds neither unet.onnx nor unet.plan (make one with "
-        "`dreamfuse export onnx` / `dreamfuse export tensorrt`)",
+        f"dreamfuse: error: --unet: {str(tmp_path)!r} holds none of unet.onnx, unet.plan, unet.pt2 (make one "
+        "with `dreamfuse export onnx` / `dreamfuse export tensorrt` / `dreamfuse export aoti`)",
         "dreamfuse: error: --compile: compiles the PyTorch UNet; --unet runs an exported one (use one or the other)",
         "dreamfuse: error: --unet: the export is of an SD 1.x/2.x UNet, the engine's is SDXL"]
 

@@ -34,7 +34,7 @@ COMMANDS = {
     "patch-quality": ("patch_quality", "PatchDPO patch quality: a heat map of how well each patch matches the "
                                        "reference"),
     "train": ("train", "training paths (eager PyTorch): ReVersion relation tokens, PatchDPO IP-Adapters"),
-    "export": ("export", "ONNX graphs, TensorRT engines, refit; run them with --unet DIR"),
+    "export": ("export", "ONNX graphs, TensorRT engines, refit, AOTInductor packages; run them with --unet DIR"),
     "serve": ("serve", "HTTP generation server (continuous batching; --ray for many GPUs or machines)"),
 }
 

@@ -112,7 +112,8 @@ def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, d
     if compile_option if unet_option is None else unet_option:
         g.add_argument("--unet", default=None, metavar="DIR|FILE.plan",
                        help="run the UNet from an export instead of PyTorch: a `dreamfuse export onnx` folder "
-                            "(onnxruntime) or a `dreamfuse export tensorrt` folder / .plan file (TensorRT); checked "
+                            "(onnxruntime), a `dreamfuse export tensorrt` folder / .plan file (TensorRT) or a "
+                            "`dreamfuse export aoti` folder (AOTInductor package); checked "
                             "against --model's weights, and calls outside its exported sizes are refused")
     if lora_option:
         g.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",

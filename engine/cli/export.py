@@ -1,5 +1,6 @@
-"""``dreamfuse export onnx|tensorrt|refit``: ONNX graphs of the pipeline, TensorRT engines built from them, and
-refitting an engine with new weights. Thin: checks the options, calls :mod:`dreamfuse.export`."""
+"""``dreamfuse export onnx|tensorrt|refit|aoti``: ONNX graphs of the pipeline, TensorRT engines built from them,
+refitting an engine with new weights, and AOTInductor packages of the UNet. Thin: checks the options, calls
+:mod:`dreamfuse.export`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ examples:
   dreamfuse generate --unet ./tiny-onnx --prompt "a photo of a cat" --out cat.png    # run it in onnxruntime
   dreamfuse export onnx --model ./sd15 --out ./sd15-onnx --fp16 --batch 1-8 --min-size 512 --max-size 768
   dreamfuse export onnx --model ./sd15 --out ./sd15-onnx --personalize       # + the DreamMatcher UNet graph
+  dreamfuse export onnx --model ./sd15 --out ./sd15-plug --personalize --plugins   # AMA as dreamfuse plugin nodes
   dreamfuse export onnx --model ./sd15 --out ./sd15-ip --ip-adapter ip-adapter_sd15.safetensors \\
       --image-encoder ./image_encoder                                        # IP-Adapter image tokens as input
   dreamfuse export onnx --model ./sdxl --out ./sdxl-onnx --fp16 --size 1024 --batch 2 --static   # CUDA graphs
@@ -33,22 +35,32 @@ examples:
   dreamfuse export refit --engine ./sd15-trt --onnx ./dog-onnx               # engine built with --refit
 """
 
+EXAMPLES_AOTI = """\
+examples:
+  dreamfuse export aoti --model tiny --out ./tiny-aoti --batch 1-2 --size 64 --static   # CPU, about a minute
+  dreamfuse generate --unet ./tiny-aoti --prompt "a photo of a cat" --height 64 --width 64 --out cat.png
+  dreamfuse export aoti --model ./sd15 --out ./sd15-aoti --device cuda --fp16 --batch 1-8 --min-size 512 \\
+      --max-size 768                                                         # CUDA: the Triton kernels embedded
+"""
+
 
 def register(sub, name: str, help_: str, rest: list[str]) -> None:
     from . import first_positional
 
     p = sub.add_parser(name, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Export the pipeline's graphs to ONNX, build TensorRT engines from them, refit an "
-                                   "engine. `--unet DIR` on generate/personalize/compose runs the result.",
-                       epilog=EXAMPLES_ONNX + "\n" + EXAMPLES_TRT)
+                                   "engine, compile the UNet into an AOTInductor package. `--unet DIR` on "
+                                   "generate/personalize/compose runs the result.",
+                       epilog=EXAMPLES_ONNX + "\n" + EXAMPLES_TRT + "\n" + EXAMPLES_AOTI)
     targets = p.add_subparsers(dest="target", metavar="TARGET")
     targets.required = True
     chosen = first_positional(rest)
     helps = {"onnx": "ONNX graphs: UNet (dynamic batch/size, per-row timesteps), text encoder(s), VAE decoder",
              "tensorrt": "TensorRT engines from an ONNX export (TensorRT or TensorRT-RTX)",
-             "refit": "swap the weights of a refittable TensorRT engine for another export's"}
+             "refit": "swap the weights of a refittable TensorRT engine for another export's",
+             "aoti": "an AOTInductor package of the UNet (torch.export + AOTInductor; CPU or CUDA)"}
     for target, register_target in (("onnx", _register_onnx), ("tensorrt", _register_tensorrt),
-                                    ("refit", _register_refit)):
+                                    ("refit", _register_refit), ("aoti", _register_aoti)):
         if target == chosen:
             register_target(targets, target, helps[target])
         else:
@@ -91,6 +103,10 @@ def _register_onnx(sub, name: str, help_: str) -> None:
     w.add_argument("--personalize", action="store_true",
                    help="also unet_personalize.onnx: DreamMatcher's AMA and foreground layers with the flows and "
                         "masks as inputs, so `personalize --unet DIR` runs through the graph")
+    w.add_argument("--plugins", action="store_true",
+                   help="with --personalize: each AMA layer as one dreamfuse::AmaAttention plugin node instead of "
+                        "standard ops (TensorRT: build with `export tensorrt --plugins LIB`; onnxruntime: needs "
+                        "onnxruntime-extensions, fp32)")
     w.add_argument("--no-text-encoders", action="store_true", help="skip the text encoder graph(s)")
     w.add_argument("--no-vae", action="store_true", help="skip the VAE decoder graph")
     ipa = p.add_argument_group("image prompt (bakes the IP-Adapter's layers in; image tokens become an input)")
@@ -112,6 +128,8 @@ def run_onnx(args) -> None:
     if args.size is not None and (args.min_size is not None or args.max_size is not None):
         raise CLIError("--size: give --size or --min-size/--max-size, not both")
     batch = args.batch
+    if args.plugins and not args.personalize:
+        raise CLIError("--plugins: only the personalize graph has plugin nodes (AMA attention); add --personalize")
     if args.ip_adapter or args.image_encoder:
         if not (args.ip_adapter and args.image_encoder):
             raise CLIError("--ip-adapter and --image-encoder go together")
@@ -132,11 +150,12 @@ def run_onnx(args) -> None:
     try:
         manifest = export_onnx(engine, out, opset=args.opset, dtype=args.export_dtype, batch=batch, size=args.size,
                                min_size=args.min_size, max_size=args.max_size, static=args.static,
-                               personalize=args.personalize, text_encoders=not args.no_text_encoders,
+                               personalize=args.personalize, plugins=args.plugins,
+                               text_encoders=not args.no_text_encoders,
                                vae=not args.no_vae, model_name=args.model, progress=print)
     except ValueError as e:
         raise CLIError(_as_flag(e, ("batch", "size", "min_size", "max_size", "static", "opset", "dtype",
-                                    "personalize"))) from None
+                                    "personalize", "plugins"))) from None
     prof = manifest["profile"]
     scale = manifest["model"]["vae_scale_factor"]
     sizes = "-".join(str(v * scale) for v in dict.fromkeys(prof["latent_height"]))
@@ -175,6 +194,9 @@ def _register_tensorrt(sub, name: str, help_: str) -> None:
                    help="engine cache keyed by model hash, TensorRT version, compute capability and profile")
     p.add_argument("--module", default=None, choices=("tensorrt", "tensorrt_rtx"),
                    help="which TensorRT to use (default: tensorrt if importable, else tensorrt_rtx)")
+    p.add_argument("--plugins", default=None, metavar="LIB",
+                   help="the TensorRT plugin library (built from native/trt_plugins/) for an export made with "
+                        "--plugins; loaded before parsing, its path recorded for the runtime")
     p.add_argument("--verbose", action="store_true", help="TensorRT's informational log")
     p.set_defaults(func=run_tensorrt)
 
@@ -186,6 +208,11 @@ def run_tensorrt(args) -> None:
         raise CLIError("--out: write the plans to another folder than --onnx (each folder has its own manifest)")
     from dreamfuse.export.manifest import read_manifest
     from dreamfuse.export.tensorrt import build_tensorrt, import_tensorrt, parse_profile
+
+    if args.plugins:
+        from .common import check_file
+
+        check_file("--plugins", args.plugins)
 
     manifest = read_manifest(onnx_dir, "--onnx")
     scale = int(manifest["model"].get("vae_scale_factor", 8))
@@ -206,9 +233,11 @@ def run_tensorrt(args) -> None:
         built = build_tensorrt(onnx_dir, out, profiles=profiles, static=args.static, dtype=args.dtype,
                                timing_cache=args.timing_cache, refit=args.refit, workspace_gb=args.workspace,
                                compute_capability=args.compute_capability, cache_dir=args.cache, module=args.module,
+                               plugins=args.plugins,
                                verbose=args.verbose, progress=print)
     except ValueError as e:
-        raise CLIError(_as_flag(e, ("profile", "static", "dtype", "compute_capability", "workspace", "refit"))) \
+        raise CLIError(_as_flag(e, ("profile", "static", "dtype", "compute_capability", "workspace", "refit",
+                                    "plugins"))) \
             from None
     except MemoryError as e:
         raise CLIError(str(e)) from None
@@ -240,3 +269,67 @@ def run_refit(args) -> None:
         raise CLIError(str(e)) from None
     refit_tensorrt(plan_dir, onnx_dir)
     print(f"refitted {plan_dir} with the weights of {onnx_dir}")
+
+
+# --------------------------------------------------------------------------------------------- aoti
+def _register_aoti(sub, name: str, help_: str) -> None:
+    p = sub.add_parser(name, help=help_, epilog=EXAMPLES_AOTI, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write DIR/unet.pt2, an AOTInductor package of the UNet call compiled for --device "
+                                   "(torch.export, then torch._inductor.aoti_compile_and_package), and the "
+                                   "dreamfuse.json manifest the runtime checks (model hash, profile, device, dtype, "
+                                   "the package's inputs in order). On CPU dreamfuse's attention ops are lowered to "
+                                   "ATen; on CUDA their Triton kernels are compiled into the package. Runs without "
+                                   "dreamfuse: torch._inductor.aoti_load_package or C++ AOTIModelPackageLoader. "
+                                   "Compiling takes minutes (about 1 min for tiny on 2 CPU cores).")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_const", const="fp16", dest="export_dtype",
+                      help="an fp16 package (the engine that runs it must be fp16 too)")
+    prec.add_argument("--export-dtype", dest="export_dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                      help="the package's dtype (default: the model's dtype, fp32 on CPU)")
+    g = p.add_argument_group("profile (what the package accepts; calls outside it are refused)")
+    g.add_argument("--batch", default="1-16", metavar="MIN-MAX",
+                   help="UNet batch rows, N or MIN-MAX, dynamic in the package (CFG doubles the prompts; at most 63; "
+                        "default 1-16)")
+    g.add_argument("--size", type=int, default=None, metavar="PX", help="one square image size in pixels")
+    g.add_argument("--min-size", type=int, default=None, metavar="PX",
+                   help="smallest height/width in pixels, a multiple of 64 (default: native / 2, at least 64)")
+    g.add_argument("--max-size", type=int, default=None, metavar="PX",
+                   help="largest height/width in pixels, a multiple of 64 (default: native x 2)")
+    g.add_argument("--static", action="store_true",
+                   help="static image size (--size PX, any multiple of 8); the batch stays dynamic over --batch")
+    add_model_args(p, compile_option=False, unet_option=False, lora_option=True)
+    p.set_defaults(func=run_aoti)
+
+
+def run_aoti(args) -> None:
+    out = output_folder(args.out)
+    for flag in ("size", "min_size", "max_size"):
+        v = getattr(args, flag)
+        if v is not None and (v < 64 or v % 8):
+            raise CLIError(f"--{flag.replace('_', '-')}: {v} px must be a multiple of 8 and >= 64")
+    if args.size is not None and (args.min_size is not None or args.max_size is not None):
+        raise CLIError("--size: give --size or --min-size/--max-size, not both")
+    if args.static and args.size is None:
+        raise CLIError("--static: give the one image size with --size PX")
+    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise CLIError(f"--device: AOTInductor packages are compiled for cpu or cuda, not {args.device!r}")
+    from .common import load_engine
+
+    engine = load_engine(args)
+    from dreamfuse.export.aoti import export_aoti
+
+    try:
+        manifest = export_aoti(engine, out, dtype=args.export_dtype, batch=args.batch, size=args.size,
+                               min_size=args.min_size, max_size=args.max_size, static=args.static,
+                               model_name=args.model, progress=print)
+    except ValueError as e:
+        raise CLIError(_as_flag(e, ("batch", "size", "min_size", "max_size", "static", "dtype", "device"))) \
+            from None
+    prof = manifest["profile"]
+    scale = manifest["model"]["vae_scale_factor"]
+    sizes = "-".join(str(v * scale) for v in dict.fromkeys(prof["latent_height"]))
+    graph = manifest["graphs"]["unet"]
+    print(f"wrote {out} ({graph['file']}; {manifest['device']}, {manifest['dtype']}, batch {prof['batch'][0]}-"
+          f"{prof['batch'][1]} rows, {sizes} px; inputs {', '.join(i['name'] for i in graph['inputs'])}; "
+          f"{graph['export_s']:.0f} s)")

@@ -1,0 +1,20 @@
+# ctest helper: run RUNNER with ARGS ("|"-separated) and pass only when it exits with status RC and
+#   RC 2 (bad input): prints exactly one line on stderr, "dreamfuse_aoti_runner: error: ..." matching PATTERN;
+#   RC 1 (outputs differ from --expect): its stdout matches PATTERN.
+string(REPLACE "|" ";" _args "${ARGS}")
+execute_process(COMMAND "${RUNNER}" ${_args} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+string(STRIP "${err}" err)
+message(STATUS "exit ${rc}\nstdout: ${out}\nstderr: ${err}")
+if(NOT rc STREQUAL "${RC}")
+  message(FATAL_ERROR "expected exit status ${RC}, got ${rc}")
+endif()
+if(RC STREQUAL "2")
+  if(err MATCHES "\n")
+    message(FATAL_ERROR "expected one line on stderr")
+  endif()
+  if(NOT err MATCHES "^dreamfuse_aoti_runner: error: .*${PATTERN}")
+    message(FATAL_ERROR "stderr does not match '${PATTERN}'")
+  endif()
+elseif(NOT out MATCHES "${PATTERN}")
+  message(FATAL_ERROR "stdout does not match '${PATTERN}'")
+endif()

@@ -154,12 +154,15 @@ def _check_range(field: str, value: int, lo_hi, unit: str, what: str) -> None:
                          "or build again with a wider range)")
 
 
-def check_request(manifest: dict, sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
-    """Refuse a UNet call outside the exported profile (``ValueError`` naming the field): batch rows, latent
-    height and width (multiples of 8 within the ranges, in latent pixels: image pixels / 8), text length."""
+def check_request(manifest: dict, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                  check_batch: bool = True) -> None:
+    """Refuse a UNet call outside the exported profile (``ValueError`` naming the field): batch rows (unless
+    ``check_batch`` is false: the caller splits and pads rows into the range), latent height and width (multiples
+    of 8 within the ranges, in latent pixels: image pixels / 8), text length."""
     prof = manifest["profile"]
     rows, _, h, w = sample.shape
-    _check_range("batch", rows, prof["batch"], " rows", "UNet rows: CFG doubles the prompts")
+    if check_batch:
+        _check_range("batch", rows, prof["batch"], " rows", "UNet rows: CFG doubles the prompts")
     scale = int(manifest["model"].get("vae_scale_factor", 8))
     for field, v, key in (("height", h, "latent_height"), ("width", w, "latent_width")):
         lo, hi = prof[key]

@@ -153,7 +153,11 @@ class GraphUNet(UNetBackend):
             raise ValueError(f"unet_backend: a gradient through the UNet (personalize's lambda_g, compose's subject "
                              f"guidance) needs the torch backend; {self.name} runs the exported graph forward only")
         self._check_engine()
-        check_request(self.manifest, sample, encoder_hidden_states)
+        ctx = cak.get("dreamfuse_ctx")
+        personalize = ctx is not None and bool(ctx.handlers or ctx.capture)
+        # the plain UNet takes any number of rows (split and padded into the profile: _run_rows); the personalize
+        # graph's rows are tied to the match state, so they must fit as they are
+        check_request(self.manifest, sample, encoder_hidden_states, check_batch=personalize)
         rows = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = (t.expand(rows) if t.ndim == 0 else t.reshape(rows)).float()
@@ -164,14 +168,35 @@ class GraphUNet(UNetBackend):
                 raise ValueError("added_cond_kwargs: an SDXL UNet needs text_embeds and time_ids")
             feeds["text_embeds"] = added_cond_kwargs["text_embeds"]
             feeds["time_ids"] = added_cond_kwargs["time_ids"]
-        ctx = cak.get("dreamfuse_ctx")
-        if ctx is not None and (ctx.handlers or ctx.capture):
+        if personalize:
             if cak.get("ip_tokens") is not None:
                 raise ValueError("ip_tokens: the personalize graph takes no image prompt")
             return (self._personalize_call(ctx, feeds, sample),)
         self._ip_feeds(feeds, cak, rows, sample)
-        out = self._run("unet", feeds, sample.device)["noise_pred"]
+        out = self._run_rows("unet", feeds, sample.device)["noise_pred"]
         return (out.to(sample.dtype),)
+
+    _SHARED_FEEDS = frozenset({"ip_scale"})  # the UNet graph's inputs that are not one row per sample
+
+    def _run_rows(self, graph: str, feeds: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """:meth:`_run` on any number of rows: more than the profile's batch range runs in chunks of its maximum,
+        fewer than its minimum (a static batch, say) is padded with copies of the last row, whose outputs are
+        dropped. The UNet's rows are independent (no batch statistics), so the result is the one call's; this is how
+        a server's merged calls and a pipeline's CFG batch fit any exported profile."""
+        lo, hi = self.manifest["profile"]["batch"]
+        rows = feeds["sample"].shape[0]
+        if lo <= rows <= hi:
+            return self._run(graph, feeds, device)
+        per_row = [k for k in feeds if k not in self._SHARED_FEEDS]
+        outs = []
+        for start in range(0, rows, hi):
+            n = min(hi, rows - start)
+            chunk = dict(feeds)
+            for k in per_row:
+                v = feeds[k][start:start + n]
+                chunk[k] = v if n >= lo else torch.cat([v, v[-1:].expand(lo - n, *v.shape[1:])])
+            outs.append({k: v[:n] for k, v in self._run(graph, chunk, device).items()})
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def _ip_feeds(self, feeds: dict, cak: dict, rows: int, sample: torch.Tensor) -> None:
         ip = self.manifest.get("ip_adapter")

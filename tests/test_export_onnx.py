@@ -199,6 +199,29 @@ def test_more_rows_than_the_profile_run_in_chunks(tiny, torch_unet, backend, row
     torch.testing.assert_close(out, ref, **TOL)
 
 
+def test_the_step_scheduler_serves_an_exported_unet_past_its_batch_range(tiny, backend):
+    """Merged calls of up to 16 rows on an 8-row export: every image equals its solo generation on the same
+    backend, and the scheduler's calls did pass the profile's maximum (so the backend split them)."""
+    from dreamfuse.engine.server import StepScheduler
+
+    engine = tiny[0]
+    engine.set_unet_backend(backend)
+    sched = StepScheduler(engine, max_batch_rows=16)
+    try:
+        reqs = [dict(prompt=p, steps=3, guidance_scale=5.0, height=64, width=64) for p in
+                ("a cat", "a red car", "a dog", "a house", "a tree", "a boat")]
+        jobs = [sched.submit("text2img", seed=i, **r) for i, r in enumerate(reqs)]
+        assert all(j.wait(300) and j.state == "done" for j in jobs), [(j.state, j.error) for j in jobs]
+        assert max(sched.stats()["rows_per_call"]) > 8
+        for job, r in zip(jobs, reqs):
+            solo = engine.text2img(r["prompt"], seed=job.seeds[0], steps=3, guidance_scale=5.0, height=64, width=64)
+            diff = np.abs(np.asarray(job.images[0], np.int16) - np.asarray(solo[0], np.int16))
+            assert diff.max() <= 1  # batched rounding: at most 1/255
+    finally:
+        sched.shutdown(grace_s=0)
+        engine.set_unet_backend("torch")
+
+
 def test_fewer_rows_than_the_profile_are_padded(tiny, torch_unet, monkeypatch):
     """A profile whose batch starts at 4 (a static batch, say): 1 and 3 rows run padded to 4, padding dropped."""
     engine, folder, _ = tiny

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .manifest import FORMAT, LATENT_MULTIPLE, dreamfuse_version, weights_hash, write_manifest
+from .manifest import FORMAT, dreamfuse_version, weights_hash, write_manifest
 from .onnx import (
     MAX_DYNAMIC_BATCH,
     UNetGraph,
@@ -48,10 +48,9 @@ from .onnx import (
     _export_attention,
     _model_dtype,
     _parse_range,
-    _spec,
-    _times,
     _trace_shape,
     make_profile,
+    unet_example_inputs,
     unet_input_names,
 )
 
@@ -183,29 +182,8 @@ def export_aoti(engine, out: str | Path, *, dtype=None, batch=(1, 16), size: int
     axes = _axes(profile)
     row_names = {0: "batch"} if B is not None else {}
     sample_names = {**row_names, **({2: "latent_height", 3: "latent_width"} if H8 is not None else {})}
-    sample_dims = _spec(d0=B, d2=_times(LATENT_MULTIPLE, H8), d3=_times(LATENT_MULTIPLE, W8))
-    row = _spec(d0=B)
-
-    gen = torch.Generator("cpu").manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dev, dtype)
-    args = [rand(b, unet.config.in_channels, h, w), torch.linspace(1, 999, b).to(dev), rand(b, text_len, cross)]
-    dyn = [sample_dims, row, row]
-    names = [sample_names, row_names, row_names]
-    pooled_dim = 0
-    if is_xl:
-        cfg = unet.config
-        pooled_dim = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
-        args += [rand(b, pooled_dim), torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * b).to(dev, dtype)]
-        dyn += [row, row]
-        names += [row_names, row_names]
-    ip_info = None
-    if ip:
-        tokens = engine.ip_adapter.uncond_tokens()
-        ip_info = {"hash": weights_hash(engine.ip_adapter.layers), "tokens": int(tokens.shape[1]),
-                   "plus": bool(engine.ip_adapter.plus)}
-        args += [rand(b, tokens.shape[1], cross), torch.tensor([0.6], device=dev, dtype=dtype)]
-        dyn += [row, None]
-        names += [row_names, {}]
+    args, dyn, kinds, pooled_dim, ip_info = unet_example_inputs(engine, dyn_profile, dev, dtype)
+    names = [{"sample": sample_names, "row": row_names, "shared": {}}[k] for k in kinds]
     input_names = unet_input_names(is_xl, ip)
     dynamic = _dynamic(dyn)
     if dynamic is not None and len(dynamic) > 3:  # forward(sample, timestep, encoder_hidden_states, *extra)

@@ -432,6 +432,41 @@ def personalize_layers(engine) -> tuple[dict[str, int], list[str], list[str]]:
     return ama, pz._foreground_layers(engine), [f"up_blocks.{b}" for b in feature_blocks]
 
 
+def unet_example_inputs(engine, profile: dict, dev: torch.device, dtype: torch.dtype,
+                        gen: torch.Generator | None = None):
+    """The UNet graph's example inputs at the profile's trace shape (:func:`unet_input_names` order), with the
+    ``torch.export`` dynamic-shape spec of each, the kind of each (``"sample"``: dynamic batch, height and width;
+    ``"row"``: one row per sample; ``"shared"``: one value for the call), SDXL's pooled width (0 otherwise) and the
+    loaded IP-Adapter's manifest entry (``None`` without one). Random values come from ``gen`` (a CPU generator
+    seeded 0 when not given)."""
+    unet = engine.unet
+    cross = int(unet.config.cross_attention_dim)
+    text_len = int(engine.tokenizer.model_max_length)
+    b, h, w = _trace_shape(profile)
+    B, H8, W8 = _dims(profile)
+    sample_dims = _spec(d0=B, d2=_times(LATENT_MULTIPLE, H8), d3=_times(LATENT_MULTIPLE, W8))
+    row = _spec(d0=B)
+
+    gen = torch.Generator("cpu").manual_seed(0) if gen is None else gen
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dev, dtype)
+    args = [rand(b, unet.config.in_channels, h, w), torch.linspace(1, 999, b).to(dev), rand(b, text_len, cross)]
+    dyn, kinds = [sample_dims, row, row], ["sample", "row", "row"]
+    pooled_dim = 0
+    if engine.is_xl:
+        cfg = unet.config
+        pooled_dim = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+        args += [rand(b, pooled_dim), torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * b).to(dev, dtype)]
+        dyn, kinds = dyn + [row, row], kinds + ["row", "row"]
+    ip_info = None
+    if engine.ip_adapter is not None:
+        tokens = engine.ip_adapter.uncond_tokens()
+        ip_info = {"hash": weights_hash(engine.ip_adapter.layers), "tokens": int(tokens.shape[1]),
+                   "plus": bool(engine.ip_adapter.plus)}
+        args += [rand(b, tokens.shape[1], cross), torch.tensor([0.6], device=dev, dtype=dtype)]
+        dyn, kinds = dyn + [row, None], kinds + ["row", "shared"]
+    return args, dyn, kinds, pooled_dim, ip_info
+
+
 def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=None, batch=(1, 16),
                 size: int | None = None, min_size: int | None = None, max_size: int | None = None,
                 static: bool = False, personalize: bool = False, plugins: bool = False, text_encoders: bool = True,
@@ -473,26 +508,9 @@ def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=No
     ip = engine.ip_adapter is not None
     b, h, w = _trace_shape(profile)
     B, H8, W8 = _dims(profile)
-    sample_dims = _spec(d0=B, d2=_times(LATENT_MULTIPLE, H8), d3=_times(LATENT_MULTIPLE, W8))
     row = _spec(d0=B)
-
-    gen = torch.Generator("cpu").manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dev, dtype)
-    args = [rand(b, unet.config.in_channels, h, w), torch.linspace(1, 999, b).to(dev), rand(b, text_len, cross)]
-    dyn = [sample_dims, row, row]
-    pooled_dim = 0
-    if is_xl:
-        cfg = unet.config
-        pooled_dim = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
-        args += [rand(b, pooled_dim), torch.tensor([[h * 8, w * 8, 0, 0, h * 8, w * 8]] * b).to(dev, dtype)]
-        dyn += [row, row]
-    ip_info = None
-    if ip:
-        tokens = engine.ip_adapter.uncond_tokens()
-        ip_info = {"hash": weights_hash(engine.ip_adapter.layers), "tokens": int(tokens.shape[1]),
-                   "plus": bool(engine.ip_adapter.plus)}
-        args += [rand(b, tokens.shape[1], cross), torch.tensor([0.6], device=dev, dtype=dtype)]
-        dyn += [row, None]
+    gen = torch.Generator("cpu").manual_seed(0)  # the personalize graph's example inputs continue its stream
+    args, dyn, _, pooled_dim, ip_info = unet_example_inputs(engine, profile, dev, dtype, gen)
 
     manifest = {
         "format": FORMAT,

@@ -117,16 +117,21 @@ def _register_onnx(sub, name: str, help_: str) -> None:
     p.set_defaults(func=run_onnx)
 
 
-def run_onnx(args) -> None:
-    from .common import check_file, load_engine
-
-    out = output_folder(args.out)
+def _check_sizes(args) -> None:
+    """The profile's pixel sizes (``--size``, ``--min-size``, ``--max-size``) of ``export onnx`` and ``export aoti``."""
     for flag in ("size", "min_size", "max_size"):
         v = getattr(args, flag)
         if v is not None and (v < 64 or v % 8):
             raise CLIError(f"--{flag.replace('_', '-')}: {v} px must be a multiple of 8 and >= 64")
     if args.size is not None and (args.min_size is not None or args.max_size is not None):
         raise CLIError("--size: give --size or --min-size/--max-size, not both")
+
+
+def run_onnx(args) -> None:
+    from .common import check_file, load_engine
+
+    out = output_folder(args.out)
+    _check_sizes(args)
     batch = args.batch
     if args.plugins and not args.personalize:
         raise CLIError("--plugins: only the personalize graph has plugin nodes (AMA attention); add --personalize")
@@ -304,12 +309,7 @@ def _register_aoti(sub, name: str, help_: str) -> None:
 
 def run_aoti(args) -> None:
     out = output_folder(args.out)
-    for flag in ("size", "min_size", "max_size"):
-        v = getattr(args, flag)
-        if v is not None and (v < 64 or v % 8):
-            raise CLIError(f"--{flag.replace('_', '-')}: {v} px must be a multiple of 8 and >= 64")
-    if args.size is not None and (args.min_size is not None or args.max_size is not None):
-        raise CLIError("--size: give --size or --min-size/--max-size, not both")
+    _check_sizes(args)
     if args.static and args.size is None:
         raise CLIError("--static: give the one image size with --size PX")
     if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from dreamfuse.engine import Engine, EngineConfig
 
 PROFILE = dict(batch="1-8", min_size=64, max_size=128)  # latents 8..16: trace at 16x16 (8x8 would specialize)
 _lock = threading.Lock()
 _made: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def two_threads():
+    """At most 2 intra-op threads (this machine class has 2 cores) in a module that imports this fixture; restored
+    after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(min(n, 2))
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_engine(name: str = "tiny", ip: bool = True) -> Engine:

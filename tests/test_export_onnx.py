@@ -18,18 +18,9 @@ import torch
 from dreamfuse.engine.cli import main
 from dreamfuse.export.manifest import MANIFEST, weights_hash
 from dreamfuse.export.runtime import OnnxRuntimeUNet
-from export_models import shared_export, tiny_engine
+from export_models import shared_export, tiny_engine, two_threads  # noqa: F401 (autouse fixture)
 
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def two_threads():
-    """At most 2 intra-op threads (this machine class has 2 cores); restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

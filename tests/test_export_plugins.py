@@ -25,7 +25,7 @@ from dreamfuse.engine.cli import main
 from dreamfuse.export import plugins as P
 from dreamfuse.export.manifest import MANIFEST, PLUGIN_OPS, read_manifest
 from dreamfuse.export.runtime import OnnxRuntimeUNet
-from export_models import PROFILE, shared_export
+from export_models import PROFILE, shared_export, two_threads  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("onnxruntime_extensions")
 
@@ -33,14 +33,6 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 HAS_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
 needs_trt = pytest.mark.skipif(not HAS_TRT, reason="neither tensorrt nor tensorrt_rtx is installed")
 FIELDS = {"AmaAttention": dict(scale=0.3), "CycleMask": dict(lambda_c=0.4)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(min(n, 2))
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

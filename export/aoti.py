@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .manifest import FORMAT, dreamfuse_version, weights_hash, write_manifest
+from .manifest import FORMAT, dreamfuse_version, write_manifest
 from .onnx import (
     MAX_DYNAMIC_BATCH,
     UNetGraph,
@@ -50,6 +50,7 @@ from .onnx import (
     _parse_range,
     _trace_shape,
     make_profile,
+    model_entry,
     unet_example_inputs,
     unet_input_names,
 )
@@ -172,8 +173,6 @@ def export_aoti(engine, out: str | Path, *, dtype=None, batch=(1, 16), size: int
     say = progress or (lambda line: None)
     unet = engine.unet
     dev = device
-    cross = int(unet.config.cross_attention_dim)
-    text_len = int(engine.tokenizer.model_max_length)
     is_xl = engine.is_xl
     ip = engine.ip_adapter is not None
     dyn_profile = {**profile, "static": False}  # static fixes the sizes only; _dims leaves fixed ranges static
@@ -225,11 +224,7 @@ def export_aoti(engine, out: str | Path, *, dtype=None, batch=(1, 16), size: int
         "torch_version": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "device": dev.type,
-        "model": {"name": model_name, "hash": weights_hash(unet), "is_xl": is_xl,
-                  "in_channels": int(unet.config.in_channels), "cross_attention_dim": cross, "text_len": text_len,
-                  "pooled_dim": pooled_dim, "vae_scale_factor": int(engine.vae_scale_factor),
-                  "sample_size": int(unet.config.sample_size),
-                  "prediction_type": engine.scheduler.config.get("prediction_type", "epsilon")},
+        "model": model_entry(engine, model_name, pooled_dim),
         "ip_adapter": ip_info,
         "profile": profile,
         "dims": axes,

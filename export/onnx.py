@@ -432,6 +432,17 @@ def personalize_layers(engine) -> tuple[dict[str, int], list[str], list[str]]:
     return ama, pz._foreground_layers(engine), [f"up_blocks.{b}" for b in feature_blocks]
 
 
+def model_entry(engine, model_name, pooled_dim: int) -> dict:
+    """The manifest's ``model`` entry of an export of ``engine``'s UNet: what the runtime checks a model against
+    (:func:`dreamfuse.export.manifest.check_model`) and what its inputs are shaped by."""
+    unet = engine.unet
+    return {"name": model_name, "hash": weights_hash(unet), "is_xl": engine.is_xl,
+            "in_channels": int(unet.config.in_channels), "cross_attention_dim": int(unet.config.cross_attention_dim),
+            "text_len": int(engine.tokenizer.model_max_length), "pooled_dim": pooled_dim,
+            "vae_scale_factor": int(engine.vae_scale_factor), "sample_size": int(unet.config.sample_size),
+            "prediction_type": engine.scheduler.config.get("prediction_type", "epsilon")}
+
+
 def unet_example_inputs(engine, profile: dict, dev: torch.device, dtype: torch.dtype,
                         gen: torch.Generator | None = None):
     """The UNet graph's example inputs at the profile's trace shape (:func:`unet_input_names` order), with the
@@ -502,7 +513,6 @@ def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=No
     say = progress or (lambda line: None)
     unet = engine.unet
     dev = engine.device
-    cross = int(unet.config.cross_attention_dim)
     text_len = int(engine.tokenizer.model_max_length)
     is_xl = engine.is_xl
     ip = engine.ip_adapter is not None
@@ -518,11 +528,7 @@ def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=No
         "torch_version": torch.__version__,
         "opset": int(opset),
         "dtype": str(dtype).removeprefix("torch."),
-        "model": {"name": model_name, "hash": weights_hash(unet), "is_xl": is_xl,
-                  "in_channels": int(unet.config.in_channels), "cross_attention_dim": cross, "text_len": text_len,
-                  "pooled_dim": pooled_dim, "vae_scale_factor": int(engine.vae_scale_factor),
-                  "sample_size": int(unet.config.sample_size),
-                  "prediction_type": engine.scheduler.config.get("prediction_type", "epsilon")},
+        "model": model_entry(engine, model_name, pooled_dim),
         "ip_adapter": ip_info,
         "profile": profile,
         "graphs": {},

@@ -104,7 +104,8 @@ class Engine:
     def from_pretrained(cls, name_or_path: str | Path = "tiny", config: EngineConfig | None = None, *,
                         config_dir: str | Path | None = None, unet_backend="torch",
                         unet_path: str | Path | None = None) -> Engine:
-        """Load ``"tiny"`` / ``"tiny-xl"`` (the embedded SD 1.x- and SDXL-layout models), ``"random-sd15"`` /
+        """Load ``"tiny"`` / ``"tiny-xl"`` (the embedded SD 1.x- and SDXL-layout models), ``"shapes"`` (the trained
+        shapes-world model, package data), ``"random-sd15"`` /
         ``"random-sdxl"`` (random weights, real architectures: for benchmarks), a local diffusers folder
         (``model_index.json``), or a single ``.safetensors`` SD/SDXL checkpoint (its architecture configs from
         ``config_dir``; see ``loading.py``). ``unet_backend``/``unet_path``: what runs the UNet calls; see

@@ -22,6 +22,8 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
     ``"text_encoder_2"``, ``"tokenizer_2"`` and ``"force_zeros_for_empty_prompt"``.
 
     * ``"tiny"`` / ``"tiny-xl"``: the embedded SD 1.x-layout / SDXL-layout models (built from a seed).
+    * ``"shapes"``: the trained model of the shapes world (:mod:`~dreamfuse.engine.shapes_world`), a diffusers
+      folder shipped as package data (:func:`bundled_path`).
     * ``"random-sd15"`` / ``"random-sdxl"``: random weights in the real SD 1.5 / SDXL architectures, for
       benchmarks (see ``synthetic.py``); built directly on ``device`` (the only case that is not on CPU).
     * a folder with ``model_index.json``: a diffusers Stable Diffusion 1.x/2.x or SDXL (base) pipeline folder.
@@ -30,7 +32,9 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
       same architecture, e.g. your SD1.5 or SDXL folder, whose ``model_index.json`` also says which
       architecture the file is), or a ``model_index.json`` folder next to the file.
     """
-    if config_dir is not None and (str(name_or_path) in tiny.TINY_NAMES + synthetic.SYNTHETIC_NAMES
+    from .validation import BUNDLED_NAMES
+
+    if config_dir is not None and (str(name_or_path) in tiny.TINY_NAMES + synthetic.SYNTHETIC_NAMES + BUNDLED_NAMES
                                    or Path(name_or_path).expanduser().is_dir()):
         raise ValueError(f"config: only for a single-file checkpoint; {str(name_or_path)!r} brings its own configs")
     if str(name_or_path) in tiny.TINY_NAMES:
@@ -38,11 +42,12 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
     elif str(name_or_path) in synthetic.SYNTHETIC_NAMES:
         comps = synthetic.build(str(name_or_path), device)
     else:
-        path = Path(name_or_path).expanduser()
+        name = str(name_or_path)
+        path = bundled_path(name) if name in BUNDLED_NAMES else Path(name_or_path).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"model: {str(name_or_path)!r} does not exist (give 'tiny', 'tiny-xl', "
-                                    f"'random-sd15', 'random-sdxl', a diffusers folder with model_index.json, or a "
-                                    f".safetensors checkpoint)")
+                                    f"'shapes', 'random-sd15', 'random-sdxl', a diffusers folder with "
+                                    f"model_index.json, or a .safetensors checkpoint)")
         if not path.is_dir() and path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise ValueError(f"model: {str(path)!r} is neither a diffusers folder nor a .safetensors/.ckpt file")
         try:
@@ -62,6 +67,19 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
             module = module.to(dtype=dtype)
         comps[key] = module.eval().requires_grad_(False)
     return comps
+
+
+def bundled_path(name: str) -> Path:
+    """The package-data folder of a bundled model (``"shapes"``); FileNotFoundError when this install lacks it."""
+    from .validation import BUNDLED_NAMES
+
+    if name not in BUNDLED_NAMES:
+        raise ValueError(f"model: {name!r} is not a bundled model ({', '.join(BUNDLED_NAMES)})")
+    path = Path(__file__).resolve().parent / "assets" / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"model: the bundled {name!r} weights are missing from this install ({path}); "
+                                f"reinstall dreamfuse or rebuild them with python -m tools.train_{name}")
+    return path
 
 
 def vae_upcast(comps: dict, dtype: torch.dtype) -> bool:

@@ -10,7 +10,10 @@ TINY_NAMES = ("tiny", "tiny-xl")
 """The embedded models (seeded random weights, built on load)."""
 SYNTHETIC_NAMES = ("random-sd15", "random-sdxl")
 """Random weights in the real SD 1.5 / SDXL architectures, for benchmarks."""
-EMBEDDED_MODELS = TINY_NAMES + SYNTHETIC_NAMES
+BUNDLED_NAMES = ("shapes",)
+"""Trained models shipped as package data (diffusers folders under ``dreamfuse/engine/assets``): ``shapes``, the
+shapes world's model (``python -m tools.train_shapes``)."""
+EMBEDDED_MODELS = TINY_NAMES + SYNTHETIC_NAMES + BUNDLED_NAMES
 DTYPE_NAMES = ("fp32", "float32", "float", "fp16", "float16", "half", "bf16", "bfloat16")
 DEVICE_TYPES = ("cpu", "cuda")
 SEED_MAX = 2**64 - 1

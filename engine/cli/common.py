@@ -96,9 +96,10 @@ def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, d
     g = p.add_argument_group("model and runtime")
     g.add_argument("--model", default="tiny",
                    help="'tiny' (embedded random-weight SD-layout model, the default), 'tiny-xl' (its SDXL-layout "
-                        "sibling), 'random-sd15' / 'random-sdxl' (random weights in the real architectures, for "
-                        "benchmarks), a diffusers SD 1.x/2.x/SDXL folder with model_index.json, or a .safetensors "
-                        "checkpoint (with --config)")
+                        "sibling), 'shapes' (the trained 64x64 shapes-world model: prompts such as 'a striped red "
+                        "circle above a blue square on grass'), 'random-sd15' / 'random-sdxl' (random weights in "
+                        "the real architectures, for benchmarks), a diffusers SD 1.x/2.x/SDXL folder with "
+                        "model_index.json, or a .safetensors checkpoint (with --config)")
     g.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file checkpoint only: a diffusers folder of the same architecture giving the "
                         "configs and tokenizer (nothing is downloaded)")

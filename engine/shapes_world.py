@@ -322,6 +322,16 @@ def _classify(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cls, t_at < 0.5
 
 
+def label_pixels(image) -> np.ndarray:
+    """Per pixel of an RGB image (as :func:`read_image` takes), the name of its nearest class: a background or an
+    object colour (a texture's shade counts as its colour). ``(H, W)`` array of str."""
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"image: expected an RGB image (H, W, 3), got shape {arr.shape}")
+    arr = arr.astype(np.float32) * (255.0 if arr.dtype.kind == "f" and arr.max() <= 1.0 else 1.0)
+    return np.array(tuple(BACKGROUNDS) + tuple(COLOURS))[_classify(arr)[0]]
+
+
 def _components(mask: np.ndarray) -> list[np.ndarray]:
     """4-connected components of a boolean image, each as a boolean image (largest first)."""
     h, w = mask.shape

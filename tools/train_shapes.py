@@ -91,26 +91,36 @@ def _crops(x: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([im[:, y:y + crop, x0:x0 + crop] for im, y, x0 in zip(x, ys.tolist(), xs.tolist())])
 
 
-def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, gen: torch.Generator,
-              log_every: int = 100, crop: int = W.SIZE) -> float:
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+def _fit(stage: str, params, loss_of, steps: int, lr: float, log_every: int) -> float:
+    """AdamW (no weight decay) with a cosine decay to 0 over ``steps`` steps of ``loss_of()``; the last loss."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     t0, loss = time.perf_counter(), float("nan")
     for step in range(1, steps + 1):
-        idx = torch.randint(len(images), (batch,), generator=gen)
-        x = _crops(_to_pixels(images[idx.numpy()]), crop, gen)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        loss_t = F.mse_loss(rec, x) + KL_WEIGHT * post.kl().mean()
+        loss_t = loss_of()
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
         opt.step()
         sched.step()
         loss = float(loss_t.detach())
         if step % log_every == 0 or step == steps:
-            _log("vae", step, steps, loss, t0)
+            _log(stage, step, steps, loss, t0)
+    return loss
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, gen: torch.Generator,
+              log_every: int = 100, crop: int = W.SIZE) -> float:
+    vae.train().requires_grad_(True)
+
+    def loss_of() -> torch.Tensor:
+        idx = torch.randint(len(images), (batch,), generator=gen)
+        x = _crops(_to_pixels(images[idx.numpy()]), crop, gen)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        return F.mse_loss(vae.decode(z).sample, x) + KL_WEIGHT * post.kl().mean()
+
+    loss = _fit("vae", vae.parameters(), loss_of, steps, lr, log_every)
     vae.eval().requires_grad_(False)
     return loss
 
@@ -127,23 +137,16 @@ def refine_decoder(vae, images: np.ndarray, steps: int, batch: int, lr: float, s
     for q in params:
         q.requires_grad_(True)
     vae.decoder.train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    t0, loss = time.perf_counter(), float("nan")
-    for step in range(1, steps + 1):
+
+    def loss_of() -> torch.Tensor:
         idx = torch.randint(len(images), (batch,), generator=gen)
         x = _to_pixels(images[idx.numpy()])
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
-        loss_t = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss_t.backward()
-        opt.step()
-        sched.step()
-        loss = float(loss_t.detach())
-        if step % log_every == 0 or step == steps:
-            _log("decoder", step, steps, loss, t0)
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x)
+
+    loss = _fit("decoder", params, loss_of, steps, lr, log_every)
     vae.eval().requires_grad_(False)
     return loss
 

@@ -1,7 +1,7 @@
 """The four papers' tables in the shapes world: each method against its own baseline, on the same seeds, scored by
 the generator's ground truth (:mod:`dreamfuse.engine.shapes_world`'s reader) on the trained ``shapes`` model.
 
-    python -m bench.methods_eval                                  # all four tables (~4 min on 2 CPU cores; --seeds 2: 6)
+    python -m bench.methods_eval                                  # all four tables (~4 min on 2 cores; --seeds 2: 6)
     python -m bench.methods_eval --only dreammatcher --seeds 4    # one table, more seeds
     python -m bench.methods_eval --json results.json --figure methods.png   # also the raw rows and a figure
 
@@ -175,13 +175,13 @@ def finetuned(engine, images: Sequence[np.ndarray], captions: Sequence[str], ste
     try:
         unet.set_attn_processor(AttnProcessor2_0())
         unet.train().requires_grad_(True)
-        finetune_unet(engine, images, captions, steps, **kw)
-        unet.eval().requires_grad_(False)
-        unet.set_attn_processor(dict(saved_procs))  # diffusers empties the dict it is given
+        try:
+            finetune_unet(engine, images, captions, steps, **kw)
+        finally:
+            unet.eval().requires_grad_(False)
+            unet.set_attn_processor(dict(saved_procs))  # a copy: diffusers empties the dict it is given
         yield unet
     finally:
-        unet.eval().requires_grad_(False)
-        unet.set_attn_processor(dict(saved_procs))  # diffusers empties the dict it is given
         unet.load_state_dict(saved_sd)
 
 

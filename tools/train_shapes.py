@@ -219,21 +219,27 @@ def save(out: Path, comps: dict, dtype: torch.dtype = torch.float16) -> Path:
     return out
 
 
+def _accuracy(pairs) -> dict[str, float]:
+    """Per-attribute accuracy over ``(scene, image)`` pairs; an attribute of either object (``shape_0``,
+    ``shape_1``) counts as one (``shape``)."""
+    right: dict[str, list[bool]] = {}
+    for scene, image in pairs:
+        for k, ok in W.score(scene, W.read_image(image)).items():
+            right.setdefault(k.rstrip("_01"), []).append(ok)
+    return {k: float(np.mean(v)) for k, v in right.items()}
+
+
 @torch.no_grad()
 def vae_roundtrip_accuracy(vae, n: int, seed: int) -> dict[str, float]:
     """Per-attribute read-back accuracy of ``n`` new scenes passed through the VAE (encode, decode): the ceiling
     the generated images can reach."""
     scenes = W.sample_scenes(seed + 2_000_003, n, caption_dropout=False)
-    right: dict[str, list[bool]] = {}
+    images = []
     for i in range(0, n, 64):
-        chunk = scenes[i:i + 64]
-        x = _to_pixels(np.stack([W.render(s) for s in chunk]))
+        x = _to_pixels(np.stack([W.render(s) for s in scenes[i:i + 64]]))
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-        imgs = rec.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for s, img in zip(chunk, imgs):
-            for k, ok in W.score(s, W.read_image(img)).items():
-                right.setdefault(k.rstrip("_01"), []).append(ok)
-    return {k: float(np.mean(v)) for k, v in right.items()}
+        images += list(rec.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return _accuracy(zip(scenes, images))
 
 
 def evaluate(folder: Path, n: int, seed: int, steps: int, guidance: float) -> dict[str, float]:
@@ -242,15 +248,11 @@ def evaluate(folder: Path, n: int, seed: int, steps: int, guidance: float) -> di
 
     engine = Engine.from_pretrained(str(folder), EngineConfig(device="cpu", backend="torch", progress=False))
     scenes = W.sample_scenes(seed + 1_000_003, n, caption_dropout=False)  # seeds disjoint from training's
-    right: dict[str, list[bool]] = {}
+    images = []
     for i in range(0, n, 8):
-        chunk = scenes[i:i + 8]
-        images = engine.text2img([s.caption for s in chunk], seed=seed + i, steps=steps, guidance_scale=guidance,
-                                 height=W.SIZE, width=W.SIZE)
-        for s, img in zip(chunk, images):
-            for k, ok in W.score(s, W.read_image(img)).items():
-                right.setdefault(k.rstrip("_01"), []).append(ok)
-    return {k: float(np.mean(v)) for k, v in right.items()}
+        images += engine.text2img([s.caption for s in scenes[i:i + 8]], seed=seed + i, steps=steps,
+                                  guidance_scale=guidance, height=W.SIZE, width=W.SIZE)
+    return _accuracy(zip(scenes, images))
 
 
 def main(argv: list[str] | None = None) -> int:

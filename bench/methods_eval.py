@@ -16,7 +16,11 @@ condition minus the table's baseline on the same seeds, with a 95 % paired-boots
   the training-free case (no fine-tune: "a square" with and without AMA).
 - MSP / composite. Two objects in a two-colour layout (left/right or top/bottom halves), one segment prompt each;
   a segment is right when the object of its prompt's colour is found with its prompt's shape and its centre lies
-  in the segment. Baseline: text2img of the combined prompt ("... left of ..."), same seeds.
+  in the segment. Baseline: text2img of the combined prompt ("... left of ..."), same seeds. Conditions: MSP
+  without a scaffolding image (its segments develop as independent latents), and with one (the scene's empty
+  background, rendered: each segment sees it, noised, outside its mask) at scaffolding fractions κ 0.3, 0.6 and 1
+  (1: no harmonization stage), 2 global-diffuser steps each (the paper's 2 of 80 without a scaffolding image; its
+  8 of 80 with one would be a third of these 25 steps).
 - ReVersion. ``<R>`` learned from exemplars of "inside" (renders of "A inside B" captioned "A {} B"); relation
   accuracy of "A <R> B" generations (the reader's relation of the two objects is "inside") against the plain word
   "inside", the initializer word "and" (no relation), and the ablations without the steering loss and without
@@ -285,7 +289,8 @@ def dreammatcher_table(engine, *, seeds: int = 2, steps: int = STEPS, db_steps: 
 
 # ------------------------------------------------------------------------------------------------ composite
 def compose_case(seed: int) -> dict:
-    """Two objects (different colours, plain or textured), their layout (two halves) and the prompts."""
+    """Two objects (different colours, plain or textured), their layout (two halves), the prompts and a
+    scaffolding image (the scene's background without objects)."""
     rng = np.random.default_rng(seed)
     a = W.sample_object(rng, size="large")
     b = W.sample_object(rng, size="large", exclude_colours=(a.colour,))
@@ -297,7 +302,8 @@ def compose_case(seed: int) -> dict:
     layout[first] = (255, 0, 0)
     return {"a": a, "b": b, "relation": relation, "background": bg, "layout": layout,
             "segments": {"#ff0000": f"{a.words(False)} on {bg}", "#0000ff": f"{b.words(False)} on {bg}"},
-            "prompt": f"{a.words(False)} {relation} {b.words(False)} on {bg}"}
+            "prompt": f"{a.words(False)} {relation} {b.words(False)} on {bg}",
+            "scaffold": Image.fromarray(W.render(W.Scene(bg, ()), SIZE))}
 
 
 def segment_hits(image: np.ndarray, case: dict, shape: bool = True) -> list[bool]:
@@ -313,22 +319,41 @@ def segment_hits(image: np.ndarray, case: dict, shape: bool = True) -> list[bool
     return out
 
 
+COMPOSE_GLOBAL_STEPS = 2
+SCAFFOLD_FRACTIONS = (0.3, 0.6, 1.0)
+"""The κ sweep of the scaffolding-image rows (0.3 is the pipeline's default; 1: scaffolding to the last step)."""
+
+
+def composed(engine, case: dict, seed: int, steps: int = STEPS, scaffold: bool = False,
+             scaffold_fraction: float = 0.3) -> np.ndarray:
+    """One MSP image of ``case`` (:func:`compose_case`), with or without its scaffolding image."""
+    extra = {"scaffold_image": case["scaffold"]} if scaffold else {}
+    return np.asarray(engine.compose(case["layout"], case["segments"], prompt=case["prompt"], steps=steps,
+                                     guidance_scale=GUIDANCE, seed=seed, global_steps=COMPOSE_GLOBAL_STEPS,
+                                     scaffold_fraction=scaffold_fraction, **extra)[0].convert("RGB"))
+
+
 def compose_table(engine, *, seeds: int = 24, steps: int = STEPS, keep: dict | None = None) -> list[Row]:
     cases = [compose_case(7000 + i) for i in range(seeds)]
     seed_list = [3000 + i for i in range(seeds)]
-    base = generate(engine, [c["prompt"] for c in cases], seed_list, steps)
-    comp = [np.asarray(engine.compose(c["layout"], c["segments"], prompt=c["prompt"], steps=steps,
-                                      guidance_scale=GUIDANCE, seed=s)[0].convert("RGB"))
-            for c, s in zip(cases, seed_list)]
+    conditions = {"text2img, combined prompt (baseline)": generate(engine, [c["prompt"] for c in cases], seed_list,
+                                                                   steps)}
+    conditions["MSP, no scaffolding image (κ 0.3)"] = [composed(engine, c, s, steps)
+                                                       for c, s in zip(cases, seed_list)]
+    for k in SCAFFOLD_FRACTIONS:
+        conditions[f"MSP, scaffolding image, κ {k:g}"] = [composed(engine, c, s, steps, True, k)
+                                                          for c, s in zip(cases, seed_list)]
     rows = []
-    for name, images in (("text2img, combined prompt (baseline)", base), ("MSP compose", comp)):
+    for name, images in conditions.items():
         colour = [segment_hits(im, c, shape=False) for im, c in zip(images, cases)]
         hits = [segment_hits(im, c) for im, c in zip(images, cases)]
         rows.append(Row("MSP", "segment holds its colour", name, [h for pair in colour for h in pair]))
         rows.append(Row("MSP", "segment holds its object (colour + shape)", name, [h for pair in hits for h in pair]))
         rows.append(Row("MSP", "both segments right (colour + shape)", name, [all(pair) for pair in hits]))
     if keep is not None:
-        keep["compose"] = {"layout": cases[0]["layout"], "text2img": base[:3], "compose": comp[:3]}
+        keep["compose"] = {"layout": cases[0]["layout"],
+                           "text2img": conditions["text2img, combined prompt (baseline)"][:3],
+                           "compose": conditions[f"MSP, scaffolding image, κ {SCAFFOLD_FRACTIONS[-1]:g}"][:3]}
     return with_deltas(rows, "text2img, combined prompt (baseline)")
 
 

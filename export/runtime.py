@@ -262,6 +262,9 @@ class GraphUNet(UNetBackend):
                 fg_tokens[r, token_idx[i].to(dev)] = 1.0 / token_idx.shape[1]
                 fg_source[1 + i] = r  # the uncond target row uses its cond row's mask (as state.fg = [m, m])
         feeds.update(ama_ref_index=ref_index, fg_tokens=fg_tokens, fg_source=fg_source)
+        if state is not None and state.mask_mode != "consistent":
+            raise ValueError(f"ama_mask: the personalize graph applies the semantic-consistent mask only, got "
+                             f"{state.mask_mode!r} (use 'consistent', or the torch backend)")
         ready = bool(roles["ama"]) and state is not None and state.psi_ref is not None
         for f in graph["ama_factors"]:
             hw = (h // f, w // f)

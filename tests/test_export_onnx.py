@@ -169,6 +169,8 @@ def test_personalize_through_onnxruntime_equals_torch(tiny, backend, torch_unet)
         engine.personalize(prompts[:1], reference, **{**kw, "steps": 2, "lambda_g": 50.0})
     with pytest.raises(ValueError, match="ama_blocks"):
         engine.personalize(prompts[:1], reference, **{**kw, "steps": 2, "ama_blocks": [3]})
+    with pytest.raises(ValueError, match="^ama_mask: the personalize graph applies the semantic-consistent mask"):
+        engine.personalize(prompts[:1], reference, **{**kw, "steps": 2, "ama_mask": "none"})
 
 
 # --------------------------------------------------------------------------------------------- refusals

@@ -226,6 +226,7 @@ def test_inversion_is_cached(engine, reference):
         ({"ama_blocks": (7,)}, "ama_blocks"),
         ({"ama_blocks": (1, 2, 3)}, "ama_blocks"),  # up_blocks.1 holds foreground layers: its mask is not complete
         ({"ama_start": 0}, "ama_start"),
+        ({"ama_mask": "all"}, "ama_mask"),
     ],
 )
 def test_bad_inputs(engine, reference, kwargs, field):
@@ -235,14 +236,44 @@ def test_bad_inputs(engine, reference, kwargs, field):
         engine.personalize("a photo of a sks dog", ref, **args)
 
 
+def test_ama_mask_modes(engine, reference, monkeypatch):
+    # every AMA layer's mask is what ama_mask says: M * U, M alone, or every position; the flows are the same
+    seen = {}
+    original = _MatchState.flow_and_mask
+
+    def spy(self, hw):
+        flow, mask = original(self, hw)
+        fg = F.interpolate(self.fg[:, None], size=hw, mode="nearest").flatten(1)
+        seen.setdefault(self.mask_mode, []).append((hw, flow.clone(), mask.clone(), fg))
+        return flow, mask
+
+    monkeypatch.setattr(_MatchState, "flow_and_mask", spy)
+    out = {mode: engine.personalize("a photo of a sks dog", reference, subject_token="sks", ama_mask=mode, **KW)
+           for mode in pz.AMA_MASKS}
+    for mode, calls in seen.items():
+        for _hw, _flow, mask, fg in calls:
+            if mode == "foreground":
+                torch.testing.assert_close(mask, fg, atol=0, rtol=0)
+            elif mode == "none":
+                assert torch.equal(mask, torch.ones_like(mask))
+            else:  # the cycle-consistency filter keeps a subset of the foreground, never more
+                assert bool((mask <= fg).all()) and bool((mask < fg).any())
+    first = {mode: calls[0][1] for mode, calls in seen.items()}  # the first step's flows: same features, same flow
+    assert torch.equal(first["consistent"], first["none"]) and torch.equal(first["consistent"], first["foreground"])
+    assert (out["none"] - out["consistent"]).abs().mean() > 1e-3
+
+
 def test_cli_personalize(tmp_path, reference):
     ref_path = tmp_path / "ref.png"
     Image.fromarray((reference.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(ref_path)
     out = tmp_path / "out.png"
     code = main(["personalize", "--reference", str(ref_path), "--prompt", "a sks dog", "--subject-token", "sks",
                  "--steps", "3", "--seed", "0", "--height", "128", "--width", "128", "--out", str(out),
-                 "--no-progress"])
+                 "--ama-mask", "none", "--no-progress"])
     assert code == 0 and Image.open(out).size == (SIZE, SIZE)
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["personalize", "--reference", str(ref_path), "--prompt", "a sks dog", "--subject-token", "sks",
+              "--ama-mask", "all", "--out", str(out)])
     bad = main(["personalize", "--reference", str(tmp_path / "missing.png"), "--prompt", "a sks dog",
                 "--subject-token", "sks", "--out", str(out), "--no-progress"])
     assert bad == 2

@@ -52,6 +52,10 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     g.add_argument("--lambda-c", type=finite_float("--lambda-c", low=0, low_open=True), default=0.4,
                    help="cycle-consistency threshold factor λc: a match is kept when going target -> reference -> "
                         "target lands within λc · H · (foreground ratio) of where it started (default 0.4)")
+    g.add_argument("--ama-mask", choices=("consistent", "foreground", "none"), default="consistent",
+                   help="target positions that take the reference's warped values: 'consistent' (default) "
+                        "DreamMatcher's foreground x cycle-consistency mask, 'foreground' the foreground mask alone, "
+                        "'none' every position (the paper's semantic-matching ablation)")
     g.add_argument("--lambda-g", type=finite_float("--lambda-g", low=0), default=0.0,
                    help="semantic matching guidance strength (default 0 = off; the paper uses 50-75; costs a UNet "
                         "backward per step)")
@@ -75,5 +79,5 @@ def run(args) -> None:
         args.prompt, args.reference, subject_token=args.subject_token, reference_prompt=args.reference_prompt,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance, height=args.height,
         width=args.width, seed=seed, ama=not args.no_ama, ama_start=args.ama_start, ama_end=args.ama_end,
-        ama_blocks=args.ama_blocks, lambda_c=args.lambda_c, lambda_g=args.lambda_g)
+        ama_blocks=args.ama_blocks, lambda_c=args.lambda_c, lambda_g=args.lambda_g, ama_mask=args.ama_mask)
     save_images(images, args.out)

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
     from ..engine import Engine
 
 _PCA_SEED = 0  # the randomized PCA's sketch comes from a private generator with this seed: reproducible, thread-safe
+AMA_MASKS = ("consistent", "foreground", "none")
+"""Which target positions take warped reference values (``ama_mask``): ``"consistent"`` the semantic-consistent mask
+``m' = M ⊙ U`` (DreamMatcher's AMA), ``"foreground"`` the foreground mask ``M`` alone (no cycle-consistency filter),
+``"none"`` every position (semantic matching without a mask: row (III) of the paper's component analysis)."""
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -195,6 +199,7 @@ class _MatchState:
     # foreground accumulation during a call
     fg_sum: torch.Tensor | None = None
     fg_layers: int = 0
+    mask_mode: str = "consistent"  # one of AMA_MASKS
 
     def set_features(self, feats: list[torch.Tensor]) -> None:
         """From the captured decoder features ``[(R, C_b, h_b, w_b)]``: each block upsampled to the largest grid
@@ -241,8 +246,9 @@ class _MatchState:
         return self.psi_ref is not None and self.fg is not None
 
     def flow_and_mask(self, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target->reference flow ``(2n, h*w)`` int64 and semantic-consistent mask ``m' = M ⊙ U`` ``(2n, h*w)``
-        on an ``hw`` grid."""
+        """Target->reference flow ``(2n, h*w)`` int64 and the mask of the positions that take warped values
+        ``(2n, h*w)`` on an ``hw`` grid: the semantic-consistent mask ``m' = M ⊙ U``, or ``M`` / ones as
+        ``mask_mode`` says (:data:`AMA_MASKS`)."""
         if hw not in self._flows:
             h, w = hw
             resize = lambda x: F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
@@ -250,7 +256,12 @@ class _MatchState:
             f_tgt = F.normalize(resize(self.psi_tgt), dim=1).flatten(2).transpose(1, 2).contiguous()
             t2r, r2t, _, _ = self.ops.match_argmax(f_tgt, f_ref)
             fg = F.interpolate(self.fg[:, None], size=hw, mode="nearest").flatten(1)
-            mask = self.ops.cycle_mask(t2r, r2t, fg, height=h, width=w, lambda_c=self.lambda_c)
+            if self.mask_mode == "consistent":
+                mask = self.ops.cycle_mask(t2r, r2t, fg, height=h, width=w, lambda_c=self.lambda_c)
+            elif self.mask_mode == "foreground":
+                mask = fg.contiguous()
+            else:
+                mask = torch.ones_like(fg)
             self._flows[hw] = (t2r, mask)
         return self._flows[hw]
 
@@ -356,6 +367,7 @@ def personalize_program(
     pca_dim: int = 256,
     lambda_c: float = 0.4,
     lambda_g: float = 0.0,
+    ama_mask: str = "consistent",
     progress: bool | None = None,
     output_type: str = "pil",
     callback: Callable[[dict], None] | None = None,
@@ -387,6 +399,11 @@ def personalize_program(
             SDXL: the outputs at half and full latent resolution in both).
         pca_dim: PCA components per feature block (256 as the official code).
         lambda_c: cycle-consistency threshold factor λc (0.4).
+        ama_mask: the target positions that take warped reference values, in AMA and in the guidance's loss
+            (:data:`AMA_MASKS`): ``"consistent"`` (default) DreamMatcher's semantic-consistent mask ``M ⊙ U``;
+            ``"foreground"`` the foreground mask alone; ``"none"`` every position, the paper's "semantic matching"
+            ablation (on real checkpoints it carries the reference's appearance but loses prompt fidelity; on
+            small latents, where the foreground grid is coarse, the masks can leave AMA almost nothing to move).
         lambda_g: semantic matching guidance strength λg (0 = off, exactly the unguided result; 50–75 in the
             paper). The gradient of the masked distance between the warped reference latent and each target's
             x̂0 flows through the model's noise prediction only (x̂0 formed from the latents without gradient, as
@@ -414,6 +431,8 @@ def personalize_program(
     check_output_type(output_type)
     lambda_c = check_number(lambda_c, "lambda_c", low=0, low_open=True)
     lambda_g = check_number(lambda_g, "lambda_g", low=0)
+    if ama_mask not in AMA_MASKS:
+        raise ValueError(f"ama_mask: must be one of {', '.join(AMA_MASKS)}, got {ama_mask!r}")
     if not isinstance(ama, bool):
         raise ValueError(f"ama: must be True or False, got {ama!r}")
     matching = ama or lambda_g > 0
@@ -449,12 +468,13 @@ def personalize_program(
     reference = load_reference(reference_image, height, width, limits)
     return _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width, seeds, output_type,
                               progress, callback, subject_token, reference_prompt, negatives, reference, matching,
-                              token_idx, ama, ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g)
+                              token_idx, ama, ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g,
+                              ama_mask)
 
 
 def _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width, seeds, output_type, progress,
                        callback, subject_token, reference_prompt, negatives, reference, matching, token_idx, ama,
-                       ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g):
+                       ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g, ama_mask):
     ops = ops_for(engine.config.backend)
     lay = _Layout(n)
     z0_ref, traj = yield from _inversion(engine, reference, steps, progress)
@@ -466,7 +486,7 @@ def _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width,
 
     kind = prediction_type_of(sched)
     fg_layers = _foreground_layers(engine) if matching else []
-    state = _MatchState(lay, ops, lambda_c, pca_dim, fg_expected=len(fg_layers))
+    state = _MatchState(lay, ops, lambda_c, pca_dim, fg_expected=len(fg_layers), mask_mode=ama_mask)
     capture = frozenset(f"up_blocks.{b}" for b in feature_blocks)
     ama_layers = _layer_names(engine, ama_blocks, "attn1") if ama else []
     tokens = token_idx.to(engine.device) if matching else None

@@ -12,8 +12,10 @@ condition minus the table's baseline on the same seeds, with a 95 % paired-boots
   on a few renders of it captioned "a sks square ..." (``--db-steps``) is the baseline; targets place
   "a sks square" at new positions on new backgrounds. Subject fidelity = the generated subject's colour and
   texture are the reference's (what DINO / CLIP-I approximate); prompt fidelity = its position and the background
-  are the prompt's (CLIP-T). Conditions: DreamBooth, + AMA, + AMA + semantic matching guidance, the λc sweep, and
-  the training-free case (no fine-tune: "a square" with and without AMA).
+  are the prompt's (CLIP-T). Conditions, as the paper's component analysis (its Table 5): DreamBooth (I), + semantic
+  matching with every target position taking its matched reference value (``ama_mask="none"``, III), + AMA with the
+  semantic-consistent mask (IV, the λc sweep), + AMA + semantic matching guidance (V); and the training-free case
+  (no fine-tune: "a square" alone, with AMA, with unmasked matching).
 - MSP / composite. Two objects in a two-colour layout (left/right or top/bottom halves), one segment prompt each;
   a segment is right when the object of its prompt's colour is found with its prompt's shape and its centre lies
   in the segment. Baseline: text2img of the combined prompt ("... left of ..."), same seeds. Conditions: MSP
@@ -269,11 +271,13 @@ def dreammatcher_table(engine, *, seeds: int = 2, steps: int = STEPS, db_steps: 
     conditions: dict[str, list[np.ndarray]] = {}
     conditions["no fine-tune, 'a square'"] = run("", ama=False)
     conditions["no fine-tune + AMA"] = run("", ama=True)
+    conditions["no fine-tune + semantic matching, no mask"] = run("", ama=True, ama_mask="none")
     db_images = [W.render(subject_scene(p, b, seed=50 + i)) for i, (p, b) in
                  enumerate([(p, b) for p in W.POSITIONS for b in ("grass", "sand")])]  # 10 instance renders
     db_captions = [subject_prompt(p, b) for p in W.POSITIONS for b in ("grass", "sand")]
     with finetuned(engine, db_images, db_captions, db_steps):
         conditions["DreamBooth (baseline)"] = run(SUBJECT_WORD, ama=False)
+        conditions["DreamBooth + semantic matching, no mask"] = run(SUBJECT_WORD, ama=True, ama_mask="none")
         for lc in lambda_cs:
             conditions[f"DreamBooth + AMA (λc {lc})"] = run(SUBJECT_WORD, ama=True, lambda_c=lc)
         conditions[f"DreamBooth + AMA + guidance (λg {lambda_g:g})"] = run(SUBJECT_WORD, ama=True, lambda_g=lambda_g)
@@ -283,6 +287,7 @@ def dreammatcher_table(engine, *, seeds: int = 2, steps: int = STEPS, db_steps: 
         rows += [Row("DreamMatcher", m, name, [s[m] for s in scores]) for m in scores[0]]
     if keep is not None:
         keep["dreammatcher"] = {"reference": reference, "DreamBooth": conditions["DreamBooth (baseline)"][:3],
+                                "+ matching, no mask": conditions["DreamBooth + semantic matching, no mask"][:3],
                                 "+ AMA": conditions[f"DreamBooth + AMA (λc {lambda_cs[len(lambda_cs) // 2]})"][:3]}
     return with_deltas(rows, "DreamBooth (baseline)")
 

@@ -1,0 +1,99 @@
+"""How much DreamMatcher's AMA layers can move the shapes model's images, and how much AMA's mask lets through.
+
+    python -m bench.ama_leverage            # ~30 s on 2 cores
+
+AMA rewrites the values of the decoder's self-attention (``up_blocks`` 2 and 3 in SD's layout). Its effect on the
+image is bounded by how much those layers contribute at all, so this zeroes each attention level's output in turn
+(every other weight unchanged) and prints the mean per-pixel change of the images, over the whole image and over the
+subject's pixels, next to what the method itself changes (a DreamBooth-style fine-tune on the subject, as
+``bench.methods_eval``'s DreamMatcher table: AMA with its semantic-consistent mask, and the same warping with every
+position warped, ``ama_mask="none"``, each against AMA off). The first line says whether the model can draw the
+subject at all when the prompt spells it out ("a striped purple square ..."): the appearance AMA should carry is
+one the decoder has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from dreamfuse.engine import shapes_world as W
+from PIL import Image
+
+from bench import methods_eval as M
+
+LEVELS = [("down_blocks.0", "attn1"), ("down_blocks.0", "attn2"), ("down_blocks.1", "attn1"),
+          ("down_blocks.1", "attn2"), ("up_blocks.1", "attn1"), ("up_blocks.1", "attn2"), ("up_blocks.2", "attn1"),
+          ("up_blocks.2", "attn2"), ("up_blocks.3", "attn1"), ("up_blocks.3", "attn2")]
+
+
+def _zeroed(unet, prefix: str, attn: str) -> list:
+    return [m.register_forward_hook(lambda mod, args, out: out * 0) for n, m in unet.named_modules()
+            if n.startswith(prefix + ".") and n.endswith(attn)]
+
+
+def _change(a: list[np.ndarray], b: list[np.ndarray], masks: list[np.ndarray]) -> tuple[float, float]:
+    d = [np.abs(x.astype(np.int16) - y).mean(-1) for x, y in zip(a, b)]
+    whole = float(np.mean([x.mean() for x in d]))
+    subject = float(np.mean([x[m].mean() for x, m in zip(d, masks) if m.any()]))
+    return whole, subject
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ama_leverage", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="shapes")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = M.shapes_engine(args.model)
+    words = f"{M.SUBJECT['texture']} {M.SUBJECT['colour']}"
+    prompts = [M.subject_prompt(pos, bg, words) for pos, bg in M.TARGETS]
+    seeds = [1000 + 17 * i for i in range(len(prompts))]
+    base = M.generate(engine, prompts, seeds)
+    scores = [M.subject_scores(im, pos, bg) for im, (pos, bg) in zip(base, M.TARGETS)]
+    print(f"text2img of '{prompts[0]}' and {len(prompts) - 1} more: subject colour "
+          f"{np.mean([s['subject: colour'] for s in scores]):.2f}, texture "
+          f"{np.mean([s['subject: texture'] for s in scores]):.2f} (the reader's rates)\n")
+    masks = [(W.read_image(im).objects[0].mask if W.read_image(im).objects else np.zeros(im.shape[:2], bool))
+             for im in base]
+    rows = []
+    for prefix, attn in LEVELS:
+        hooks = _zeroed(engine.unet, prefix, attn)
+        try:
+            out = M.generate(engine, prompts, seeds)
+        finally:
+            for h in hooks:
+                h.remove()
+        kind = "self" if attn == "attn1" else "cross"
+        rows.append((f"{prefix} {kind}-attention zeroed ({len(hooks)} layers)", *_change(out, base, masks)))
+    reference = Image.fromarray(W.render(M.subject_scene("in the middle", "grass", seed=1)))
+    db_images = [W.render(M.subject_scene(pos, bg, seed=50 + i))
+                 for i, (pos, bg) in enumerate([(pos, bg) for pos in W.POSITIONS for bg in ("grass", "sand")])]
+    db_captions = [M.subject_prompt(pos, bg) for pos in W.POSITIONS for bg in ("grass", "sand")]
+    sks = [M.subject_prompt(pos, bg) for pos, bg in M.TARGETS]
+    with M.finetuned(engine, db_images, db_captions, 30):
+        run = lambda ama: M._arrays(engine.personalize(sks, reference, subject_token=M.SUBJECT["shape"],
+                                                       steps=M.STEPS, guidance_scale=M.GUIDANCE, seed=seeds,
+                                                       height=M.SIZE, width=M.SIZE, ama=ama))
+        off, on = run(False), run(True)
+        unmasked = M._arrays(engine.personalize(sks, reference, subject_token=M.SUBJECT["shape"], steps=M.STEPS,
+                                                guidance_scale=M.GUIDANCE, seed=seeds, height=M.SIZE, width=M.SIZE,
+                                                ama_mask="none"))
+    db_masks = [(W.read_image(im).objects[0].mask if W.read_image(im).objects else np.zeros(im.shape[:2], bool))
+                for im in off]
+    rows.append(("DreamBooth + AMA vs AMA off (the method itself)", *_change(on, off, db_masks)))
+    rows.append(("DreamBooth + matching without a mask vs AMA off", *_change(unmasked, off, db_masks)))
+    top = max(r[1] for r in rows)
+    print("| what changes | mean abs. pixel change, whole image (0-255) | on the subject | ratio to the largest |")
+    print("|---|---:|---:|---:|")
+    for name, whole, subject in rows:
+        print(f"| {name} | {whole:.2f} | {subject:.2f} | {whole / top:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,6 +34,12 @@ def _zeroed(unet, prefix: str, attn: str) -> list:
             if n.startswith(prefix + ".") and n.endswith(attn)]
 
 
+def _subject_mask(image: np.ndarray) -> np.ndarray:
+    """The pixels of the largest object the reader finds (none: an empty mask)."""
+    objects = W.read_image(image).objects
+    return objects[0].mask if objects else np.zeros(image.shape[:2], bool)
+
+
 def _change(a: list[np.ndarray], b: list[np.ndarray], masks: list[np.ndarray]) -> tuple[float, float]:
     d = [np.abs(x.astype(np.int16) - y).mean(-1) for x, y in zip(a, b)]
     whole = float(np.mean([x.mean() for x in d]))
@@ -58,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"text2img of '{prompts[0]}' and {len(prompts) - 1} more: subject colour "
           f"{np.mean([s['subject: colour'] for s in scores]):.2f}, texture "
           f"{np.mean([s['subject: texture'] for s in scores]):.2f} (the reader's rates)\n")
-    masks = [(W.read_image(im).objects[0].mask if W.read_image(im).objects else np.zeros(im.shape[:2], bool))
-             for im in base]
+    masks = [_subject_mask(im) for im in base]
     rows = []
     for prefix, attn in LEVELS:
         hooks = _zeroed(engine.unet, prefix, attn)
@@ -70,21 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                 h.remove()
         kind = "self" if attn == "attn1" else "cross"
         rows.append((f"{prefix} {kind}-attention zeroed ({len(hooks)} layers)", *_change(out, base, masks)))
-    reference = Image.fromarray(W.render(M.subject_scene("in the middle", "grass", seed=1)))
-    db_images = [W.render(M.subject_scene(pos, bg, seed=50 + i))
-                 for i, (pos, bg) in enumerate([(pos, bg) for pos in W.POSITIONS for bg in ("grass", "sand")])]
-    db_captions = [M.subject_prompt(pos, bg) for pos in W.POSITIONS for bg in ("grass", "sand")]
+    reference = Image.fromarray(M.subject_reference())
     sks = [M.subject_prompt(pos, bg) for pos, bg in M.TARGETS]
-    with M.finetuned(engine, db_images, db_captions, 30):
-        run = lambda ama: M._arrays(engine.personalize(sks, reference, subject_token=M.SUBJECT["shape"],
-                                                       steps=M.STEPS, guidance_scale=M.GUIDANCE, seed=seeds,
-                                                       height=M.SIZE, width=M.SIZE, ama=ama))
-        off, on = run(False), run(True)
-        unmasked = M._arrays(engine.personalize(sks, reference, subject_token=M.SUBJECT["shape"], steps=M.STEPS,
-                                                guidance_scale=M.GUIDANCE, seed=seeds, height=M.SIZE, width=M.SIZE,
-                                                ama_mask="none"))
-    db_masks = [(W.read_image(im).objects[0].mask if W.read_image(im).objects else np.zeros(im.shape[:2], bool))
-                for im in off]
+    with M.finetuned(engine, *M.subject_renders(), 30):
+        off, on, unmasked = (M._arrays(engine.personalize(sks, reference, subject_token=M.SUBJECT["shape"],
+                                                          steps=M.STEPS, guidance_scale=M.GUIDANCE, seed=seeds,
+                                                          height=M.SIZE, width=M.SIZE, **kw))
+                             for kw in ({"ama": False}, {}, {"ama_mask": "none"}))
+    db_masks = [_subject_mask(im) for im in off]
     rows.append(("DreamBooth + AMA vs AMA off (the method itself)", *_change(on, off, db_masks)))
     rows.append(("DreamBooth + matching without a mask vs AMA off", *_change(unmasked, off, db_masks)))
     top = max(r[1] for r in rows)

@@ -249,11 +249,24 @@ def subject_scores(image: np.ndarray, position: str, background: str) -> dict[st
             "prompt: background": r.background == background}
 
 
+def subject_reference() -> np.ndarray:
+    """The reference image of the subject: in the middle, on grass."""
+    return W.render(subject_scene("in the middle", "grass", seed=1))
+
+
+def subject_renders() -> tuple[list[np.ndarray], list[str]]:
+    """The DreamBooth instance set: 10 renders of the subject (every position word, on grass and on sand) and their
+    "a sks square ..." captions."""
+    where = [(p, b) for p in W.POSITIONS for b in ("grass", "sand")]
+    return ([W.render(subject_scene(p, b, seed=50 + i)) for i, (p, b) in enumerate(where)],
+            [subject_prompt(p, b) for p, b in where])
+
+
 def dreammatcher_table(engine, *, seeds: int = 2, steps: int = STEPS, db_steps: int = 30, lambda_g: float = 4.0,
                        lambda_cs: Sequence[float] = (0.2, 0.4, 0.8), targets=TARGETS,
                        keep: dict | None = None) -> list[Row]:
     """The DreamMatcher ablation in miniature (see the module docstring). ``keep`` receives example images."""
-    reference = W.render(subject_scene("in the middle", "grass", seed=1))
+    reference = subject_reference()
     plan = [(p, b, s) for s in range(seeds) for p, b in targets]
     pos = [p for p, _, _ in plan]
     bgs = [b for _, b, _ in plan]
@@ -272,10 +285,7 @@ def dreammatcher_table(engine, *, seeds: int = 2, steps: int = STEPS, db_steps: 
     conditions["no fine-tune, 'a square'"] = run("", ama=False)
     conditions["no fine-tune + AMA"] = run("", ama=True)
     conditions["no fine-tune + semantic matching, no mask"] = run("", ama=True, ama_mask="none")
-    db_images = [W.render(subject_scene(p, b, seed=50 + i)) for i, (p, b) in
-                 enumerate([(p, b) for p in W.POSITIONS for b in ("grass", "sand")])]  # 10 instance renders
-    db_captions = [subject_prompt(p, b) for p in W.POSITIONS for b in ("grass", "sand")]
-    with finetuned(engine, db_images, db_captions, db_steps):
+    with finetuned(engine, *subject_renders(), db_steps):
         conditions["DreamBooth (baseline)"] = run(SUBJECT_WORD, ama=False)
         conditions["DreamBooth + semantic matching, no mask"] = run(SUBJECT_WORD, ama=True, ama_mask="none")
         for lc in lambda_cs:

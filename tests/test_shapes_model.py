@@ -66,14 +66,12 @@ def test_appearance_matching_carries_the_subjects_texture(engine):
     # rarely its stripes; warping the reference's values into the targets' self-attention brings them. Measured
     # here (24 targets): texture off 0.08, semantic matching without a mask 0.29, AMA's semantic-consistent mask
     # 0.17 (its foreground grid is 2x2 on these 8x8 latents: it lets few positions through); colour, background kept
-    reference = Image.fromarray(W.render(M.subject_scene("in the middle", "grass", seed=1)))
-    renders = [(p, b) for p in W.POSITIONS for b in ("grass", "sand")]
-    images = [W.render(M.subject_scene(p, b, seed=50 + i)) for i, (p, b) in enumerate(renders)]
+    reference = Image.fromarray(M.subject_reference())
     targets = M.TARGETS * 2
     prompts = [M.subject_prompt(p, b) for p, b in targets]
     seeds = [500 + i for i in range(12)] + [600 + i for i in range(12)]
     rates = {}
-    with M.finetuned(engine, images, [M.subject_prompt(p, b) for p, b in renders], 30):
+    with M.finetuned(engine, *M.subject_renders(), 30):
         for mode in ("off", "none", "consistent"):
             kw = {"ama": False} if mode == "off" else {"ama": True, "ama_mask": mode}
             out = M._arrays(engine.personalize(prompts, reference, subject_token=M.SUBJECT["shape"], steps=25,

@@ -15,11 +15,14 @@ one the decoder has.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from dreamfuse.engine import shapes_world as W
+from dreamfuse.engine.pipelines import personalize as pz
 from PIL import Image
 
 from bench import methods_eval as M
@@ -40,6 +43,25 @@ def _subject_mask(image: np.ndarray) -> np.ndarray:
     return objects[0].mask if objects else np.zeros(image.shape[:2], bool)
 
 
+@contextlib.contextmanager
+def _foreground_maps(out: list):
+    """Collect every finished foreground mask of the cond targets ``(n, h, w)`` (the pipeline's own, read as it is
+    finished: :meth:`~dreamfuse.engine.pipelines.personalize._MatchState.finish_foreground`)."""
+    original = pz._MatchState.finish_foreground
+
+    def spy(state):
+        pending = state.fg_sum is not None
+        original(state)
+        if pending:
+            out.append(state.fg[len(state.fg) // 2:].clone())
+
+    pz._MatchState.finish_foreground = spy
+    try:
+        yield out
+    finally:
+        pz._MatchState.finish_foreground = original
+
+
 def _change(a: list[np.ndarray], b: list[np.ndarray], masks: list[np.ndarray]) -> tuple[float, float]:
     d = [np.abs(x.astype(np.int16) - y).mean(-1) for x, y in zip(a, b)]
     whole = float(np.mean([x.mean() for x in d]))
@@ -51,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ama_leverage", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes")
+    p.add_argument("--subject-token", default=M.SUBJECT["shape"],
+                   help="the word whose cross-attention gives AMA's foreground mask (default: the class word, as the "
+                        "DreamMatcher table; 'sks' or 'sks square' also work)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -77,11 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"{prefix} {kind}-attention zeroed ({len(hooks)} layers)", *_change(out, base, masks)))
     reference = Image.fromarray(M.subject_reference())
     sks = [M.subject_prompt(pos, bg) for pos, bg in M.TARGETS]
+    maps: list = []
     with M.finetuned(engine, *M.subject_renders(), 30):
-        off, on, unmasked = (M._arrays(engine.personalize(sks, reference, subject_token=M.SUBJECT["shape"],
-                                                          steps=M.STEPS, guidance_scale=M.GUIDANCE, seed=seeds,
-                                                          height=M.SIZE, width=M.SIZE, **kw))
-                             for kw in ({"ama": False}, {}, {"ama_mask": "none"}))
+        run = lambda **kw: M._arrays(engine.personalize(sks, reference, subject_token=args.subject_token,
+                                                        steps=M.STEPS, guidance_scale=M.GUIDANCE, seed=seeds,
+                                                        height=M.SIZE, width=M.SIZE, **kw))
+        off, unmasked = run(ama=False), run(ama_mask="none")
+        with _foreground_maps(maps):
+            on = run()
+    # where the foreground mask puts the subject: its value on the subject's pixels (AMA on) vs elsewhere
+    fg = F.interpolate(torch.stack(maps).mean(0)[:, None].float(), size=(M.SIZE, M.SIZE), mode="nearest")[:, 0]
+    on_masks = [_subject_mask(im) for im in on]
+    inside = float(np.mean([f.numpy()[m].mean() for f, m in zip(fg, on_masks) if m.any()]))
+    outside = float(np.mean([f.numpy()[~m].mean() for f, m in zip(fg, on_masks) if m.any()]))
+    print(f"AMA's foreground mask ('{args.subject_token}' cross-attention, {tuple(maps[0].shape[1:])} grid, mean over "
+          f"the AMA steps): {inside:.2f} on the subject's pixels, {outside:.2f} elsewhere\n")
     db_masks = [_subject_mask(im) for im in off]
     rows.append(("DreamBooth + AMA vs AMA off (the method itself)", *_change(on, off, db_masks)))
     rows.append(("DreamBooth + matching without a mask vs AMA off", *_change(unmasked, off, db_masks)))

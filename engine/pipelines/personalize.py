@@ -402,8 +402,9 @@ def personalize_program(
         ama_mask: the target positions that take warped reference values, in AMA and in the guidance's loss
             (:data:`AMA_MASKS`): ``"consistent"`` (default) DreamMatcher's semantic-consistent mask ``M ⊙ U``;
             ``"foreground"`` the foreground mask alone; ``"none"`` every position, the paper's "semantic matching"
-            ablation (on real checkpoints it carries the reference's appearance but loses prompt fidelity; on
-            small latents, where the foreground grid is coarse, the masks can leave AMA almost nothing to move).
+            ablation (the paper's Table 5: more of the reference's appearance, less prompt fidelity). Worth it where
+            the subject word's cross-attention does not outline the subject, so the foreground mask passes mostly
+            background (the small ``shapes`` model: ``python -m bench.ama_leverage``).
         lambda_g: semantic matching guidance strength λg (0 = off, exactly the unguided result; 50–75 in the
             paper). The gradient of the masked distance between the warped reference latent and each target's
             x̂0 flows through the model's noise prediction only (x̂0 formed from the latents without gradient, as

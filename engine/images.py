@@ -123,12 +123,29 @@ def resize_whole(x: torch.Tensor, height: int, width: int | None = None) -> torc
     return out[0] if x.ndim == 3 else out
 
 
+def _array_tensor(a: np.ndarray, field: str) -> torch.Tensor:
+    """An ``(H, W, 3)`` uint8 array, or a float one in [0, 1] -> ``(3, H, W)`` float32 tensor in [0, 1]."""
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"{field}: array must be (H, W, 3) RGB, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float() / 255.0
+    if a.dtype.kind != "f":
+        raise ValueError(f"{field}: array must be uint8 or float in [0, 1], got {a.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(2, 0, 1)
+    if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError(f"{field}: a float array must hold finite values in [0, 1]")
+    return x
+
+
 def image_tensor(image, height: int, width: int, field: str, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
-    """PIL image, path, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] -> ``(1, 3, height, width)`` float32
-    on CPU, resized when its aspect ratio matches the generation size (within 2%), an error otherwise: never a
-    silent crop or stretch. Images are read as :func:`rgb_array` describes."""
+    """PIL image, path, ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1], or ``(H, W, 3)`` numpy array (uint8, or
+    float in [0, 1]: what ``np.asarray`` of an RGB image gives) -> ``(1, 3, height, width)`` float32 on CPU, resized
+    when its aspect ratio matches the generation size (within 2%), an error otherwise: never a silent crop or
+    stretch. Images are read as :func:`rgb_array` describes."""
     if image is None:
-        raise ValueError(f"{field}: missing (give a PIL image, a path or a tensor)")
+        raise ValueError(f"{field}: missing (give a PIL image, a path, a tensor or an array)")
+    if isinstance(image, np.ndarray):
+        image = _array_tensor(image, field)
     image = open_image(image, field, limits)
     if isinstance(image, Image.Image):
         x = torch.from_numpy(rgb_array(image, field)).permute(2, 0, 1)[None]
@@ -141,7 +158,7 @@ def image_tensor(image, height: int, width: int, field: str, limits: Limits = DE
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{field}: tensor holds NaN or inf")
     else:
-        raise ValueError(f"{field}: unsupported type {type(image).__name__} (PIL image, path or tensor)")
+        raise ValueError(f"{field}: unsupported type {type(image).__name__} (PIL image, path, tensor or array)")
     h, w = x.shape[-2:]
     if min(h, w) < 8:
         raise ValueError(f"{field}: {w}x{h} is too small")

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -90,8 +91,9 @@ class IPAdapter(nn.Module):
 
     # ------------------------------------------------------------------------------------------ images
     def preprocess(self, images: Sequence, field: str = "ip_image") -> torch.Tensor:
-        """PIL images, paths or ``(3, H, W)`` tensors in [0, 1] -> ``(B, 3, S, S)`` float32 CLIP pixels (S = the
-        encoder's ``image_size``): shortest side resized to S (bicubic, antialiased), centre crop, mean/std."""
+        """PIL images, paths, ``(3, H, W)`` tensors in [0, 1] or ``(H, W, 3)`` arrays -> ``(B, 3, S, S)`` float32
+        CLIP pixels (S = the encoder's ``image_size``): shortest side resized to S (bicubic, antialiased), centre
+        crop, mean/std."""
         size = self.image_size
         out = []
         for image in images:
@@ -100,9 +102,11 @@ class IPAdapter(nn.Module):
                 hw = (image.height, image.width)
             elif isinstance(image, torch.Tensor) and image.ndim in (3, 4):
                 hw = tuple(image.shape[-2:])
+            elif isinstance(image, np.ndarray) and image.ndim == 3:
+                hw = tuple(image.shape[:2])
             else:
-                raise ValueError(f"{field}: unsupported input {type(image).__name__} (PIL image, path or (3, H, W) "
-                                 "tensor)")
+                raise ValueError(f"{field}: unsupported input {type(image).__name__} (PIL image, path, (3, H, W) "
+                                 "tensor or (H, W, 3) array)")
             x = image_tensor(image, hw[0], hw[1], field)
             h, w = x.shape[-2:]
             nh, nw = max(size, round(h * size / min(h, w))), max(size, round(w * size / min(h, w)))

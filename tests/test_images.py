@@ -208,3 +208,25 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     Image.new("RGB", (4, 4)).save(plain)
     atomic = save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "atomic.png")
     assert os.stat(atomic).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+# ------------------------------------------------------------------------------------------------ arrays
+def test_numpy_arrays_are_images():
+    a = np.zeros((16, 24, 3), np.uint8)
+    a[:, :12] = RED
+    a[:, 12:] = BLUE
+    want = image_tensor(Image.fromarray(a), 16, 24, "ref")
+    assert torch.equal(image_tensor(a, 16, 24, "ref"), want)  # uint8 as its PIL image
+    torch.testing.assert_close(image_tensor(a.astype(np.float64) / 255, 16, 24, "ref"), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(image_tensor(a[:, ::-1], 16, 24, "ref"), want.flip(-1), atol=0, rtol=0)  # strided
+    for bad, needle in ((a[..., :2], r"array must be \(H, W, 3\)"),
+                        (a.astype(np.int32), "array must be uint8 or float"),
+                        (a.astype(np.float32), r"a float array must hold finite values in \[0, 1\]"),
+                        (a[None], r"array must be \(H, W, 3\)")):
+        with pytest.raises(ValueError, match=f"^ref: {needle}"):
+            image_tensor(bad, 16, 24, "ref")
+    # the IP-Adapter's preprocessing takes them too, as their PIL images
+    from dreamfuse.engine.ip_adapter import IPAdapter
+
+    adapter = SimpleNamespace(image_size=16)
+    assert torch.equal(IPAdapter.preprocess(adapter, [a]), IPAdapter.preprocess(adapter, [Image.fromarray(a)]))

@@ -88,7 +88,8 @@ class ComposeRequest:
     negative_prompt: str | None = None
     """Negative prompt of the global prompt and default of every segment's (default empty)."""
     scaffold_image: object = None
-    """Optional scaffolding image (PIL, path, or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1])."""
+    """Optional scaffolding image (PIL, path, ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1], or ``(H, W, 3)``
+    array)."""
 
 
 def stage_schedule(steps: int, *, scaffold_image: bool = False, global_steps: int | None = None,

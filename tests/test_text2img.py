@@ -124,13 +124,26 @@ def test_batch_bucket_padding_leaves_results_unchanged(engine):
 
     calls = []
     unet_fn = engine._unet_fn
-    engine._unet_fn = lambda x, *a, **k: (calls.append(x.shape[0]), unet_fn(x, *a, **k))[1]
-    plain = engine.text2img(["a cat", "a dog", "a car"], steps=2, seed=0, output_type="latent")
+    noise = torch.Generator().manual_seed(1)
+
+    def spy(x, *a, scramble=False, **k):
+        calls.append(x.shape[0])
+        if scramble and x.shape[0] > 6:  # other content in the padding rows: the real rows must not see it
+            x = torch.cat([x[:6], 100 * torch.randn(x[6:].shape, generator=noise, dtype=x.dtype)])
+        return unet_fn(x, *a, **k)
+
+    prompts = ["a cat", "a dog", "a car"]
+    engine._unet_fn = spy
+    plain = engine.text2img(prompts, steps=2, seed=0, output_type="latent")
     config = engine.config
     try:
         engine.config = dataclasses.replace(config, compile=True, batch_buckets=(4, 8))
-        padded = engine.text2img(["a cat", "a dog", "a car"], steps=2, seed=0, output_type="latent")
+        padded = engine.text2img(prompts, steps=2, seed=0, output_type="latent")
+        engine._unet_fn = lambda x, *a, **k: spy(x, *a, scramble=True, **k)
+        scrambled = engine.text2img(prompts, steps=2, seed=0, output_type="latent")
     finally:
         engine.config, engine._unet_fn = config, unet_fn
-    assert calls == [6, 6, 8, 8]  # 3 prompts x CFG = 6 rows -> bucket 8
-    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+    assert calls == [6, 6, 8, 8, 8, 8]  # 3 prompts x CFG = 6 rows -> bucket 8
+    assert torch.equal(scrambled, padded)  # same batch size: what the padding rows hold changes no bit
+    # 8 rows instead of 6 may block the CPU GEMMs differently: rounding only (seen: 1.2e-5 on a CI machine)
+    torch.testing.assert_close(padded, plain, atol=1e-4, rtol=1e-4)

@@ -297,3 +297,13 @@ def test_triton_backend_matches_torch_backend(engine, reference):
             engine.unet, "torch")  # the two engines share the UNet: give it back its processors
     want = engine.personalize("a photo of a sks dog", reference, subject_token="sks", lambda_g=5.0, **kw)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_cli_ama_mask_choices_are_the_pipelines():
+    # the CLI spells the modes out (its --help imports no torch); they must stay the pipeline's
+    from dreamfuse.engine.cli import build_parser
+
+    argv = ["personalize", "--reference", "r.png", "--prompt", "p"]
+    sub = next(a for a in build_parser(argv)._actions if a.dest == "command").choices["personalize"]
+    choices = next(a for a in sub._actions if a.dest == "ama_mask").choices
+    assert tuple(choices) == pz.AMA_MASKS

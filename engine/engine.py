@@ -74,6 +74,9 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         """Held around every tokenizer call: a fast (Rust) tokenizer stores its padding/truncation settings in
         itself, so two threads tokenizing with different settings would get each other's padding."""
+        self.learned_tokens: dict[str, list[str]] = {}
+        """Tokens loaded by :meth:`load_relation` / :meth:`load_textual_inversion` (or learned by ReVersion training):
+        ``{token: its token names}``, several for a multi-vector embedding."""
         self.is_xl = self.unet.config.addition_embed_type == "text_time"
         """SDXL: two text encoders, pooled text embedding and time ids in every UNet call."""
         self.force_zeros_for_empty_prompt = bool(components.get("force_zeros_for_empty_prompt", False))
@@ -102,17 +105,25 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "tiny", config: EngineConfig | None = None, *,
-                        config_dir: str | Path | None = None, unet_backend="torch",
+                        config_dir: str | Path | None = None, variant: str | None = None, unet_backend="torch",
                         unet_path: str | Path | None = None) -> Engine:
         """Load ``"tiny"`` / ``"tiny-xl"`` (the embedded SD 1.x- and SDXL-layout models), ``"shapes"`` (the trained
         shapes-world model, package data), ``"random-sd15"`` /
         ``"random-sdxl"`` (random weights, real architectures: for benchmarks), a local diffusers folder
         (``model_index.json``), or a single ``.safetensors`` SD/SDXL checkpoint (its architecture configs from
         ``config_dir``; see ``loading.py``). ``unet_backend``/``unet_path``: what runs the UNet calls; see
-        :meth:`set_unet_backend`."""
+        :meth:`set_unet_backend`. ``variant``: a diffusers folder's weight variant (``"fp16"`` reads the
+        ``*.fp16.safetensors`` files ``save_pretrained(variant="fp16")`` writes), as diffusers' ``variant=``.
+
+        ``config`` is the :class:`EngineConfig` (device, dtype, backend, ...); a single-file checkpoint's
+        architecture folder is ``config_dir``."""
+        if config is not None and not isinstance(config, EngineConfig):
+            hint = (" (a single-file checkpoint's architecture folder is config_dir=)"
+                    if isinstance(config, (str, Path)) else "")
+            raise TypeError(f"config: expected an EngineConfig, got {type(config).__name__}{hint}")
         config = (config or EngineConfig()).resolved()
-        engine = cls(load_components(name_or_path, dtype=config.dtype, config_dir=config_dir, device=config.device),
-                     config)
+        engine = cls(load_components(name_or_path, dtype=config.dtype, config_dir=config_dir, device=config.device,
+                                     variant=variant), config)
         if unet_backend != "torch" or unet_path is not None:
             engine.set_unet_backend(unet_backend, unet_path)
         return engine
@@ -172,6 +183,10 @@ class Engine:
         """``tokenizer(text, **kwargs)`` (the engine's first tokenizer unless another is given) under the engine's
         tokenizer lock. Use this rather than calling ``engine.tokenizer`` directly while other threads run
         pipelines: a fast tokenizer's padding and truncation settings are state shared by all callers."""
+        if self.learned_tokens and (tokenizer is None or tokenizer is self.tokenizer):
+            from .relation import expand_tokens
+
+            text = expand_tokens(self, text)  # a multi-vector learned token reads as all its vectors
         with self._tokenizer_lock:
             return (tokenizer or self.tokenizer)(text, **kwargs)
 
@@ -383,6 +398,14 @@ class Engine:
         from .relation import load_relation
 
         return load_relation(self, path_or_embeds, **kwargs)
+
+    def load_textual_inversion(self, path_or_embeds, token: str | None = None) -> str:
+        """Load a textual inversion (diffusers' ``learned_embeds.bin``/``.safetensors``, AUTOMATIC1111's ``.pt`` or
+        ``.safetensors``; one or several vectors) as diffusers' ``load_textual_inversion`` does; returns the token
+        prompts use. The same loader as :meth:`load_relation`: see :func:`dreamfuse.engine.relation.load_relation`."""
+        from .relation import load_relation
+
+        return load_relation(self, path_or_embeds, token=token)
 
     def load_ip_adapter(self, weights, image_encoder=None):
         """Load an IP-Adapter / IP-Adapter-Plus (standard ``.bin``/``.safetensors`` file + CLIP image encoder folder,

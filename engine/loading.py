@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ _MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir: str | Path | None = None,
-                    device: str | torch.device = "cpu") -> dict:
+                    device: str | torch.device = "cpu", variant: str | None = None) -> dict:
     """Return ``{"unet", "vae", "text_encoder", "tokenizer", "scheduler"}`` on CPU in ``dtype``; SDXL models add
     ``"text_encoder_2"``, ``"tokenizer_2"`` and ``"force_zeros_for_empty_prompt"``.
 
@@ -31,9 +32,19 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
       the architecture's configs to convert it; offline they come from ``config_dir`` (a diffusers folder of the
       same architecture, e.g. your SD1.5 or SDXL folder, whose ``model_index.json`` also says which
       architecture the file is), or a ``model_index.json`` folder next to the file.
+
+    ``variant`` (a diffusers folder only): the weight files' variant, as diffusers' ``from_pretrained(variant=)``
+    reads it -- ``"fp16"`` loads ``diffusion_pytorch_model.fp16.safetensors`` and its siblings, the files
+    ``save_pretrained(variant="fp16")`` writes.
     """
     from .validation import BUNDLED_NAMES
 
+    if name_or_path is None or not isinstance(name_or_path, (str, Path)):
+        raise ValueError(f"model: expected a model name or a path, got {type(name_or_path).__name__}")
+    if variant is not None:
+        check_variant(variant)
+        if not Path(name_or_path).expanduser().is_dir() or str(name_or_path) in BUNDLED_NAMES:
+            raise ValueError(f"variant: only for a diffusers folder; {str(name_or_path)!r} is not one")
     if config_dir is not None and (str(name_or_path) in tiny.TINY_NAMES + synthetic.SYNTHETIC_NAMES + BUNDLED_NAMES
                                    or Path(name_or_path).expanduser().is_dir()):
         raise ValueError(f"config: only for a single-file checkpoint; {str(name_or_path)!r} brings its own configs")
@@ -51,7 +62,8 @@ def load_components(name_or_path: str | Path, *, dtype: torch.dtype, config_dir:
         if not path.is_dir() and path.suffix not in _SINGLE_FILE_SUFFIXES:
             raise ValueError(f"model: {str(path)!r} is neither a diffusers folder nor a .safetensors/.ckpt file")
         try:
-            comps = _load_folder(path, dtype) if path.is_dir() else _load_single_file(path, config_dir, dtype)
+            comps = (_load_folder(path, dtype, variant) if path.is_dir()
+                     else _load_single_file(path, config_dir, dtype))
         except ValueError:
             raise
         except Exception as e:  # corrupt or truncated weights, a broken config: one line naming the model
@@ -137,12 +149,56 @@ def _check_xl_base(comps: dict, source: str) -> dict:
     return comps
 
 
-def _load_folder(path: Path, dtype: torch.dtype) -> dict:
+_VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+
+
+def check_variant(variant) -> str:
+    """``variant`` as diffusers names weight files (``fp16``, ``bf16``, ``ema``, ``non_ema``): letters, digits, ``_``
+    and ``-``, at most 32 characters; ValueError otherwise (it becomes part of file names)."""
+    if not isinstance(variant, str) or not _VARIANT.fullmatch(variant):
+        raise ValueError(f"variant: expected a name such as 'fp16' (letters, digits, '_' or '-', at most 32), got "
+                         f"{variant!r}")
+    return variant
+
+
+def folder_variants(path: Path) -> tuple[set[str], bool]:
+    """The weight-file variants a diffusers folder's ``unet`` holds (``{"fp16"}`` for
+    ``diffusion_pytorch_model.fp16.safetensors``), and whether it holds plain (no-variant) weights."""
+    variants, plain = set(), False
+    unet = path / "unet"
+    for f in (unet.iterdir() if unet.is_dir() else ()):
+        if not f.name.startswith("diffusion_pytorch_model"):
+            continue
+        # diffusion_pytorch_model[.VARIANT][-00001-of-00002].safetensors, .bin, and a sharded model's
+        # diffusion_pytorch_model.safetensors.index[.VARIANT].json
+        tokens = [re.sub(r"-\d+-of-\d+$", "", t) for t in f.name[len("diffusion_pytorch_model"):].split(".") if t]
+        if not {"safetensors", "bin"} & set(tokens):
+            continue
+        rest = [t for t in tokens if t and t not in ("safetensors", "bin", "index", "json")]
+        if not rest:
+            plain = True
+        elif len(rest) == 1:
+            variants.add(rest[0])
+    return variants, plain
+
+
+def _load_folder(path: Path, dtype: torch.dtype, variant: str | None = None) -> dict:
     index = path / "model_index.json"
     if not index.is_file():
         raise ValueError(f"model: folder {str(path)!r} has no model_index.json (not a diffusers pipeline folder)")
     cls = _pipeline_class(index)
-    pipe = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, **_pipeline_kwargs(cls))
+    variants, plain = folder_variants(path)
+    if variant is None and not plain and variants:
+        names = ", ".join(repr(v) for v in sorted(variants))
+        raise ValueError(f"variant: {str(path)!r} holds only the {names} variant of its weights (files such as "
+                         f"unet/diffusion_pytorch_model.{sorted(variants)[0]}.safetensors): pass "
+                         f"variant={sorted(variants)[0]!r} (CLI: --variant {sorted(variants)[0]})")
+    if variant is not None and variant not in variants:
+        have = ", ".join(repr(v) for v in sorted(variants)) or "none"
+        raise ValueError(f"variant: {str(path)!r} holds no {variant!r} weights (unet/diffusion_pytorch_model."
+                         f"{variant}.safetensors); its variants: {have}")
+    pipe = cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, variant=variant,
+                               **_pipeline_kwargs(cls))
     return _check_xl_base(_from_pipe(pipe), str(path))
 
 
@@ -152,8 +208,8 @@ def _load_single_file(path: Path, config_dir: str | Path | None, dtype: torch.dt
     if config_dir is None:
         raise ValueError(
             f"model: loading the single file {path.name!r} needs the architecture's configs and tokenizer, and "
-            "nothing can be downloaded: pass config=DIR (CLI: --config DIR), a diffusers folder of the same "
-            "architecture (e.g. a local SD1.5, SD2.1 or SDXL folder)"
+            "nothing can be downloaded: pass config_dir=DIR (Engine.from_pretrained(path, config_dir=DIR); CLI: "
+            "--config DIR), a diffusers folder of the same architecture (e.g. a local SD1.5, SD2.1 or SDXL folder)"
         )
     index = Path(config_dir).expanduser() / "model_index.json"
     if not index.is_file():

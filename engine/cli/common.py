@@ -103,6 +103,10 @@ def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, d
     g.add_argument("--config", default=None, metavar="DIR",
                    help="for a single-file checkpoint only: a diffusers folder of the same architecture giving the "
                         "configs and tokenizer (nothing is downloaded)")
+    g.add_argument("--variant", default=None, metavar="NAME",
+                   help="for a diffusers folder only: the weight files' variant, as diffusers names them (fp16 "
+                        "reads unet/diffusion_pytorch_model.fp16.safetensors and its siblings, what "
+                        "save_pretrained(variant='fp16') writes)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     if dtype_option:
         g.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default: fp16 on CUDA, fp32 on CPU)")
@@ -250,6 +254,17 @@ def lora_spec(s: str) -> tuple[str, float]:
     return head, scale
 
 
+def token_file_spec(s: str) -> tuple[str, str | None]:
+    """``--textual-inversion FILE[:TOKEN]`` -> ``(FILE, TOKEN or None)``. The part after the last ``:`` is the token
+    only when the whole argument is not itself an existing file and the part before it is one."""
+    head, sep, tail = s.rpartition(":")
+    if not sep or Path(s).expanduser().is_file() or not head or not Path(head).expanduser().is_file():
+        return s, None
+    if not tail.strip() or any(c.isspace() for c in tail):
+        raise argparse.ArgumentTypeError(f"the token after ':' must be a non-empty name without spaces, got {tail!r}")
+    return head, tail
+
+
 def lora_names(specs) -> list[str]:
     """A name per ``--lora`` file: its stem, numbered (``style-2``) when two files share one."""
     names: list[str] = []
@@ -277,6 +292,15 @@ def check_model_args(args) -> None:
         check_dir("--config", args.config)
         if Path(args.model).expanduser().is_dir():
             raise CLIError(f"--config: only for a single-file checkpoint; {args.model!r} is a diffusers folder")
+    if getattr(args, "variant", None) is not None:
+        from ..loading import check_variant
+
+        try:
+            check_variant(args.variant)
+        except ValueError as e:
+            raise CLIError(f"--{e}") from None
+        if args.model in EMBEDDED_MODELS or not Path(args.model).expanduser().is_dir():
+            raise CLIError(f"--variant: only for a diffusers folder; {args.model!r} is not one")
     check_device(args.device, "--device")
     if getattr(args, "dtype", None) is not None:
         from ..validation import DTYPE_NAMES
@@ -341,7 +365,8 @@ def load_engine(args, **overrides):
             unet = backend_for_path(args.unet)
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(f"--unet: {str(e).removeprefix('unet: ')}") from None
-    engine = Engine.from_pretrained(args.model, EngineConfig(**fields), config_dir=args.config)
+    engine = Engine.from_pretrained(args.model, EngineConfig(**fields), config_dir=args.config,
+                                    variant=getattr(args, "variant", None))
     if getattr(args, "lora", None):
         from ..lora import load_lora
 

@@ -37,7 +37,7 @@ INGRESS = "DreamfuseIngress"
 APP_NAME = "dreamfuse"
 _TERMINAL = ("done", "cancelled", "timed_out", "failed")
 _HISTORY = 1024  # finished jobs the ingress remembers for GET /v1/jobs/{id}
-_MODEL_KEYS = ("model", "config", "device", "dtype", "backend", "compile", "unet", "lora", "no_progress",
+_MODEL_KEYS = ("model", "config", "variant", "device", "dtype", "backend", "compile", "unet", "lora", "no_progress",
                "preload_relation", "ip_adapter", "image_encoder")
 
 

@@ -17,6 +17,7 @@ from .common import (
     positive_int,
     save_images,
     seed_for,
+    token_file_spec,
 )
 
 EXAMPLES = """\
@@ -30,6 +31,8 @@ examples:
       --image-encoder ./image_encoder --image ref.png --ip-scale 0.6                  # image prompt
   dreamfuse generate --ip-adapter tiny --image-encoder tiny --image ref.png --prompt "a dog"   # tiny adapter
   dreamfuse generate --relation ./out/learned_embeds.bin --prompt "cat <R> box"       # ReVersion relation
+  dreamfuse generate --model ./sd15 --textual-inversion charturner.pt --prompt "charturner, a knight"  # A1111 .pt
+  dreamfuse generate --model ./sd15 --textual-inversion style.safetensors:<style> --prompt "a cat, <style>"
 """
 
 
@@ -44,6 +47,12 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     p.add_argument("--out", default="dreamfuse.png", help=out_image_help())
     p.add_argument("--relation", default=None, metavar="FILE",
                    help="a ReVersion learned_embeds.bin: its relation token (e.g. <R>) becomes usable in prompts "
+                        "(SD 1.x/2.x)")
+    p.add_argument("--textual-inversion", action="append", type=token_file_spec, default=None,
+                   metavar="FILE[:TOKEN]",
+                   help="a textual inversion (diffusers learned_embeds.bin/.safetensors, AUTOMATIC1111 .pt or "
+                        ".safetensors; one or several vectors) whose token prompts may use; TOKEN names it (default: "
+                        "the file's own name for it, an AUTOMATIC1111 .safetensors' file stem); repeat for several "
                         "(SD 1.x/2.x)")
     ipa = p.add_argument_group("image prompt (IP-Adapter / IP-Adapter-Plus; SD 1.x/2.x and SDXL)")
     ipa.add_argument("--ip-adapter", default=None, metavar="WEIGHTS",
@@ -112,10 +121,17 @@ def run(args) -> None:
     output_paths(args.out, len(prompts))  # every check on the output before any model work
     check_ip_adapter_args(args)
     check_file("--relation", args.relation)
+    for path, _ in args.textual_inversion or ():
+        check_file("--textual-inversion", path)
     seed = seed_for(args, len(prompts))
     engine = load_engine(args)
     if args.relation:
         engine.load_relation(args.relation)
+    for path, token in args.textual_inversion or ():
+        try:
+            engine.load_textual_inversion(path, token=token)
+        except ValueError as e:
+            raise CLIError(f"--textual-inversion: {str(e).removeprefix('relation: ')}") from None
     ip = {}
     if args.ip_adapter:
         load_adapter(engine, args.ip_adapter, args.image_encoder)

@@ -73,7 +73,8 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
                         "cancelled (default 10)")
     g = p.add_argument_group("what the model serves (loaded at start)")
     g.add_argument("--preload-relation", action="append", default=None, metavar="FILE",
-                   help="a ReVersion learned_embeds.bin whose relation token (e.g. <R>) prompts may use; repeat")
+                   help="a learned-token file whose token prompts may use: a ReVersion learned_embeds.bin (e.g. <R>) "
+                        "or a textual inversion (diffusers, AUTOMATIC1111 .pt/.safetensors); repeat")
     g.add_argument("--ip-adapter", default=None, metavar="WEIGHTS",
                    help="IP-Adapter weights (.bin/.safetensors), or 'tiny' / 'tiny-base' with --model tiny: "
                         "requests may then send ip_image")

@@ -99,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.showwarning = _show_warning
-    # torch's notice that TorchScript is deprecated (compose --sal-model): about torch's API, not the user's input
-    warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
+    # Deprecation notices raised by the libraries (torch's TorchScript notice for compose --sal-model, tokenizers'
+    # BPE constructor, ...) are about their APIs, for developers, not about the user's input; dreamfuse's own stay.
+    for category in (DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!dreamfuse(\.|$))")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:

@@ -72,13 +72,17 @@ Program = Generator["UNetCall | Decode", torch.Tensor, Any]
 
 
 def drive(engine: Engine, program: Program):
-    """Run ``program`` alone: every request it yields goes straight to the engine. Returns its result."""
-    try:
-        request = next(program)
-        while True:
-            request = program.send(request.run(engine))
-    except StopIteration as stop:
-        return stop.value
+    """Run ``program`` alone: every request it yields goes straight to the engine. Returns its result. The
+    engine's model lock is held for reading meanwhile (a model change waits for the run to end)."""
+    from ..concurrency import reading
+
+    with reading(engine):
+        try:
+            request = next(program)
+            while True:
+                request = program.send(request.run(engine))
+        except StopIteration as stop:
+            return stop.value
 
 
 def driven(program_fn: Callable[..., Program], name: str) -> Callable:

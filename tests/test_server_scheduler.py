@@ -242,3 +242,72 @@ def test_shutdown_finishes_within_grace_then_cancels(engine):
     assert quick.state == "done" and slow.state == "cancelled" and "shutting down" in slow.error
     with pytest.raises(SchedulerClosed):
         s.submit("text2img", prompt="c", steps=2)
+
+
+# ------------------------------------------------------------------------------------------ bounded ticks
+def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine):
+    """A red-team request (n 64, 999 steps, 512²) ran 128-row UNet calls whatever max_batch_rows said and held the
+    worker for minutes. Every call now stays within max_batch_rows, the big request advances in pieces, a small
+    request admitted beside it is not starved, and both equal their solo images."""
+    s = StepScheduler(engine, max_batch_rows=4)
+    rows_seen = []
+    unet = s._unet
+    s._unet = lambda pieces: (rows_seen.append(sum(n for _, n in pieces)), unet(pieces))[1]
+    decoded = []
+    decode = engine.decode
+    try:
+        engine.decode = lambda latents: (decoded.append(latents.shape[0]), decode(latents))[1]
+        big_fields = dict(prompt="a cat", steps=3, height=SIZE, width=SIZE)
+        big = s.submit("text2img", n=5, seed=0, **big_fields)  # 10 CFG rows: three pieces a step
+        small_fields = dict(prompt="a dog", steps=3, height=SIZE // 2, width=SIZE // 2)
+        small = s.submit("text2img", seed=9, **small_fields)  # a quarter of a row's cost
+        for job in (big, small):
+            assert job.wait(120) and job.state == "done", (job.state, job.error)
+    finally:
+        engine.decode = decode
+        s.shutdown(grace_s=0)
+    assert rows_seen and max(rows_seen) <= 4
+    assert max(decoded) <= 4  # decodes in pieces too
+    assert small.finished < big.finished  # served beside the big one, not after it
+    _assert_same_as_solo(engine, big, "text2img", big_fields)
+    _assert_same_as_solo(engine, small, "text2img", small_fields)
+
+
+def test_cancel_and_deadlines_act_within_a_tick_of_an_oversized_request(engine):
+    s = StepScheduler(engine, max_batch_rows=2)
+    try:
+        big = s.submit("text2img", prompt="a cat", n=6, steps=50, seed=0, height=SIZE, width=SIZE)
+        while big.step < 1:
+            time.sleep(0.005)
+        calls = s.stats()["unet_calls"]
+        big.cancel()
+        assert big.wait(60) and big.state == "cancelled"
+        assert s.stats()["unet_calls"] - calls <= 1  # one call of the running tick at most, not the rest of a step
+        big = s.submit("text2img", prompt="a cat", n=6, steps=50, seed=0, height=SIZE, width=SIZE)
+        while big.step < 1:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        big.cancel()
+        late = s.submit("text2img", prompt="a dog", steps=2, seed=0, height=SIZE, width=SIZE, deadline_s=0.01)
+        assert late.wait(60) and late.state == "timed_out"
+        assert big.wait(60) and time.monotonic() - t0 < 30
+    finally:
+        s.shutdown(grace_s=0)
+
+
+def test_per_request_limits_of_a_server(engine):
+    from dreamfuse.engine.limits import Limits
+
+    s = StepScheduler(engine, limits=Limits(max_images=2, max_steps=10, max_pixels=64 * 64, max_side=64))
+    try:
+        for fields, needle in [(dict(n=3), r"^n: must be an integer in \[1, 2\]"),
+                               (dict(steps=11), r"^steps: 11, the limit of this server is 10"),
+                               (dict(height=128, width=32), r"^height: 128 pixels, the limit of this server is 64"),
+                               (dict(height=64, width=72), r"^width: 72 pixels")]:
+            with pytest.raises(ValueError, match=needle):
+                s.submit("text2img", prompt="a", **fields)
+        assert s.submit("text2img", prompt="a", n=2, steps=2, seed=0).wait(60)
+    finally:
+        s.shutdown(grace_s=0)
+    with pytest.raises(ValueError, match="^limits"):
+        StepScheduler(engine, limits={"max_images": 2})

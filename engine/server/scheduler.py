@@ -9,7 +9,13 @@ one of them and
   layer handlers — into batched calls of at most ``max_batch_rows`` rows, each row with its own timestep
   (``timestep (B,)``: diffusers' UNet embeds each row's own), and hands every program its rows of the output;
 - runs the calls that carry layer handlers (personalize's AMA steps) on their own, in the same tick;
-- decodes the latents of the programs that finished in one batched VAE call per image size.
+- decodes the latents of the programs that finished in batched VAE calls per image size.
+
+A tick does a bounded amount of work: at most ``max_batch_rows`` rows at the model's native size (a row of twice the
+side costs four) of UNet evaluation, and as much of VAE decoding. A request whose step is larger than that (many
+images, a large size) is split into pieces of at most ``max_batch_rows`` rows that run over several ticks, beside
+the other requests' steps; requests are served in the order they were last served, so every running request
+advances, and cancellation and deadlines act within one tick, never after a whole oversized step.
 
 A request admitted while others are at step 30 of 50 runs its step 0 in the next tick; a finished one leaves at
 once. Since a program never sees which rows shared its call, a request's image is the one it gets alone, within the
@@ -21,7 +27,12 @@ running rows stay within ``max_batch_rows`` (counted at the model's native size:
 so at light load a request runs alone in small calls (lowest latency) and at heavy load every call is as full as
 the budget allows (highest throughput). Calls are padded to the engine's compile buckets by ``Engine.unet_call``.
 Deadlines: a request whose deadline has passed, or that cannot finish before it at the measured step time, is
-dropped (``timed_out``) before any more of its work is done. Cancellation takes effect between steps.
+dropped (``timed_out``) before any more of its work is done. Cancellation takes effect between ticks.
+
+Per-request limits: ``limits`` (default: the engine's ``config.limits``) bound what one request may ask for
+(images, steps, pixels) at submission; a server sets them below the library's (``dreamfuse serve --max-n ...``).
+Model changes (a LoRA loaded while serving, ...) wait for the running requests and hold admission meanwhile: every
+running request holds a lease on the engine's model lock (:mod:`~dreamfuse.engine.concurrency`).
 """
 
 from __future__ import annotations
@@ -86,6 +97,12 @@ class Job:
         self._cancel_reason = "cancelled"
         self._cond = threading.Condition()
         self._events: list[dict] = []
+        self._row_cost = cost / max(rows, 1)  # one UNet row at this request's size, in native-size rows
+        self._parts: list[torch.Tensor] = []  # outputs of the pieces of the pending request run so far
+        self._offset = 0  # rows of the pending request run so far
+        self._served = -1  # the tick that last ran a piece of this job (fair order)
+        self._seq = 0  # submission order
+        self._release = None  # gives the model-lock lease back (once)
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -126,14 +143,36 @@ class Job:
             event = {"type": state} if state == "done" else {"type": state, "reason": error}
             self._events.append(event)
             self._cond.notify_all()
+        self._parts, self._pending = [], None
         if self._program is not None:
             self._program.close()
             self._program = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 def _cat_timesteps(calls: Sequence[UNetCall], device) -> torch.Tensor:
     """One fp32 timestep per row of the merged call (the UNet embeds timesteps as floats either way)."""
     return torch.cat([torch.as_tensor(c.t, device=device).float().reshape(-1).expand(c.rows) for c in calls])
+
+
+def _rows_of(x, a: int, b: int, rows: int):
+    """Rows ``a:b`` of a per-row tensor (first dimension ``rows``); anything else (a scalar timestep, one
+    ``(6,)`` time-id vector for all rows, None) unchanged."""
+    if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == rows:
+        return x[a:b]
+    return x
+
+
+def _piece(call: UNetCall, a: int, b: int) -> UNetCall:
+    """Rows ``a:b`` of a UNet call (the whole call when they are all of it)."""
+    rows = call.rows
+    if a == 0 and b == rows:
+        return call
+    return UNetCall(call.latents[a:b], _rows_of(call.t, a, b, rows), call.embeddings[a:b],
+                    _rows_of(call.ip_tokens, a, b, rows), call.ip_scale, pooled=_rows_of(call.pooled, a, b, rows),
+                    time_ids=_rows_of(call.time_ids, a, b, rows))
 
 
 def _merge_key(call: UNetCall):
@@ -157,12 +196,16 @@ class StepScheduler:
     """
 
     def __init__(self, engine, *, max_batch_rows: int = 16, max_queue: int = 64, preview_every: int = 0,
-                 history: int = 1024):
+                 history: int = 1024, limits=None):
         for name, value, low in (("max_batch_rows", max_batch_rows, 1), ("max_queue", max_queue, 0),
                                  ("preview_every", preview_every, 0), ("history", history, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        if limits is not None and not hasattr(limits, "validated"):
+            raise ValueError(f"limits: expected a Limits, got {type(limits).__name__}")
         self.engine = engine
+        self.limits = (limits or engine.config.limits).validated()
+        """What one request may ask for (checked at :meth:`submit`); the engine's own limits still apply."""
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
         self.preview_every = preview_every
@@ -172,6 +215,7 @@ class StepScheduler:
         self._queue: list[tuple[int, int, Job]] = []
         self._seq = itertools.count()
         self._active: list[Job] = []
+        self._ticks = 0
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._history = history
         self._closed = False
@@ -195,9 +239,10 @@ class StepScheduler:
         ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted."""
         if kind not in KINDS:
             raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
-        limits = self.engine.config.limits
+        limits = self.limits
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_images:
             raise ValueError(f"n: must be an integer in [1, {limits.max_images}], got {n!r}")
+        self._check_request_limits(fields)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         deadline = None
@@ -214,6 +259,7 @@ class StepScheduler:
         program, rows, steps, side = self._program(kind, n, seeds, fields)
         cost = rows * side / self._native
         job = Job(kind, program, seeds, steps, rows, cost, priority, deadline)
+        job._seq = next(self._seq)
         with self._lock:
             if self._closed:
                 program.close()
@@ -222,12 +268,28 @@ class StepScheduler:
                 self._stats["rejected"] += 1
                 program.close()
                 raise QueueFull(self._retry_after(), len(self._queue))
-            heapq.heappush(self._queue, (-priority, next(self._seq), job))
+            heapq.heappush(self._queue, (-priority, job._seq, job))
             self._remember(job)
             position = sum(1 for _, _, j in self._queue if (-j.priority, 0) <= (-priority, 0)) - 1
             job._emit({"type": "queued", "position": position})
             self._lock.notify_all()
         return job
+
+    def _check_request_limits(self, fields: dict) -> None:
+        """This scheduler's per-request limits on steps and size (the engine checks its own again)."""
+        from ..validation import is_int
+
+        limits = self.limits
+        steps = fields.get("steps")
+        if is_int(steps) and steps > limits.max_steps:
+            raise ValueError(f"steps: {steps}, the limit of this server is {limits.max_steps}")
+        h, w = fields.get("height"), fields.get("width")
+        for name, v in (("height", h), ("width", w)):
+            if is_int(v) and v > limits.max_side:
+                raise ValueError(f"{name}: {v} pixels, the limit of this server is {limits.max_side}")
+        if is_int(h) and is_int(w) and h * w > limits.max_pixels:
+            raise ValueError(f"height/width: {w}x{h} is {h * w} pixels, the limit of this server is "
+                             f"{limits.max_pixels}")
 
     def _program(self, kind: str, n: int, seeds: list[int], fields: dict):
         """(program, rows per call, sampling steps, latent pixels) of a request; checks every field now."""
@@ -331,6 +393,11 @@ class StepScheduler:
                 self._stats[state] += 1
             self._lock.notify_all()
 
+    def _admission_cost(self, job: Job) -> float:
+        """What a running job takes of the admission budget: its cost, or half the budget for a job larger than a
+        tick (it runs in pieces, see :meth:`_share`, and leaves room for others to run beside it)."""
+        return job._cost if job._cost <= self.max_batch_rows else self.max_batch_rows / 2
+
     def _admit(self) -> list[Job]:
         """Under the lock: drop cancelled / expired queued jobs, admit while the rows budget allows."""
         now = time.monotonic()
@@ -345,12 +412,13 @@ class StepScheduler:
                 kept.append(item)
         heapq.heapify(kept)
         self._queue = kept
-        budget = self.max_batch_rows - sum(j._cost for j in self._active)
+        budget = self.max_batch_rows - sum(self._admission_cost(j) for j in self._active)
         admitted = []
-        while self._queue:
+        lock = getattr(self.engine, "model_lock", None)
+        while self._queue and not (lock is not None and lock.change_waiting):  # a model change waits: hold
             job = self._queue[0][2]
             if self._active or admitted:  # an idle scheduler always takes the first job, whatever its size
-                if job._cost > budget:
+                if self._admission_cost(job) > budget:
                     break
             heapq.heappop(self._queue)
             if job.deadline is not None and self._step_ema is not None:
@@ -359,7 +427,7 @@ class StepScheduler:
                     dropped.append((job, "timed_out", f"cannot finish before its deadline (needs ~{need:.1f} s "
                                                       f"at {self._step_ema:.3f} s/step)"))
                     continue
-            budget -= job._cost
+            budget -= self._admission_cost(job)
             admitted.append(job)
         for job, state, reason in dropped:
             job._finish(state, reason)
@@ -369,6 +437,9 @@ class StepScheduler:
         return admitted
 
     def _loop(self) -> None:
+        lock = getattr(self.engine, "model_lock", None)
+        if lock is not None:
+            lock.mark_worker()
         while True:
             with self._lock:
                 if self._stop:
@@ -383,6 +454,7 @@ class StepScheduler:
                 active = list(self._active)
             if active:
                 t0 = time.perf_counter()
+                self._ticks += 1
                 self._tick(active)
                 dt = time.perf_counter() - t0
                 with self._lock:
@@ -390,6 +462,13 @@ class StepScheduler:
                     self._step_ema = dt if self._step_ema is None else 0.8 * self._step_ema + 0.2 * dt
 
     def _start(self, job: Job) -> None:
+        lock = getattr(self.engine, "model_lock", None)
+        if lock is not None:
+            if not lock.try_lease():  # a model change began since admission: back to the queue
+                with self._lock:
+                    heapq.heappush(self._queue, (-job.priority, job._seq, job))
+                return
+            job._release = lock.release_lease
         job.started = time.time()
         job.state = "running"
         job._emit({"type": "started"})
@@ -447,56 +526,96 @@ class StepScheduler:
                 runnable.append(job)
         decodes = [j for j in runnable if isinstance(j._pending, Decode)]
         calls = [j for j in runnable if isinstance(j._pending, UNetCall)]
-        # ---- batched VAE decodes of the finished programs, per latent size
-        by_shape: dict[tuple, list[Job]] = {}
-        for job in decodes:
-            by_shape.setdefault(tuple(job._pending.latents.shape[1:]), []).append(job)
+        tick = self._ticks
+        # ---- VAE decodes of the finished programs: batched per latent size, at most a tick's budget of images
+        by_shape: dict[tuple, list[tuple[Job, int]]] = {}
+        for job, n in self._share(decodes, lambda j: j._pending.latents.shape[0], tick):
+            by_shape.setdefault(tuple(job._pending.latents.shape[1:]), []).append((job, n))
         for group in by_shape.values():
-            self._run_group(group, lambda js: self.engine.decode(torch.cat([j._pending.latents for j in js])),
-                            lambda j: j._pending.latents.shape[0])
-        # ---- UNet calls: merge what fits, the calls with layer handlers alone
-        groups: dict[Any, list[Job]] = {}
-        alone = []
-        for job in calls:
-            if job._pending.ctx is not None:
-                alone.append([job])
-            else:
-                groups.setdefault(_merge_key(job._pending), []).append(job)
-        chunks = []
-        for group in groups.values():
-            chunk, rows = [], 0
-            for job in group:
-                r = job._pending.rows
-                if chunk and rows + r > self.max_batch_rows:
-                    chunks.append(chunk)
-                    chunk, rows = [], 0
-                chunk.append(job)
-                rows += r
-            chunks.append(chunk)
+            for chunk in self._chunks(group):
+                self._run_pieces(chunk, self._decode, lambda j: j._pending.latents.shape[0])
+        # ---- UNet calls: merge what fits, the calls with layer handlers alone (and whole)
+        alone = [[(job, job._pending.rows)] for job in calls if job._pending.ctx is not None]
+        groups: dict[Any, list[tuple[Job, int]]] = {}
+        for job, n in self._share([j for j in calls if j._pending.ctx is None], lambda j: j._pending.rows, tick):
+            groups.setdefault(_merge_key(job._pending), []).append((job, n))
+        chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
         for chunk in chunks + alone:
-            self._run_group(chunk, self._unet, lambda j: j._pending.rows)
+            self._run_pieces(chunk, self._unet, lambda j: j._pending.rows)
 
-    def _run_group(self, jobs: list[Job], fn, rows_of) -> None:
-        """Run ``fn(jobs)`` once for the group and give each job its rows; if the merged run fails, run each job
-        alone so that only the jobs that fail by themselves fail."""
-        try:
-            out = fn(jobs)
-        except Exception as exc:  # noqa: BLE001 - a merged run is retried job by job
-            if len(jobs) == 1:
-                self._retire(jobs[0])
-                self._end(jobs[0], "failed", _reason(exc))
+    def _share(self, jobs: list[Job], rows_of, tick: int) -> list[tuple[Job, int]]:
+        """This tick's rows of each job's pending request: every job whose remaining rows fit the tick's budget
+        (``max_batch_rows`` native-size rows) runs them all, in the order the jobs were last served; a job whose
+        request can never fit one tick (too many rows, or too large) gets what budget is left, in pieces of at most
+        ``max_batch_rows`` rows; a tick always runs something."""
+        budget = float(self.max_batch_rows)
+        share = []
+        order = sorted(jobs, key=lambda j: (j._served, j._seq))
+        for job in order:
+            left = rows_of(job) - job._offset
+            cost = job._row_cost
+            if left * cost <= budget and left <= self.max_batch_rows:
+                n = left
+            elif rows_of(job) * cost > self.max_batch_rows or rows_of(job) > self.max_batch_rows:
+                n = min(left, self.max_batch_rows, int(budget // cost) if cost > 0 else left)
             else:
-                for job in jobs:
-                    self._run_group([job], fn, rows_of)
+                n = 0  # it fits a tick, not what is left of this one: first in line next tick
+            if n > 0:
+                share.append((job, n))
+                budget -= n * cost
+        if not share and order:
+            job = order[0]
+            share.append((job, max(1, min(rows_of(job) - job._offset, self.max_batch_rows))))
+        for job, _ in share:
+            job._served = tick
+        return share
+
+    def _chunks(self, group: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
+        """Consecutive pieces packed into calls of at most ``max_batch_rows`` rows."""
+        chunks, chunk, rows = [], [], 0
+        for job, n in group:
+            if chunk and rows + n > self.max_batch_rows:
+                chunks.append(chunk)
+                chunk, rows = [], 0
+            chunk.append((job, n))
+            rows += n
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+    def _run_pieces(self, pieces: list[tuple[Job, int]], fn, rows_of) -> None:
+        """Run ``fn(pieces)`` once and give each job its rows; a job whose pending request is then complete gets
+        its whole result. If the merged run fails, run each piece alone so that only the jobs that fail by
+        themselves fail."""
+        try:
+            out = fn(pieces)
+        except Exception as exc:  # noqa: BLE001 - a merged run is retried piece by piece
+            if len(pieces) == 1:
+                job = pieces[0][0]
+                self._retire(job)
+                self._end(job, "failed", _reason(exc))
+            else:
+                for piece in pieces:
+                    self._run_pieces([piece], fn, rows_of)
             return
         start = 0
-        for job in jobs:
-            r = rows_of(job)
-            self._advance(job, out[start : start + r])
-            start += r
+        for job, n in pieces:
+            part = out[start:start + n]
+            start += n
+            if job._offset == 0 and n == rows_of(job):
+                self._advance(job, part)
+                continue
+            job._parts.append(part)
+            job._offset += n
+            if job._offset == rows_of(job):
+                result, job._parts, job._offset = torch.cat(job._parts), [], 0
+                self._advance(job, result)
 
-    def _unet(self, jobs: list[Job]) -> torch.Tensor:
-        calls = [j._pending for j in jobs]
+    def _decode(self, pieces: list[tuple[Job, int]]) -> torch.Tensor:
+        return self.engine.decode(torch.cat([j._pending.latents[j._offset:j._offset + n] for j, n in pieces]))
+
+    def _unet(self, pieces: list[tuple[Job, int]]) -> torch.Tensor:
+        calls = [_piece(j._pending, j._offset, j._offset + n) for j, n in pieces]
         with self._lock:
             self._stats["unet_calls"] += 1
             self._stats["rows_per_call"].append(sum(c.rows for c in calls))

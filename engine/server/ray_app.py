@@ -338,7 +338,14 @@ def build_app(options: dict, *, use_gpu: bool | None = None):
         from .http import create_app
 
         handle = serve.get_deployment_handle(WORKER, app_name=app_name)
-        return create_app(RemoteScheduler(handle), **app_options)
+        limits = None
+        if sched.get("limits"):
+            import dataclasses
+
+            from ..limits import DEFAULT_LIMITS
+
+            limits = dataclasses.replace(DEFAULT_LIMITS, **sched["limits"])
+        return create_app(RemoteScheduler(handle), limits=limits, **app_options)
 
     class _Ingress:
         def __init__(self, worker):  # the bound worker makes Serve deploy it in this application

@@ -75,8 +75,8 @@ class Job:
     """One request: its state, progress, events and result. Created by :meth:`StepScheduler.submit`."""
 
     def __init__(self, kind: str, program, seeds: list[int], steps: int, rows: int, cost: float, priority: int,
-                 deadline: float | None):
-        self.id = uuid.uuid4().hex
+                 deadline: float | None, job_id: str | None = None):
+        self.id = job_id or uuid.uuid4().hex
         self.kind = kind
         self.seeds = seeds
         self.step = 0
@@ -103,6 +103,7 @@ class Job:
         self._served = -1  # the tick that last ran a piece of this job (fair order)
         self._seq = 0  # submission order
         self._release = None  # gives the model-lock lease back (once)
+        self._callbacks: list = []
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -113,6 +114,15 @@ class Job:
 
     def done(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(job)`` once the job is terminal (at once if it already is), in the thread that ends it; an
+        exception in ``fn`` is reported as a warning, never raised into the scheduler."""
+        with self._cond:
+            if not self.done():
+                self._callbacks.append(fn)
+                return
+        _call_back(fn, self)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is terminal (True) or ``timeout`` seconds passed (False)."""
@@ -150,6 +160,18 @@ class Job:
         release, self._release = self._release, None
         if release is not None:
             release()
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _call_back(fn, self)
+
+
+def _call_back(fn, job) -> None:
+    try:
+        fn(job)
+    except Exception as e:  # noqa: BLE001 - a callback's failure must not take the scheduler down
+        import warnings
+
+        warnings.warn(f"job {job.id}: a done-callback failed ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
 
 
 def _cat_timesteps(calls: Sequence[UNetCall], device) -> torch.Tensor:
@@ -201,6 +223,13 @@ class StepScheduler:
                                  ("preview_every", preview_every, 0), ("history", history, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        if isinstance(limits, dict):  # plain data (a Ray replica's options): fields over the engine's limits
+            import dataclasses
+
+            try:
+                limits = dataclasses.replace(engine.config.limits, **limits)
+            except TypeError as e:
+                raise ValueError(f"limits: {e}") from None
         if limits is not None and not hasattr(limits, "validated"):
             raise ValueError(f"limits: expected a Limits, got {type(limits).__name__}")
         self.engine = engine
@@ -230,13 +259,15 @@ class StepScheduler:
 
     # ------------------------------------------------------------------------------------------- submitting
     def submit(self, kind: str, *, n: int = 1, seed: int | Sequence[int] | None = None, priority: int = 0,
-               deadline_s: float | None = None, **fields) -> Job:
+               deadline_s: float | None = None, job_id: str | None = None, force: bool = False, **fields) -> Job:
         """Validate a request and queue it; returns its :class:`Job` at once. ``kind``: ``"text2img"`` (fields of
         ``text2img_program``: ``prompt``, ``negative_prompt``, ``width``, ``height``, ``steps``, ``guidance_scale``,
         ``sampler``, ``ip_image``, ``ip_scale``), ``"personalize"`` (``prompt``, ``reference_image``,
         ``subject_token``, ... of ``personalize_program``) or ``"compose"`` (``layout``, ``segments``, ``prompt``,
         ... of ``compose_batch_program``). ``n`` images, ``seed`` as the pipelines (image i gets seed + i).
-        ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted."""
+        ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted.
+        ``job_id``: the job's id (default: a fresh one; a journal resubmitting a job after a restart keeps its id);
+        ``force``: queue it even when the queue is full (jobs accepted before a restart)."""
         if kind not in KINDS:
             raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
         limits = self.limits
@@ -258,13 +289,18 @@ class StepScheduler:
         seeds = resolve_seeds(seed, n)
         program, rows, steps, side = self._program(kind, n, seeds, fields)
         cost = rows * side / self._native
-        job = Job(kind, program, seeds, steps, rows, cost, priority, deadline)
+        if job_id is not None and (not isinstance(job_id, str) or not 1 <= len(job_id) <= 64):
+            raise ValueError(f"job_id: must be a string of 1 to 64 characters, got {job_id!r}")
+        job = Job(kind, program, seeds, steps, rows, cost, priority, deadline, job_id)
         job._seq = next(self._seq)
         with self._lock:
             if self._closed:
                 program.close()
                 raise SchedulerClosed("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if job.id in self._jobs:
+                program.close()
+                raise ValueError(f"job_id: {job.id!r} is already a job of this scheduler")
+            if len(self._queue) >= self.max_queue and not force:
                 self._stats["rejected"] += 1
                 program.close()
                 raise QueueFull(self._retry_after(), len(self._queue))

@@ -45,7 +45,6 @@ from .schemas import (
     DEFAULT_MAX_UPLOAD_BYTES,
     DEFAULT_MAX_UPLOAD_SIDE,
     ComposeRequest,
-    GenerationRequest,
     PersonalizeRequest,
     UploadTooLarge,
     b64_bytes,
@@ -418,6 +417,18 @@ class _App:
     async def answer(self, request: Request, job, req) -> Response:
         if not req.wait:
             return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+        left = await self.wait_for(request, job)
+        if left is not None:
+            return left
+        return await self.result(job, req.response_format)
+
+    def pngs_of(self, job) -> list[bytes]:
+        return _job_pngs(job)
+
+    async def wait_for(self, request: Request, job) -> Response | None:
+        """Wait until ``job`` ends (None), or the client leaves: then the job is cancelled and a 499 returned."""
+        if job.done():
+            return None
         waiting = asyncio.ensure_future(_wait_done(job))
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -432,15 +443,16 @@ class _App:
             job.cancel()
             self.metrics.disconnects.inc()
             return Response(status_code=499)
-        return await self.result(job, req.response_format)
+        return None
 
     async def result(self, job, response_format: str = "b64_json") -> Response:
         state = job.state
         if state != "done":
             status = {"timed_out": 504, "failed": 500}.get(state, 409)
+            headers = {"x-should-retry": "false"}  # the same request would end the same way
             if state == "cancelled" and SHUTDOWN_REASON in (job.error or ""):
-                status = 503
-            raise HTTPException(status, detail={"id": job.id, "status": state, "error": job.error})
+                status, headers = 503, {"Retry-After": "5"}
+            raise HTTPException(status, detail={"id": job.id, "status": state, "error": job.error}, headers=headers)
         pngs = await run_in_threadpool(_job_pngs, job)
         headers = {"X-Dreamfuse-Job": job.id, "X-Dreamfuse-Seeds": ",".join(str(s) for s in job.seeds)}
         if getattr(job, "replica", None):  # a Ray Serve worker replica (ray_app)
@@ -532,7 +544,8 @@ def _openapi_body(model: type[BaseModel], files: tuple[str, ...]) -> dict:
 def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                limits=None, shutdown_grace_s: float = 10.0, title: str = "dreamfuse", allowed_hosts=(),
                allowed_origins=(), public_docs: bool = False,
-               max_upload_side: int | None = DEFAULT_MAX_UPLOAD_SIDE, journal=None) -> FastAPI:
+               max_upload_side: int | None = DEFAULT_MAX_UPLOAD_SIDE, journal=None, model_name: str = "dreamfuse",
+               url_ttl_s: float = 3600.0) -> FastAPI:
     """The FastAPI app serving ``scheduler`` (a ``StepScheduler``, or anything with its interface).
 
     Args:
@@ -553,8 +566,13 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
         journal: a :class:`~dreamfuse.engine.server.journal.Journal`: every accepted job is recorded before it is
             queued and its end after; jobs it holds unfinished (a previous process died) are resubmitted now, under
             their ids; finished jobs stay answerable from it.
+        model_name: the model's id in ``GET /v1/models`` (requests may name any model: it is ignored).
+        url_ttl_s: how long images answered with ``response_format="url"`` stay downloadable.
     """
     state = _App(scheduler, api_key, max_upload_bytes, limits, shutdown_grace_s, max_upload_side, journal)
+    from .openai_api import ImageStore
+
+    state.url_store = ImageStore(url_ttl_s)
     if journal is not None:
         state.recovered = state.recover()
 
@@ -617,20 +635,9 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
         text = await run_in_threadpool(state.metrics.render)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    gen_files = ("ip_image",)
+    from .openai_api import add_openai_routes
 
-    @v1.post("/images/generations", openapi_extra=_openapi_body(GenerationRequest, gen_files),
-             summary="text to image (OpenAI images API shape), optionally with an IP-Adapter image prompt")
-    async def generations(request: Request):
-        req, uploads = await state.parse(request, GenerationRequest, gen_files)
-        raw: dict = {}
-        ip_image = await state.image("ip_image", req.ip_image, uploads, raw=raw)
-        job = await state.submit(
-            "text2img", GenerationRequest.model_fields, raw=raw, prompt=req.prompt, negative_prompt=req.negative_prompt,
-            n=req.n, width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
-            seed=req.seed, sampler=req.sampler, ip_image=ip_image, ip_scale=req.ip_scale, priority=req.priority,
-            deadline_s=req.deadline_s)
-        return await state.answer(request, job, req)
+    add_openai_routes(app, state, [Depends(state.authorize)], model_name)
 
     pers_files = ("reference_image",)
 

@@ -104,6 +104,7 @@ class Job:
         self._seq = 0  # submission order
         self._release = None  # gives the model-lock lease back (once)
         self._callbacks: list = []
+        self._partials = 0  # partial images asked for (decoded x̂0 of the first image at evenly spaced steps)
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -259,7 +260,8 @@ class StepScheduler:
 
     # ------------------------------------------------------------------------------------------- submitting
     def submit(self, kind: str, *, n: int = 1, seed: int | Sequence[int] | None = None, priority: int = 0,
-               deadline_s: float | None = None, job_id: str | None = None, force: bool = False, **fields) -> Job:
+               deadline_s: float | None = None, job_id: str | None = None, force: bool = False,
+               partial_images: int = 0, **fields) -> Job:
         """Validate a request and queue it; returns its :class:`Job` at once. ``kind``: ``"text2img"`` (fields of
         ``text2img_program``: ``prompt``, ``negative_prompt``, ``width``, ``height``, ``steps``, ``guidance_scale``,
         ``sampler``, ``ip_image``, ``ip_scale``), ``"personalize"`` (``prompt``, ``reference_image``,
@@ -267,7 +269,9 @@ class StepScheduler:
         ... of ``compose_batch_program``). ``n`` images, ``seed`` as the pipelines (image i gets seed + i).
         ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted.
         ``job_id``: the job's id (default: a fresh one; a journal resubmitting a job after a restart keeps its id);
-        ``force``: queue it even when the queue is full (jobs accepted before a restart)."""
+        ``force``: queue it even when the queue is full (jobs accepted before a restart); ``partial_images``: that
+        many ``partial_image`` events (the first image's current x̂0 decoded by the VAE, a PNG) at evenly spaced
+        steps (at most 3)."""
         if kind not in KINDS:
             raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
         limits = self.limits
@@ -289,10 +293,13 @@ class StepScheduler:
         seeds = resolve_seeds(seed, n)
         program, rows, steps, side = self._program(kind, n, seeds, fields)
         cost = rows * side / self._native
+        if isinstance(partial_images, bool) or not isinstance(partial_images, int) or not 0 <= partial_images <= 3:
+            raise ValueError(f"partial_images: must be an integer in [0, 3], got {partial_images!r}")
         if job_id is not None and (not isinstance(job_id, str) or not 1 <= len(job_id) <= 64):
             raise ValueError(f"job_id: must be a string of 1 to 64 characters, got {job_id!r}")
         job = Job(kind, program, seeds, steps, rows, cost, priority, deadline, job_id)
         job._seq = next(self._seq)
+        job._partials = partial_images
         with self._lock:
             if self._closed:
                 program.close()
@@ -537,6 +544,10 @@ class StepScheduler:
             job._emit({"type": "step", "step": job.step, "steps": job.steps})
             if self.preview_every and request.preview is not None and job.step % self.preview_every == 0:
                 self._preview(job, request, result)
+            if job._partials and request.preview is not None:
+                at = {max(1, round((k + 1) * job.steps / (job._partials + 1))): k for k in range(job._partials)}
+                if job.step in at:
+                    self._partial(job, request, result, at[job.step])
 
     def _retire(self, job: Job) -> None:
         with self._lock:
@@ -683,6 +694,23 @@ class StepScheduler:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         job._emit({"type": "preview", "step": job.step, "png_b64": base64.b64encode(buf.getvalue()).decode()})
+
+    def _partial(self, job: Job, call: UNetCall, out: torch.Tensor, index: int) -> None:
+        """A ``partial_image`` event: the first image's current x̂0 through the VAE (what the image would be if
+        sampling stopped here), as a PNG."""
+        rows, alpha = call.preview
+        kind = prediction_type_of(self.engine.scheduler)
+        latents = call.latents[rows].float()
+        channels = self.engine.vae.config.latent_channels
+        _, x0 = to_eps_x0(out[rows].float()[:, :channels], latents[:, :channels], alpha, kind)
+        try:
+            image = self.engine.to_pil(self.engine.decode(x0[:1].to(self.engine.dtype)))[0]
+        except Exception:  # noqa: BLE001 - a partial image is a courtesy: never fail the request for it
+            return
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        job._emit({"type": "partial_image", "index": index, "step": job.step,
+                   "png_b64": base64.b64encode(buf.getvalue()).decode()})
 
     def _latent_rgb(self) -> torch.Tensor:
         """A ``(C + 1, 3)`` affine map latent channels -> RGB, least-squares fitted once to this model's VAE on a

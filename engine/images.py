@@ -161,7 +161,7 @@ def load_image_tensor(image, field: str, limits: Limits = DEFAULT_LIMITS) -> tor
     h, w = x.shape[-2:]
     if min(h, w) < 8:
         raise ValueError(f"{field}: {w}x{h} is too small")
-    return x.clamp(0, 1)
+    return x.clamp(0, 1).contiguous()
 
 
 def image_tensor(image, height: int, width: int, field: str, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:

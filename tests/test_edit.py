@@ -289,3 +289,75 @@ def test_limits_apply():
         e.img2img("a cat", small, steps=2, height=112, width=112)
     with pytest.raises(ValueError, match=r"^prompts: 3 images in one call, the limit is 2"):
         e.img2img(["a", "b", "c"], small, steps=2)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("edit")
+    picture(12).save(root / "in.png")
+    box_mask().save(root / "mask.png")
+    box_mask(32, 32).save(root / "small_mask.png")
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(root / "black.png")
+    picture(12, 60, 60).save(root / "odd.png")
+    (root / "notes.png").write_text("not an image")
+    return root
+
+
+def test_cli_edit_writes_img2img_and_inpainting(engine, files, tmp_path):
+    from dreamfuse.engine.cli import main
+
+    out = tmp_path / "i2i.png"
+    assert main(["edit", "--image", str(files / "in.png"), "--prompt", "a cat", "--strength", "0.5", "--steps", "4",
+                 "--seed", "3", "--out", str(out), "--no-progress"]) == 0
+    (want,) = engine.img2img("a cat", files / "in.png", strength=0.5, steps=4, seed=3)
+    got = Image.open(out)
+    assert np.array_equal(np.asarray(got), np.asarray(want)) and got.text["strength"] == "0.5"
+    out = tmp_path / "inp.png"
+    assert main(["edit", "--image", str(files / "in.png"), "--mask", str(files / "mask.png"), "--prompt", "a dog",
+                 "--steps", "3", "--seed", "4", "--num-images", "2", "--sampler", "euler-a", "--out", str(out),
+                 "--no-progress"]) == 0
+    want = engine.inpaint(["a dog"] * 2, files / "in.png", files / "mask.png", steps=3, seed=4, sampler="euler-a")
+    for i in range(2):
+        got = Image.open(tmp_path / f"inp-{i}.png")
+        assert np.array_equal(np.asarray(got), np.asarray(want[i])) and got.text["strength"] == "1.0"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--strength", "0"], "--strength must be > 0"),
+    (["--strength", "-0.5"], "--strength must be > 0"),
+    (["--strength", "nan"], "--strength must be a finite number"),
+    (["--strength", "1.5"], "--strength must be <= 1"),
+    (["--strength", "0.05", "--steps", "10"], "--strength: 0.05 of 10 steps leaves no step to run"),
+    (["--image", "{root}/missing.png"], "--image: file"),
+    (["--image", "{root}/notes.png"], "--image: cannot read"),
+    (["--image", "{root}/odd.png"], "--image: 60x60 is not a multiple of 8"),
+    (["--mask", "{root}/notes.png"], "--mask: cannot read"),
+    (["--mask", "{root}/small_mask.png"], "--mask: 32x32 does not match --image's 64x64"),
+    (["--mask", "{root}/black.png"], "--mask: no pixel is white"),
+    (["--height", "48"], "--image: aspect ratio of 64x64 does not match the generation size 64x48"),
+    (["--ip-image", "{root}/in.png"], "--ip-image needs --ip-adapter"),
+    (["--out", "x.txt"], "--out"),
+])
+def test_cli_edit_bad_input_is_one_line_before_the_model_loads(files, monkeypatch, capsys, args, needle):
+    from dreamfuse.engine.cli import edit, main
+
+    monkeypatch.setattr(edit, "load_engine", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    argv = ["edit", "--image", str(files / "in.png"), "--prompt", "a cat", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(argv + [a.format(root=files) for a in args]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and needle in err, err
+
+
+def test_cli_edit_help_and_listing(capsys):
+    from dreamfuse.engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--mask" in text and "white = repaint" in text and "examples:" in text and "int(steps * strength)" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "edit" in capsys.readouterr().out

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..images import image_tensor, load_image_tensor, mask_tensor
 from ..ip_adapter import check_ip_scale, prompt_tokens
-from ..limits import check_size
+from ..limits import DEFAULT_LIMITS, Limits, check_size
 from ..samplers import DEFAULT_SAMPLER, Sampler, check_sampler
 from ..validation import check_number
 from .common import (
@@ -99,18 +99,72 @@ def _per_prompt(value, n: int, field: str) -> list:
     return values
 
 
+def check_strength(strength, steps: int, field: str = "strength") -> float:
+    """``strength`` in (0, 1], large enough that ``int(steps · strength) >= 1`` step runs."""
+    strength = check_number(strength, field, low=0, low_open=True, high=1)
+    if int(steps * strength) < 1:
+        raise ValueError(f"{field}: {strength:g} of {steps} steps leaves no step to run (int(steps * strength) = 0); "
+                         "raise it or the steps")
+    return strength
+
+
+def read_edit_inputs(image, mask, n: int, height: int | None, width: int | None, factor: int,
+                     limits: Limits = DEFAULT_LIMITS, *, inpaint: bool, image_field: str = "image",
+                     mask_field: str = "mask"):
+    """Read and check the input image(s) and, for inpainting, mask(s) of ``n`` prompts (one for all or one per
+    prompt each). Returns ``(images, image_of, masks, mask_of, height, width)``: the distinct images resized to
+    ``height x width`` (default: the first image's own size, which must then be a multiple of ``factor``), the
+    masks binarized at 0.5 at that size (None without ``inpaint``), and each row's index into them. A mask must
+    have its image's size and something white that the latent grid sees. Needs no model (the CLI calls it
+    before loading one)."""
+    raw = _per_prompt(image, n, image_field)
+    fields = [image_field] if len(raw) == 1 else [f"{image_field}[{i}]" for i in range(len(raw))]
+    images = [load_image_tensor(x, f, limits) for x, f in zip(raw, fields)]
+    h0, w0 = images[0].shape[-2:]
+    for v, own in ((height, h0), (width, w0)):
+        if v is None and own % factor:
+            raise ValueError(f"{fields[0]}: {w0}x{h0} is not a multiple of {factor} (the VAE's downsampling); "
+                             f"resize it, or pass height and width to resize it to (multiples of {factor})")
+    height, width = check_size(h0 if height is None else height, w0 if width is None else width, factor, limits)
+    sizes = [tuple(x.shape[-2:]) for x in images]
+    images = [image_tensor(x, height, width, f, limits) for x, f in zip(images, fields)]  # resized if need be
+    image_of = [0 if len(images) == 1 else i for i in range(n)]
+    if not inpaint:
+        return images, image_of, None, None, height, width
+    raw_masks = _per_prompt(mask, n, mask_field)
+    mfields = [mask_field] if len(raw_masks) == 1 else [f"{mask_field}[{i}]" for i in range(len(raw_masks))]
+    grey = [mask_tensor(m, f, limits) for m, f in zip(raw_masks, mfields)]
+    for i in range(max(len(grey), len(images))):
+        m, (h, w) = grey[min(i, len(grey) - 1)], sizes[min(i, len(sizes) - 1)]
+        if tuple(m.shape[-2:]) != (h, w):
+            mf, xf = mfields[min(i, len(grey) - 1)], fields[min(i, len(sizes) - 1)]
+            raise ValueError(f"{mf}: {m.shape[-1]}x{m.shape[-2]} does not match {xf}'s {w}x{h} (a mask has its "
+                             "image's size; white = repaint)")
+    masks = []
+    for m, f in zip(grey, mfields):
+        if m.shape[-2:] != (height, width):
+            m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        m = (m >= 0.5).float()  # diffusers' mask processor binarizes at 0.5
+        if not bool(m.any()):
+            raise ValueError(f"{f}: no pixel is white (>= 0.5): nothing to repaint (white = repaint, black = keep; "
+                             "an inverted mask?)")
+        if not bool(F.interpolate(m, size=(height // factor, width // factor)).any()):
+            raise ValueError(f"{f}: the white area misses every {factor}x{factor} latent cell's sampled pixel (the "
+                             "mask is read at latent resolution, nearest): nothing would be repainted; make it larger")
+        masks.append(m)
+    mask_of = [0 if len(masks) == 1 else i for i in range(n)]
+    return images, image_of, masks, mask_of, height, width
+
+
 def check_edit(engine: Engine, prompts, image, *, strength, negative_prompt, steps, guidance_scale, height, width,
                seed, output_type, ip_image, ip_scale, sampler, mask=None, inpaint: bool = False) -> EditRequest:
     """Check every argument of an img2img or inpainting call (``ValueError`` naming the field) and read the input
-    images and masks, before any model work."""
+    images and masks (:func:`read_edit_inputs`), before any model work."""
     limits = engine.config.limits
     prompts = as_prompt_list(prompts, limits=limits)
     n = check_batch(len(prompts), limits)
     steps = check_model_steps(engine, check_steps(steps, limits=limits))
-    strength = check_number(strength, "strength", low=0, low_open=True, high=1)
-    if int(steps * strength) < 1:
-        raise ValueError(f"strength: {strength:g} of {steps} steps leaves no step to run (int(steps * strength) = 0); "
-                         "raise strength or steps")
+    strength = check_strength(strength, steps)
     guidance_scale = check_guidance(guidance_scale)
     seeds = resolve_seeds(seed, n)
     check_output_type(output_type)
@@ -131,47 +185,8 @@ def check_edit(engine: Engine, prompts, image, *, strength, negative_prompt, ste
     if not inpaint and channels != latent_channels:
         raise ValueError(f"model: this UNet takes {channels} input channels, not the VAE's {latent_channels} (an "
                          "inpainting UNet?): use inpaint")
-
-    raw = _per_prompt(image, n, "image")
-    fields = ["image"] if len(raw) == 1 else [f"image[{i}]" for i in range(len(raw))]
-    images = [load_image_tensor(x, f, limits) for x, f in zip(raw, fields)]
-    h0, w0 = images[0].shape[-2:]
-    factor = engine.vae_scale_factor
-    if height is None or width is None:
-        for v, own in ((height, h0), (width, w0)):
-            if v is None and own % factor:
-                raise ValueError(f"{fields[0]}: {w0}x{h0} is not a multiple of {factor} (the VAE's downsampling); "
-                                 f"resize it, or pass height and width to resize it to (multiples of {factor})")
-    height, width = check_size(h0 if height is None else height, w0 if width is None else width, factor, limits)
-
-    sizes = [tuple(x.shape[-2:]) for x in images]
-    images = [image_tensor(x, height, width, f, limits) for x, f in zip(images, fields)]  # resized if need be
-    masks = mask_of = None
-    if inpaint:
-        raw_masks = _per_prompt(mask, n, "mask")
-        mfields = ["mask"] if len(raw_masks) == 1 else [f"mask[{i}]" for i in range(len(raw_masks))]
-        grey = [mask_tensor(m, f, limits) for m, f in zip(raw_masks, mfields)]
-        for i in range(max(len(grey), len(images))):
-            m, (h, w) = grey[min(i, len(grey) - 1)], sizes[min(i, len(sizes) - 1)]
-            if tuple(m.shape[-2:]) != (h, w):
-                mf, xf = mfields[min(i, len(grey) - 1)], fields[min(i, len(sizes) - 1)]
-                raise ValueError(f"{mf}: {m.shape[-1]}x{m.shape[-2]} does not match {xf}'s {w}x{h} (a mask has its "
-                                 "image's size; white = repaint)")
-        masks = []
-        for m, f in zip(grey, mfields):
-            if m.shape[-2:] != (height, width):
-                m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-            m = (m >= 0.5).float()  # diffusers' mask processor binarizes at 0.5
-            if not bool(m.any()):
-                raise ValueError(f"{f}: no pixel is white (>= 0.5): nothing to repaint (white = repaint, black = "
-                                 "keep; an inverted mask?)")
-            if not bool(F.interpolate(m, size=(height // factor, width // factor)).any()):
-                raise ValueError(f"{f}: the white area misses every {factor}x{factor} latent cell's sampled pixel "
-                                 "(the mask is read at latent resolution, nearest): nothing would be repainted; "
-                                 "make it larger")
-            masks.append(m)
-        mask_of = [0 if len(masks) == 1 else i for i in range(n)]
-    image_of = [0 if len(images) == 1 else i for i in range(n)]
+    images, image_of, masks, mask_of, height, width = read_edit_inputs(
+        image, mask, n, height, width, engine.vae_scale_factor, limits, inpaint=inpaint)
     return EditRequest(prompts, negatives, seeds, steps, strength, guidance_scale, height, width, sampler,
                        output_type, ip_image, ip_scale, images, image_of, masks, mask_of)
 

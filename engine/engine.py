@@ -398,6 +398,20 @@ class Engine:
 
         return text2img(self, prompts, **kwargs)
 
+    def img2img(self, prompts: str | Sequence[str], image, **kwargs):
+        """Image-to-image (``strength``, prompt, sampler, ...); see
+        :func:`dreamfuse.engine.pipelines.img2img.img2img`."""
+        from .pipelines.img2img import img2img
+
+        return img2img(self, prompts, image, **kwargs)
+
+    def inpaint(self, prompts: str | Sequence[str], image, mask, **kwargs):
+        """Inpainting: repaint the white region of ``mask``; a regular or a 9-channel inpainting UNet; see
+        :func:`dreamfuse.engine.pipelines.inpaint.inpaint`."""
+        from .pipelines.inpaint import inpaint
+
+        return inpaint(self, prompts, image, mask, **kwargs)
+
     def load_relation(self, path_or_embeds, **kwargs) -> str:
         """Add a ReVersion relation token to the tokenizer and text encoder; see
         :func:`dreamfuse.engine.relation.load_relation`. Returns the token."""

@@ -35,6 +35,10 @@ def _solo(engine, kind, n=1, seed=0, **fields):
         return engine.text2img([prompt] * n, seed=seed, **fields)
     if kind == "personalize":
         return engine.personalize([prompt] * n, fields.pop("reference_image"), seed=seed, **fields)
+    if kind == "img2img":
+        return engine.img2img([prompt] * n, fields.pop("image"), seed=seed, **fields)
+    if kind == "inpaint":
+        return engine.inpaint([prompt] * n, fields.pop("image"), fields.pop("mask"), seed=seed, **fields)
     from dreamfuse.engine.pipelines.composite import ComposeRequest, compose_batch
 
     req = ComposeRequest(fields.pop("layout"), fields.pop("segments"), prompt, fields.pop("negative_prompt", None))
@@ -311,3 +315,57 @@ def test_per_request_limits_of_a_server(engine):
         s.shutdown(grace_s=0)
     with pytest.raises(ValueError, match="^limits"):
         StepScheduler(engine, limits={"max_images": 2})
+
+
+def test_img2img_and_inpaint_share_ticks_with_text2img(engine, sched):
+    """An img2img and an inpaint request (a stochastic sampler, two images) merged into the same UNet calls as a
+    text2img request, at different timesteps: each image is its solo run's."""
+    seen = []
+    real = engine.unet_call
+
+    def spy(latents, t, *a, **k):
+        seen.append(torch.as_tensor(t).reshape(-1).tolist())
+        return real(latents, t, *a, **k)
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[16:48, 8:40] = True
+    i2i = dict(prompt="a red car", image=image, strength=0.5, steps=8, guidance_scale=5.0)
+    inp = dict(prompt="a cat", image=image, mask=mask, steps=5, sampler="euler-a")
+    t2i = dict(prompt="a dog", steps=4, height=SIZE, width=SIZE)
+    engine.unet_call = spy
+    try:
+        jobs = [(sched.submit("img2img", seed=1, **i2i), "img2img", i2i),
+                (sched.submit("inpaint", n=2, seed=2, **inp), "inpaint", inp),
+                (sched.submit("text2img", seed=3, **t2i), "text2img", t2i)]
+        for job, _, _ in jobs:
+            assert job.wait(120)
+    finally:
+        del engine.unet_call
+    for job, kind, fields in jobs:
+        _assert_same_as_solo(engine, job, kind, fields)
+    assert jobs[0][0].images[0].info["strength"] == "0.5"
+    assert any(len(ts) == 8 and len(set(ts)) == 3 for ts in seen), "the three requests never shared a call"
+
+
+def test_inpainting_unet_requests_with_previews():
+    """A 9-channel inpainting UNet's model input carries mask channels: previews read its latent channels only."""
+    from dreamfuse.engine.tiny import build_components
+
+    from tests.test_edit_parity import box_mask, nine_channel, picture
+
+    e9 = Engine(nine_channel(build_components()), EngineConfig(device="cpu", backend="torch", progress=False))
+    s = StepScheduler(e9, preview_every=1)
+    try:
+        job = s.submit("inpaint", prompt="a cat", image=picture(0), mask=box_mask(), steps=2, seed=0)
+        assert job.wait(60) and job.state == "done", job.error
+        assert [e["step"] for e in job.events_since(0) if e["type"] == "preview"] == [1, 2]
+        with pytest.raises(ValueError, match="^image: missing"):
+            s.submit("img2img", prompt="a cat")
+        with pytest.raises(ValueError, match="^mask: missing"):
+            s.submit("inpaint", prompt="a cat", image=picture(0))
+        with pytest.raises(ValueError, match="^model: this UNet takes 9 input channels"):
+            s.submit("img2img", prompt="a cat", image=picture(0))
+    finally:
+        s.shutdown(grace_s=0)

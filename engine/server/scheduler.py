@@ -56,7 +56,7 @@ from ..prediction import prediction_type_of, to_eps_x0
 
 JOB_STATES = ("queued", "running", "done", "cancelled", "timed_out", "failed")
 TERMINAL_STATES = frozenset(JOB_STATES[2:])
-KINDS = ("text2img", "personalize", "compose")
+KINDS = ("text2img", "personalize", "compose", "img2img", "inpaint")
 
 
 class QueueFull(Exception):
@@ -265,8 +265,10 @@ class StepScheduler:
         """Validate a request and queue it; returns its :class:`Job` at once. ``kind``: ``"text2img"`` (fields of
         ``text2img_program``: ``prompt``, ``negative_prompt``, ``width``, ``height``, ``steps``, ``guidance_scale``,
         ``sampler``, ``ip_image``, ``ip_scale``), ``"personalize"`` (``prompt``, ``reference_image``,
-        ``subject_token``, ... of ``personalize_program``) or ``"compose"`` (``layout``, ``segments``, ``prompt``,
-        ... of ``compose_batch_program``). ``n`` images, ``seed`` as the pipelines (image i gets seed + i).
+        ``subject_token``, ... of ``personalize_program``), ``"compose"`` (``layout``, ``segments``, ``prompt``,
+        ... of ``compose_batch_program``), ``"img2img"`` (``prompt``, ``image``, ``strength``, ... of
+        ``img2img_program``) or ``"inpaint"`` (``prompt``, ``image``, ``mask``, ``strength``, ... of
+        ``inpaint_program``). ``n`` images, ``seed`` as the pipelines (image i gets seed + i).
         ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted.
         ``job_id``: the job's id (default: a fresh one; a journal resubmitting a job after a restart keeps its id);
         ``force``: queue it even when the queue is full (jobs accepted before a restart); ``partial_images``: that
@@ -356,6 +358,22 @@ class StepScheduler:
                 raise ValueError("reference_image: required")
             program = personalize_program(e, [prompt] * n, ref, seed=seeds, **common, **f)
             rows = 2 * (n + 1)
+        elif kind in ("img2img", "inpaint"):
+            from ..images import load_image_tensor
+            from ..pipelines.img2img import img2img_program
+            from ..pipelines.inpaint import inpaint_program
+
+            # read once here: its size is the request's default size (and its cost)
+            image = load_image_tensor(f.pop("image", None), "image", e.config.limits)
+            if kind == "img2img":
+                program = img2img_program(e, [prompt] * n, image, seed=seeds, **common, **f)
+            else:
+                program = inpaint_program(e, [prompt] * n, image, f.pop("mask", None), seed=seeds, **common, **f)
+            for key, own in (("height", image.shape[-2]), ("width", image.shape[-1])):
+                f[key] = own if f.get(key) is None else f[key]
+            strength = f.get("strength", 0.8 if kind == "img2img" else 1.0)
+            f["steps"] = min(int(f.get("steps", 50) * strength), f.get("steps", 50))  # the steps that run
+            rows = n * (2 if f.get("guidance_scale", 7.5) > 1.0 else 1)
         else:
             from ..pipelines.composite import ComposeRequest, compose_batch_program
 
@@ -686,7 +704,8 @@ class StepScheduler:
     def _preview(self, job: Job, call: UNetCall, out: torch.Tensor) -> None:
         rows, alpha = call.preview
         kind = prediction_type_of(self.engine.scheduler)
-        _, x0 = to_eps_x0(out[rows].float(), call.latents[rows].float(), alpha, kind)
+        latents = call.latents[rows, : out.shape[1]]  # an inpainting UNet's input carries mask channels after them
+        _, x0 = to_eps_x0(out[rows].float(), latents.float(), alpha, kind)
         rgb = (x0[0].permute(1, 2, 0) @ self._latent_rgb()[:-1] + self._latent_rgb()[-1]).clamp(0, 1)
         from PIL import Image
 
@@ -718,7 +737,7 @@ class StepScheduler:
         if self._rgb_map is None:
             e = self.engine
             g = torch.Generator("cpu").manual_seed(0)
-            z = torch.randn(4, e.unet.config.in_channels, 8, 8, generator=g).to(e.device, e.dtype)
+            z = torch.randn(4, e.vae.config.latent_channels, 8, 8, generator=g).to(e.device, e.dtype)
             img = e.decode(z)  # (4, 3, 8f, 8f) in [0, 1]
             target = torch.nn.functional.avg_pool2d(img, e.vae_scale_factor).permute(0, 2, 3, 1).reshape(-1, 3)
             x = z.float().cpu().permute(0, 2, 3, 1).reshape(-1, z.shape[1])

@@ -73,7 +73,13 @@ def _solo(engine, prompt, **kw):
 
 
 def _detail_fields(r) -> list[str]:
+    """The fields a native route's 422 names (FastAPI's detail list)."""
     return [d["loc"][1] if len(d["loc"]) > 1 else "body" for d in r.json()["detail"]]
+
+
+def _param(r) -> str | None:
+    """The field an OpenAI route's error names (OpenAI's error object)."""
+    return r.json()["error"]["param"]
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -168,13 +174,15 @@ BAD_FIELDS = [
 
 
 @pytest.mark.parametrize("change,field", BAD_FIELDS, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD_FIELDS)])
-def test_422_names_the_field(client, change, field):
+def test_400_names_the_field(client, change, field):
+    """The generations route answers as OpenAI does: 400, an error object whose param is the field."""
     body = {"prompt": "a cat", **SMALL, **change}
     if body.get("prompt") is None:
         del body["prompt"]
     r = client.post(GEN, content=json.dumps(body), headers={"Content-Type": "application/json"})
-    assert r.status_code == 422, r.text
-    assert field in _detail_fields(r), r.json()
+    assert r.status_code == 400, r.text
+    assert _param(r) == field, r.json()
+    assert r.headers["x-should-retry"] == "false" and r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_bodies_and_uploads_refused(sched):
@@ -182,20 +190,22 @@ def test_bodies_and_uploads_refused(sched):
     big = png_bytes(reference_image(3))  # a 64x64 noise PNG: > 2000 bytes
     assert len(big) > 2000
     r = c.post(GEN, json={"prompt": "a", "ip_image": base64.b64encode(big).decode()})
-    assert r.status_code == 413 and _detail_fields(r) == ["ip_image"]
+    assert r.status_code == 413 and _param(r) == "ip_image"
     r = c.post(GEN, data={"prompt": "a"}, files={"ip_image": ("x.png", big, "image/png")})
-    assert r.status_code == 413 and _detail_fields(r) == ["ip_image"]
+    assert r.status_code == 413 and _param(r) == "ip_image"
     small = png_bytes(layout_image())  # 64x64 flat colours: a few hundred bytes, but 4096 pixels > 1024
     r = c.post(GEN, json={"prompt": "a", "ip_image": png_b64(layout_image())})
-    assert len(small) < 2000 and r.status_code == 422 and "pixels" in r.text and _detail_fields(r) == ["ip_image"]
+    assert len(small) < 2000 and r.status_code == 400 and "pixels" in r.text and _param(r) == "ip_image"
     r = c.post(GEN, content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
     assert r.status_code == 413
     assert c.post(GEN, content=b"prompt=a", headers={"Content-Type": "text/plain"}).status_code == 415
-    assert c.post(GEN, content=b"{nope", headers={"Content-Type": "application/json"}).status_code == 422
+    assert c.post(GEN, content=b"{nope", headers={"Content-Type": "application/json"}).status_code == 400
     r = c.post(GEN, content=b'{"prompt": "a", "prompt": "b"}', headers={"Content-Type": "application/json"})
-    assert r.status_code == 422 and "twice" in r.text
+    assert r.status_code == 400 and "twice" in r.text
     r = c.post(GEN, data={"prompt": "a"}, files={"steps": ("s.txt", b"4", "text/plain")})
-    assert r.status_code == 422 and _detail_fields(r) == ["steps"]
+    assert r.status_code == 400 and _param(r) == "steps"
+    r = c.post("/v1/images/compose", data={"prompt": "a"}, files={"steps": ("s.txt", b"4", "text/plain")})
+    assert r.status_code == 422 and _detail_fields(r) == ["steps"]  # the native routes keep FastAPI's shape
 
 
 def test_api_key(sched):
@@ -240,9 +250,9 @@ def test_429_with_retry_after(engine):
 def test_504_when_the_deadline_passes(client, sched):
     r = client.post(GEN, json={"prompt": "a", "deadline_s": 0.001, "width": SIZE, "height": SIZE, "steps": 50})
     assert r.status_code == 504, r.text
-    detail = r.json()["detail"]
-    assert detail["status"] == "timed_out" and detail["error"]
-    assert sched.get(detail["id"]).step == 0  # dropped, never computed
+    assert r.json()["error"]["code"] == "deadline_exceeded" and "timed_out" in r.json()["error"]["message"]
+    assert r.headers["x-should-retry"] == "false"  # a client would only run it again
+    assert sched.get(r.headers["x-dreamfuse-job"]).step == 0  # dropped, never computed
 
 
 # ------------------------------------------------------------------------------------------------ cancel
@@ -353,7 +363,8 @@ def test_a_failing_request_fails_alone(client, engine, monkeypatch):
     assert states[bad]["status"] == "failed" and "NaN" in states[bad]["error"]
     assert states[ok_a]["status"] == states[ok_b]["status"] == "done"
     r = client.post(GEN, json={"prompt": "a poisoned prompt", **SMALL})
-    assert r.status_code == 500 and r.json()["detail"]["status"] == "failed"
+    assert r.status_code == 500 and r.json()["error"]["code"] == "server_error" and "failed" in r.text
+    assert r.headers["x-should-retry"] == "false"
     assert client.post(GEN, json={"prompt": "still serving", **SMALL}).status_code == 200
 
 

@@ -148,13 +148,13 @@ def check_serve_args(args) -> None:
     check_adapter_args(args.ip_adapter, args.image_encoder)
     if not args.api_key and os.environ.get(API_KEY_ENV):
         args.api_key = os.environ[API_KEY_ENV]
-    if args.ray and args.state_dir:
+    if getattr(args, "ray", False) and getattr(args, "state_dir", None):
         raise CLIError("--state-dir: the journal is for a single server; a Ray deployment does not use it")
-    if args.no_state and args.state_dir:
+    if getattr(args, "no_state", False) and getattr(args, "state_dir", None):
         raise CLIError("--state-dir and --no-state contradict each other")
-    if args.public_docs and not args.api_key:
+    if getattr(args, "public_docs", False) and not args.api_key:
         raise CLIError("--public-docs goes with --api-key (without a key the docs are public anyway)")
-    for origin in args.allow_origin or ():
+    for origin in getattr(args, "allow_origin", None) or ():
         if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise CLIError(f"--allow-origin: expected an origin such as https://app.example (scheme and host, no "
                            f"path), got {origin!r}")

@@ -425,8 +425,10 @@ class _App:
     def pngs_of(self, job) -> list[bytes]:
         return _job_pngs(job)
 
-    async def wait_for(self, request: Request, job) -> Response | None:
-        """Wait until ``job`` ends (None), or the client leaves: then the job is cancelled and a 499 returned."""
+    async def wait_for(self, request: Request, job, cancel_on_disconnect: bool = True) -> Response | None:
+        """Wait until ``job`` ends (None), or the client leaves: then the job is cancelled (unless
+        ``cancel_on_disconnect`` is false: a client that sent an idempotency key may come back for it) and a 499
+        returned."""
         if job.done():
             return None
         waiting = asyncio.ensure_future(_wait_done(job))
@@ -440,7 +442,8 @@ class _App:
             waiting.cancel()
             gone.cancel()
         if not job.done():  # the client left: nobody will read the result
-            job.cancel()
+            if cancel_on_disconnect:
+                job.cancel()
             self.metrics.disconnects.inc()
             return Response(status_code=499)
         return None
@@ -452,6 +455,7 @@ class _App:
             headers = {"x-should-retry": "false"}  # the same request would end the same way
             if state == "cancelled" and SHUTDOWN_REASON in (job.error or ""):
                 status, headers = 503, {"Retry-After": "5"}
+            headers["X-Dreamfuse-Job"] = job.id
             raise HTTPException(status, detail={"id": job.id, "status": state, "error": job.error}, headers=headers)
         pngs = await run_in_threadpool(_job_pngs, job)
         headers = {"X-Dreamfuse-Job": job.id, "X-Dreamfuse-Seeds": ",".join(str(s) for s in job.seeds)}

@@ -109,6 +109,8 @@ def _from_http(e: HTTPException) -> JSONResponse:
             message = f"{param}: {message}"
     elif isinstance(detail, dict):  # a job's end: {"id", "status", "error"}
         message = f"job {detail.get('id')} {detail.get('status')}: {detail.get('error')}"
+        code = {"timed_out": "deadline_exceeded", "cancelled": "cancelled", "failed": "server_error"}.get(
+            str(detail.get("status")))
     else:
         message = str(detail)
     return error_response(e.status_code, message, param, code, dict(e.headers or {}))
@@ -365,7 +367,8 @@ def add_openai_routes(app, state, dependencies, model_name: str) -> None:
             from .http import job_json
 
             return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-        left = await state.wait_for(request, job)
+        keyed = request.headers.get("idempotency-key") is not None  # the client may come back for it: keep the job
+        left = await state.wait_for(request, job, cancel_on_disconnect=not keyed)
         if left is not None:
             return left
         if job.state != "done":
@@ -450,7 +453,12 @@ def add_openai_routes(app, state, dependencies, model_name: str) -> None:
     @router.post("/images/edits", summary="edit an image: img2img, or inpainting with a mask (OpenAI Images API)",
                  responses=_RESPONSES, openapi_extra=_body(OpenAIEditRequest, ("image", "mask", "ip_image")))
     async def edits(request: Request):
-        req, uploads = await state.parse(request, OpenAIEditRequest, ("image", "image[]", "mask", "ip_image"))
+        try:
+            req, uploads = await state.parse(request, OpenAIEditRequest, ("image", "image[]", "mask", "ip_image"))
+        except HTTPException as e:
+            if "image[]" in str(e.detail):  # several images (the client sends image[] per file)
+                raise OpenAIError(400, "image: dreamfuse edits one image; several were sent", "image") from None
+            raise
         if "image[]" in uploads:
             if "image" in uploads:
                 raise OpenAIError(400, "image: dreamfuse edits one image; several were sent", "image")

@@ -232,6 +232,26 @@ def test_404_and_openapi(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_openapi_describes_answers_and_the_docs_work_offline(client, sched):
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/images/compose",
+                 "/v1/images/personalize"):
+        answers = spec["paths"][path]["post"]["responses"]
+        assert {"200", "401", "413", "429", "504"} <= set(answers), (path, sorted(answers))
+        assert answers["200"]["content"]["application/json"]["schema"].get("properties"), path
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    keyed = TestClient(create_app(sched, api_key="k"), base_url=LOCAL)
+    secured = keyed.get("/openapi.json", headers={"Authorization": "Bearer k"}).json()
+    assert secured["paths"]["/v1/images/generations"]["post"]["security"] == [{"bearer": []}]
+    page = client.get("/docs").text
+    assert "cdn" not in page.lower() and "/docs-assets/swagger-ui-bundle.js" in page
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
+        r = client.get(f"/docs-assets/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000, asset
+    assert "/docs-assets/redoc.standalone.js" in client.get("/redoc").text
+    assert client.get("/docs-assets/..%2Fhttp.py").status_code == 404
+
+
 def test_429_with_retry_after(engine):
     s = StepScheduler(engine, max_batch_rows=2, max_queue=1)  # one CFG request runs, one waits, the next is refused
     try:

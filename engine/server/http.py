@@ -545,6 +545,54 @@ def _openapi_body(model: type[BaseModel], files: tuple[str, ...]) -> dict:
                                                           "multipart/form-data": {"schema": form}}}}
 
 
+_DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                "redoc.standalone.js": "text/javascript", "favicon.png": "image/png"}
+
+
+def _docs_asset(name: str) -> tuple[bytes, str] | None:
+    """Swagger UI's and ReDoc's files from the ``fastapi-offline`` package (the ``serve`` extra): ``/docs`` must not
+    need a CDN (a server on a laptop, an air-gapped cluster)."""
+    if name not in _DOCS_ASSETS:
+        return None
+    try:
+        from importlib.resources import files
+
+        return files("fastapi_offline").joinpath("static", name).read_bytes(), _DOCS_ASSETS[name]
+    except (ImportError, ModuleNotFoundError, OSError):
+        return None
+
+
+def openapi_spec(app: FastAPI, secured: bool) -> dict:
+    """The app's OpenAPI document with a bearer security scheme; with an API key, every ``/v1`` operation requires
+    it (so /docs' "Authorize" sends it)."""
+    import copy
+
+    spec = copy.deepcopy(app.openapi())
+    spec.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "dreamfuse serve --api-key KEY"}}
+    if secured:
+        for path, ops in spec.get("paths", {}).items():
+            if path.startswith("/v1") and not path.startswith("/v1/images/files"):
+                for op in ops.values():
+                    if isinstance(op, dict):
+                        op["security"] = [{"bearer": []}]
+    return spec
+
+
+_NATIVE_RESPONSES = {
+    200: {"description": "the images: JSON with base64 PNGs (response_format png: the bytes)",
+          "content": {"application/json": {"schema": {"type": "object", "properties": {
+              "created": {"type": "integer"}, "data": {"type": "array", "items": {"type": "object", "properties": {
+                  "b64_json": {"type": "string"}, "seed": {"type": "integer"}}}}}}}, "image/png": {}}},
+    202: {"description": "`wait: false`: the job, at once (follow /v1/jobs/{id})"},
+    401: {"description": "no or a wrong API key"}, 409: {"description": "the job was cancelled"},
+    413: {"description": "an upload over the limit"}, 415: {"description": "neither JSON nor a form"},
+    422: {"description": "a bad field (`detail[].loc` names it)"},
+    429: {"description": "the queue is full (Retry-After)"}, 500: {"description": "the job failed"},
+    503: {"description": "shutting down"}, 504: {"description": "the deadline passed"},
+}
+
+
 def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                limits=None, shutdown_grace_s: float = 10.0, title: str = "dreamfuse", allowed_hosts=(),
                allowed_origins=(), public_docs: bool = False,
@@ -603,19 +651,33 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
 
     @docs.get("/openapi.json")
     async def openapi_json():
-        return JSONResponse(app.openapi())
+        return JSONResponse(openapi_spec(app, secured=state.api_key is not None))
 
     @docs.get("/docs")
     async def swagger():
         from fastapi.openapi.docs import get_swagger_ui_html
 
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} API")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png",
+                                   swagger_ui_parameters={"persistAuthorization": True})
 
     @docs.get("/redoc")
     async def redoc():
         from fastapi.openapi.docs import get_redoc_html
 
-        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} API")
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str):  # the docs pages' scripts, served from here: they work offline
+        asset = _docs_asset(name)
+        if asset is None:
+            raise HTTPException(404, detail=f"no docs asset {name!r}")
+        data, media = asset
+        return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
 
     app.include_router(docs)
 
@@ -646,6 +708,7 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
     pers_files = ("reference_image",)
 
     @v1.post("/images/personalize", openapi_extra=_openapi_body(PersonalizeRequest, pers_files),
+             responses=_NATIVE_RESPONSES,
              summary="DreamMatcher: the subject of a reference image in new scenes")
     async def personalize(request: Request):
         req, uploads = await state.parse(request, PersonalizeRequest, pers_files)
@@ -660,6 +723,7 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
     comp_files = ("layout", "segments")
 
     @v1.post("/images/compose", openapi_extra=_openapi_body(ComposeRequest, comp_files),
+             responses=_NATIVE_RESPONSES,
              summary="Composite Diffusion: a colour layout with a prompt per segment")
     async def compose(request: Request):
         req, uploads = await state.parse(request, ComposeRequest, comp_files)

@@ -314,7 +314,14 @@ def test_per_request_limits_of_a_server(engine):
     finally:
         s.shutdown(grace_s=0)
     with pytest.raises(ValueError, match="^limits"):
-        StepScheduler(engine, limits={"max_images": 2})
+        StepScheduler(engine, limits=[2])
+    with pytest.raises(ValueError, match="^limits"):
+        StepScheduler(engine, limits={"max_imagez": 2})
+    s = StepScheduler(engine, limits={"max_images": 2})  # plain data (a Ray replica's options)
+    try:
+        assert s.limits.max_images == 2 and s.limits.max_steps == engine.config.limits.max_steps
+    finally:
+        s.shutdown(grace_s=0)
 
 
 def test_img2img_and_inpaint_share_ticks_with_text2img(engine, sched):

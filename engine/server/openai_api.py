@@ -375,6 +375,8 @@ def add_openai_routes(app, state, dependencies, model_name: str) -> None:
             await state.result(job)  # raises the status for the job's end (converted by the route)
         pngs = await run_in_threadpool(state.pngs_of, job)
         headers = {"X-Dreamfuse-Job": job.id, "X-Dreamfuse-Seeds": ",".join(str(s) for s in job.seeds)}
+        if getattr(job, "replica", None):  # a Ray Serve worker replica (ray_app)
+            headers["X-Dreamfuse-Replica"] = str(job.replica)
         if req.response_format == "png":
             return Response(pngs[0], media_type="image/png", headers=headers)
         files = await run_in_threadpool(lambda: [encode(p, req.output_format, req.output_compression) for p in pngs])

@@ -38,6 +38,7 @@ running request holds a lease on the engine's model lock (:mod:`~dreamfuse.engin
 from __future__ import annotations
 
 import base64
+import dataclasses
 import heapq
 import io
 import itertools
@@ -245,6 +246,7 @@ class StepScheduler:
         self._queue: list[tuple[int, int, Job]] = []
         self._seq = itertools.count()
         self._active: list[Job] = []
+        self._ready: list[tuple[Job, torch.Tensor]] = []  # UNet outputs waiting for the tick's batched update
         self._ticks = 0
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._history = history
@@ -544,9 +546,22 @@ class StepScheduler:
         with self._lock:
             self._active.append(job)
 
-    def _advance(self, job: Job, result: torch.Tensor) -> None:
-        """Send ``result`` to the job's program; record its next request, or its end."""
+    def _advance(self, job: Job, result: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """Send ``result`` to the job's program; record its next request, or its end. ``out``: the UNet's output
+        when ``result`` is the new latents of a batched update (previews read the prediction)."""
         request = job._pending
+        out = result if out is None else out
+        preview, partial = False, None
+        if isinstance(request, UNetCall) and request.step is not None and request.preview is not None:
+            step = request.step + 1  # decided, and ᾱ_t read, before the program steps its sampler on
+            preview = bool(self.preview_every) and step % self.preview_every == 0
+            if job._partials:
+                at = {max(1, round((k + 1) * request.steps / (job._partials + 1))): k for k in range(job._partials)}
+                partial = at.get(step)
+            if preview or partial is not None:
+                rows, alpha = request.preview
+                alpha = alpha() if callable(alpha) else alpha
+                request = dataclasses.replace(request, preview=(rows, alpha))
         try:
             job._pending = job._program.send(result)
         except StopIteration as stop:
@@ -560,12 +575,10 @@ class StepScheduler:
         if isinstance(request, UNetCall) and request.step is not None:
             job.step, job.steps = request.step + 1, request.steps
             job._emit({"type": "step", "step": job.step, "steps": job.steps})
-            if self.preview_every and request.preview is not None and job.step % self.preview_every == 0:
-                self._preview(job, request, result)
-            if job._partials and request.preview is not None:
-                at = {max(1, round((k + 1) * job.steps / (job._partials + 1))): k for k in range(job._partials)}
-                if job.step in at:
-                    self._partial(job, request, result, at[job.step])
+            if preview:
+                self._preview(job, request, out)
+            if partial is not None:
+                self._partial(job, request, out, partial)
 
     def _retire(self, job: Job) -> None:
         with self._lock:
@@ -605,8 +618,42 @@ class StepScheduler:
         for job, n in self._share([j for j in calls if j._pending.ctx is None], lambda j: j._pending.rows, tick):
             groups.setdefault(_merge_key(job._pending), []).append((job, n))
         chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
+        self._ready = []
         for chunk in chunks + alone:
             self._run_pieces(chunk, self._unet, lambda j: j._pending.rows)
+        self._flush_updates()
+
+    def _complete(self, job: Job, out: torch.Tensor) -> None:
+        """A job's pending request is done: a UNet call whose program left CFG and the sampler's update to the
+        runner waits for the tick's batched update; anything else goes back to its program now."""
+        if isinstance(job._pending, UNetCall) and job._pending.update is not None:
+            self._ready.append((job, out))
+        else:
+            self._advance(job, out)
+
+    def _flush_updates(self) -> None:
+        """Every update of the tick in one batched call per kind (``apply_updates``), then each program steps on
+        with its new latents; if the batched call fails, each update runs alone (a failure stays its own)."""
+        ready, self._ready = self._ready, []
+        if not ready:
+            return
+        from ..pipelines.stepping import apply_updates
+
+        try:
+            news = apply_updates([j._pending.update for j, _ in ready], [out for _, out in ready])
+        except Exception:  # noqa: BLE001 - retried one by one below
+            news = None
+        for k, (job, out) in enumerate(ready):
+            if news is not None:
+                self._advance(job, news[k], out)
+                continue
+            try:
+                new = job._pending.update.apply(out)
+            except Exception as exc:  # noqa: BLE001 - the request fails alone, with its reason
+                self._retire(job)
+                self._end(job, "failed", _reason(exc))
+                continue
+            self._advance(job, new, out)
 
     def _share(self, jobs: list[Job], rows_of, tick: int) -> list[tuple[Job, int]]:
         """This tick's rows of each job's pending request: every job whose remaining rows fit the tick's budget
@@ -668,13 +715,13 @@ class StepScheduler:
             part = out[start:start + n]
             start += n
             if job._offset == 0 and n == rows_of(job):
-                self._advance(job, part)
+                self._complete(job, part)
                 continue
             job._parts.append(part)
             job._offset += n
             if job._offset == rows_of(job):
                 result, job._parts, job._offset = torch.cat(job._parts), [], 0
-                self._advance(job, result)
+                self._complete(job, result)
 
     def _decode(self, pieces: list[tuple[Job, int]]) -> torch.Tensor:
         return self.engine.decode(torch.cat([j._pending.latents[j._offset:j._offset + n] for j, n in pieces]))

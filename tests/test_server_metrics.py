@@ -1,7 +1,7 @@
 """/metrics (engine/server/metrics.py, engine/server/histogram.py): cumulative histograms whose counts are every
-step, UNet call and request a real StepScheduler ran (the tiny model at 64x64), with scrapes far apart, parsed back by
-prometheus_client's parser; the Ray ingress's sum of its replicas' histograms against one histogram fed every
-observation."""
+step, UNet call and request a real StepScheduler ran (the tiny model at 64x64), with scrapes far apart; OpenMetrics
+when the scraper asks, the text format otherwise, both parsed back by prometheus_client's parsers; the Ray ingress's
+sum of its replicas' histograms against one histogram fed every observation."""
 
 from __future__ import annotations
 
@@ -24,10 +24,15 @@ from dreamfuse.engine.server.histogram import (  # noqa: E402
     merge,
     sum_stats,
 )
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families as parse_text  # noqa: E402
 from server_helpers import SIZE, wait_for  # noqa: E402
 
 LOCAL = "http://localhost"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+# what Prometheus 2.x/3.x sends by default: OpenMetrics 1.0 first
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;"
+                     "q=0.4,text/plain;version=1.0.0;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1")
 HISTOGRAMS = ("dreamfuse_step_seconds", "dreamfuse_unet_rows_per_call", "dreamfuse_request_seconds",
               "dreamfuse_time_to_first_step_seconds")
 
@@ -151,7 +156,7 @@ def test_the_ray_ingress_exposes_the_sum_of_its_replicas_latest_histograms():
         stats = remote.stats()
         assert stats["replicas"] == 2 and stats["unet_calls"] == 4
         assert _same(stats["step_seconds"], sum_stats([_replica(2, **a2), _replica(1, **b1)])["step_seconds"])
-        samples = _samples(parse_text(ServerMetrics(remote).render().decode()))
+        samples = _samples(parse_text(ServerMetrics(remote).render()[0].decode()))
         assert _check_histogram(samples, "dreamfuse_step_seconds") == 4
         assert _check_histogram(samples, "dreamfuse_unet_rows_per_call") == 4
         assert samples[("dreamfuse_unet_rows_per_call_sum", ())] == 2 + 2 + 8 + 16
@@ -228,3 +233,36 @@ def test_histogram_counts_are_every_step_call_and_request_run_with_scrapes_far_a
     for key, value in last.items():
         if key[0].endswith(("_bucket", "_count", "_sum")):
             assert first.get(key, 0) <= middle.get(key, 0) <= value, key
+
+
+def test_openmetrics_when_asked_the_text_format_otherwise(served):
+    sched, client = served
+    job = sched.submit("text2img", prompt="a cat", steps=2, seed=0, width=SIZE, height=SIZE)
+    assert job.wait(120) and job.state == "done"
+    for accept in (OPENMETRICS, PROMETHEUS_ACCEPT, "application/openmetrics-text"):
+        r = client.get("/metrics", headers={"Accept": accept})
+        assert r.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0"), accept
+        assert r.text.endswith("# EOF\n")
+        families = {f.name: f for f in parse_openmetrics(r.text)}  # strict: a malformed exposition raises
+        for name in HISTOGRAMS:
+            assert families[name].type == "histogram", name
+        assert families["dreamfuse_step_seconds"].unit == "seconds"
+        assert families["dreamfuse_requests_completed"].type == "counter"
+        samples = _samples(families.values())
+        assert _check_histogram(samples, "dreamfuse_request_seconds", kind="text2img") == 1
+        assert _check_histogram(samples, "dreamfuse_step_seconds") >= 2
+    for accept in (None, "text/plain", "*/*", "application/json", "application/openmetrics-text; version=0.0.1"):
+        r = client.get("/metrics", headers={"Accept": accept} if accept else {})
+        assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8", accept
+        assert "# EOF" not in r.text
+        families = {f.name: f for f in parse_text(r.text)}
+        for name in HISTOGRAMS:
+            assert families[name].type == "histogram", name
+        assert "quantile" not in r.text  # no summaries: they do not add up across replicas
+    # gzipped for a scraper that accepts it (Prometheus does); httpx undoes it
+    r = client.get("/metrics", headers={"Accept-Encoding": "gzip"})
+    assert r.headers["content-encoding"] == "gzip" and "dreamfuse_step_seconds_bucket" in r.text
+    assert "content-encoding" not in client.get("/metrics", headers={"Accept-Encoding": "identity"}).headers
+    assert "Accept" in r.headers["vary"]
+    answers = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(answers) == {"text/plain", "application/openmetrics-text"}

@@ -1,6 +1,8 @@
 """Prometheus metrics of one server: the scheduler's ``stats()`` read at each scrape, plus the HTTP layer's own
 counters. One ``CollectorRegistry`` per app, so several apps in one process (tests, Ray replicas) never share
-series.
+series. ``/metrics`` answers OpenMetrics 1.0 to a scraper that asks for it (``Accept:
+application/openmetrics-text; version=1.0.0``: Prometheus does), the Prometheus text format otherwise, gzipped when
+the scraper accepts it.
 
 Series (``dreamfuse_`` prefix):
 
@@ -25,8 +27,11 @@ Series (``dreamfuse_`` prefix):
 
 from __future__ import annotations
 
+import gzip
+
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from .histogram import cumulative
@@ -95,7 +100,14 @@ class ServerMetrics:
                                    "clients that left before their job finished (the job is cancelled)",
                                    registry=self.registry)
 
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None, accept_encoding: str | None = None) -> tuple[bytes, dict[str, str]]:
+        """The exposition and its headers for a scrape with these ``Accept`` / ``Accept-Encoding`` headers:
+        OpenMetrics when asked for, else the text format (prometheus_client's own negotiation); gzip when
+        accepted (~320 samples: ~23 kB as text, ~2 kB gzipped)."""
+        encoder, content_type = choose_encoder(accept or "")
+        body = encoder(self.registry)
+        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+        if "gzip" in (accept_encoding or ""):
+            body = gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        return body, headers

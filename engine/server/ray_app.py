@@ -23,7 +23,7 @@ each node.
 ``/metrics`` of the ingress: its own job counts, queue depth, running requests and HTTP counters; UNet calls and
 the histograms (step and request latency, time to first step, rows per UNet call) summed over the replicas'
 latest stats (:func:`~dreamfuse.engine.server.histogram.sum_stats`), which each replica sends at the end of each of
-its jobs. The replicas' counts are cumulative, so the sums are cluster-wide
+its jobs and every few seconds while one runs. The replicas' counts are cumulative, so the sums are cluster-wide
 histograms that only grow: a replica that stopped keeps its last counts in them.
 """
 
@@ -42,6 +42,7 @@ INGRESS = "DreamfuseIngress"
 APP_NAME = "dreamfuse"
 _TERMINAL = ("done", "cancelled", "timed_out", "failed")
 _HISTORY = 1024  # finished jobs the ingress remembers for GET /v1/jobs/{id}
+_STATS_EVERY_S = 5.0  # a running job's stream carries its replica's stats this often (scrapes come every 15-60 s)
 _MODEL_KEYS = ("model", "config", "variant", "device", "dtype", "backend", "compile", "unet", "lora", "no_progress",
                "preload_relation", "ip_adapter", "image_encoder")
 
@@ -92,7 +93,7 @@ class _Worker:
     async def run(self, kind: str, kwargs: dict):
         """Stream ``("accepted", info)`` or one refusal (``("rejected", retry_after_s)``, ``("closed", None)``,
         ``("invalid", message)``), then ``("event", ev)``... with ``("images", [png])`` just before the done event,
-        and ``("stats", dict)`` last."""
+        ``("stats", dict)`` every few seconds and last."""
         from . import QueueFull, SchedulerClosed
         from .http import png_bytes
 
@@ -110,8 +111,12 @@ class _Worker:
         yield ("accepted", {"id": job.id, "kind": job.kind, "seeds": list(job.seeds), "steps": job.steps,
                             "created": job.created, "replica": self.replica})
         index = 0
+        next_stats = time.monotonic() + _STATS_EVERY_S
         try:
             while True:
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + _STATS_EVERY_S
+                    yield ("stats", self.stats())
                 evs = job.events_since(index, 0)
                 if not evs:
                     await asyncio.sleep(0.01)

@@ -421,11 +421,11 @@ def test_metrics_series(client):
                    "dreamfuse_requests_completed", "dreamfuse_requests_cancelled", "dreamfuse_requests_timed_out",
                    "dreamfuse_requests_failed", "dreamfuse_requests_rejected", "dreamfuse_unet_calls",
                    "dreamfuse_images", "dreamfuse_unet_rows_per_call", "dreamfuse_step_seconds",
-                   "dreamfuse_request_seconds", "dreamfuse_http_requests"):
+                   "dreamfuse_request_seconds", "dreamfuse_time_to_first_step_seconds", "dreamfuse_http_requests"):
         assert series in names, series
     assert 'dreamfuse_requests_completed_total{kind="text2img"}' in text
     assert 'dreamfuse_unet_rows_per_call_bucket{le="+Inf"}' in text
-    assert 'dreamfuse_request_seconds{kind="text2img",quantile="0.5"}' in text
+    assert 'dreamfuse_request_seconds_bucket{kind="text2img",le="+Inf"}' in text  # histograms (test_server_metrics)
     assert 'dreamfuse_http_requests_total{route="/v1/images/generations",status="200"}' in text
 
 

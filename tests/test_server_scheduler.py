@@ -9,6 +9,7 @@ import pytest
 import torch
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.server import JOB_STATES, QueueFull, SchedulerClosed, StepScheduler
+from dreamfuse.engine.server.histogram import cumulative
 
 SIZE = 64
 
@@ -102,7 +103,8 @@ def test_staggered_mixed_requests_equal_their_solo_images(engine, sched):
         _assert_same_as_solo(engine, job, "text2img", r)
     mixed = [ts for ts in seen_t if len(set(ts)) > 1]
     assert mixed, "no call carried rows at different timesteps"
-    assert max(sched.stats()["rows_per_call"]) > 4
+    rows = sched.stats()["rows_per_call"]
+    assert dict(cumulative(rows))[4] < rows["count"]  # some call carried more than 4 rows
 
 
 def test_personalize_and_compose_are_served_beside_text2img(engine, sched):

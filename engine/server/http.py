@@ -11,7 +11,8 @@ Serve's ingress. Endpoints (``/openapi.json`` and ``/docs`` describe every field
   ``GET /v1/jobs/{id}/events`` (Server-Sent Events: queued, started, step, preview, then exactly one of done /
   cancelled / timed_out / failed; ``Last-Event-ID`` resumes), ``DELETE /v1/jobs/{id}`` (cancel).
 - ``/healthz`` (the process answers), ``/readyz`` (model loaded and warmed up: 200, else 503), ``/metrics``
-  (Prometheus), ``/`` (a one-page UI).
+  (Prometheus text format, or OpenMetrics when asked: :mod:`~dreamfuse.engine.server.metrics`), ``/`` (a one-page
+  UI).
 
 Status codes: 422 for any bad field (pydantic's checks, and the engine's limits from ``scheduler.submit``,
 each naming the field in ``detail[].loc``), 413 for an upload over ``max_upload_bytes``, 415 for a body that is
@@ -696,10 +697,15 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
         ready = bool(getattr(scheduler, "ready", False))
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
-    async def metrics():
-        text = await run_in_threadpool(state.metrics.render)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (OpenMetrics when asked)",
+             responses={200: {"description": "the Prometheus text format (version 0.0.4), or OpenMetrics 1.0 for "
+                                             "`Accept: application/openmetrics-text; version=1.0.0`",
+                              "content": {"text/plain": {"schema": {"type": "string"}},
+                                          "application/openmetrics-text": {"schema": {"type": "string"}}}}})
+    async def metrics(request: Request):
+        body, headers = await run_in_threadpool(state.metrics.render, request.headers.get("accept"),
+                                                request.headers.get("accept-encoding"))
+        return Response(body, headers=headers)
 
     from .openai_api import add_openai_routes
 

@@ -54,6 +54,7 @@ import torch
 from ..pipelines.common import resolve_seeds
 from ..pipelines.program import Decode, UNetCall
 from ..prediction import prediction_type_of, to_eps_x0
+from .histogram import SERIES, SERIES_BY_KIND, Histogram
 
 JOB_STATES = ("queued", "running", "done", "cancelled", "timed_out", "failed")
 TERMINAL_STATES = frozenset(JOB_STATES[2:])
@@ -85,6 +86,8 @@ class Job:
         self.priority = priority
         self.deadline = deadline
         self.created = time.time()
+        self._t0 = time.monotonic()  # submission, for the latency histograms (``created`` is wall-clock, for clients)
+        self._stepped = False  # its first step has run (time to first step recorded)
         self.started: float | None = None
         self.finished: float | None = None
         self.state = "queued"
@@ -254,9 +257,12 @@ class StepScheduler:
         self._stop = False
         self._step_ema: float | None = None  # seconds per tick, exponential moving average
         self._rgb_map: torch.Tensor | None = None
-        self._stats = {"completed": Counter(), "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0,
-                       "unet_calls": 0, "images": 0, "rows_per_call": deque(maxlen=1024),
-                       "step_seconds": deque(maxlen=1024), "request_seconds": {k: deque(maxlen=1024) for k in KINDS}}
+        # counters and cumulative histograms since start (never a window: a late scrape loses nothing), see stats()
+        self._stats: dict[str, Any] = {"completed": Counter(), "cancelled": 0, "timed_out": 0, "failed": 0,
+                                       "rejected": 0, "unet_calls": 0, "images": 0}
+        self._stats.update({key: Histogram(bounds) for key, bounds in SERIES.items()})
+        self._stats.update({key: {k: Histogram(bounds) for k in KINDS} for key, bounds in SERIES_BY_KIND.items()})
+        self._recent_ticks: deque[float] = deque(maxlen=1024)
         self._thread = threading.Thread(target=self._loop, name="dreamfuse-step-scheduler", daemon=True)
         self._thread.start()
 
@@ -397,13 +403,23 @@ class StepScheduler:
             return self._jobs.get(job_id)
 
     def stats(self) -> dict[str, Any]:
+        """A consistent snapshot (plain data). Gauges: ``queue_depth``, ``running``. Counters since start:
+        ``completed`` (``{kind: n}``), ``cancelled``, ``timed_out``, ``failed``, ``rejected``, ``unet_calls``,
+        ``images``. Cumulative histograms since start (:mod:`~dreamfuse.engine.server.histogram` snapshots):
+        ``step_seconds`` (every tick), ``rows_per_call`` (every UNet call), and ``{kind: snapshot}``
+        ``request_seconds`` (submission to done, done requests) and ``first_step_seconds`` (submission to the end of
+        the request's first denoising step: its queue wait plus one step). A request is counted before its terminal
+        event is sent, so whoever sees a job end sees it counted. ``recent_step_seconds``: the last 1024 ticks'
+        durations, for benchmarks (not exported)."""
         with self._lock:
             s = self._stats
-            return {"queue_depth": len(self._queue), "running": len(self._active),
-                    "completed": dict(s["completed"]), "cancelled": s["cancelled"], "timed_out": s["timed_out"],
-                    "failed": s["failed"], "rejected": s["rejected"], "unet_calls": s["unet_calls"],
-                    "rows_per_call": list(s["rows_per_call"]), "step_seconds": list(s["step_seconds"]),
-                    "request_seconds": {k: list(v) for k, v in s["request_seconds"].items()}, "images": s["images"]}
+            out = {"queue_depth": len(self._queue), "running": len(self._active),
+                   "completed": dict(s["completed"]), "cancelled": s["cancelled"], "timed_out": s["timed_out"],
+                   "failed": s["failed"], "rejected": s["rejected"], "unet_calls": s["unet_calls"],
+                   "images": s["images"], "recent_step_seconds": list(self._recent_ticks)}
+            out.update({key: s[key].snapshot() for key in SERIES})
+            out.update({key: {k: h.snapshot() for k, h in s[key].items()} for key in SERIES_BY_KIND})
+            return out
 
     def warmup(self, timeout: float | None = None) -> None:
         """One small text2img through the scheduler (first calls pay allocator and compile costs); then
@@ -446,14 +462,17 @@ class StepScheduler:
         return round(max(1.0, per_step * 10), 1)
 
     def _end(self, job: Job, state: str, reason: str | None = None, images=None) -> None:
-        job._finish(state, reason, images)
-        with self._lock:
+        if job.done():  # ended already: counted already
+            return
+        with self._lock:  # counted before the end is visible (stats() promises it)
             if state == "done":
                 self._stats["completed"][job.kind] += 1
                 self._stats["images"] += len(images or ())
-                self._stats["request_seconds"][job.kind].append(job.finished - job.created)
+                self._stats["request_seconds"][job.kind].observe(time.monotonic() - job._t0)
             else:
                 self._stats[state] += 1
+        job._finish(state, reason, images)
+        with self._lock:
             self._lock.notify_all()
 
     def _admission_cost(self, job: Job) -> float:
@@ -493,8 +512,8 @@ class StepScheduler:
             budget -= self._admission_cost(job)
             admitted.append(job)
         for job, state, reason in dropped:
+            self._stats[state] += 1  # counted before the end is visible (stats() promises it)
             job._finish(state, reason)
-            self._stats[state] += 1
         if dropped:
             self._lock.notify_all()
         return admitted
@@ -521,7 +540,8 @@ class StepScheduler:
                 self._tick(active)
                 dt = time.perf_counter() - t0
                 with self._lock:
-                    self._stats["step_seconds"].append(dt)
+                    self._stats["step_seconds"].observe(dt)
+                    self._recent_ticks.append(dt)
                     self._step_ema = dt if self._step_ema is None else 0.8 * self._step_ema + 0.2 * dt
 
     def _start(self, job: Job) -> None:
@@ -573,6 +593,10 @@ class StepScheduler:
             self._end(job, "failed", _reason(exc))
             return
         if isinstance(request, UNetCall) and request.step is not None:
+            if not job._stepped:  # before its first step event: whoever sees that event sees it counted
+                job._stepped = True
+                with self._lock:
+                    self._stats["first_step_seconds"][job.kind].observe(time.monotonic() - job._t0)
             job.step, job.steps = request.step + 1, request.steps
             job._emit({"type": "step", "step": job.step, "steps": job.steps})
             if preview:
@@ -730,7 +754,7 @@ class StepScheduler:
         calls = [_piece(j._pending, j._offset, j._offset + n) for j, n in pieces]
         with self._lock:
             self._stats["unet_calls"] += 1
-            self._stats["rows_per_call"].append(sum(c.rows for c in calls))
+            self._stats["rows_per_call"].observe(sum(c.rows for c in calls))
         if len(calls) == 1:
             return calls[0].run(self.engine)
         e = self.engine

@@ -43,25 +43,35 @@ class StepUpdate:
         return apply_updates([self], [out])[0]
 
 
-def ddim_update(sampler, t, latents: torch.Tensor, guidance: float | None) -> StepUpdate | None:
+def ddim_update(sampler, t, latents: torch.Tensor, guidance: float | None,
+                cache: dict | None = None) -> StepUpdate | None:
     """A :class:`StepUpdate` for a DDIM ``sampler`` (:class:`~dreamfuse.engine.samplers.Sampler`) at timestep
     ``t``, or None when its step is not the batchable one (another sampler, clipping, thresholding, an unknown
-    prediction type): then the program steps with diffusers itself."""
+    prediction type): then the program steps with diffusers itself. ``cache``: a dict shared by the samplers of
+    one model's scheduler config (the engine's), where the coefficients of each (steps, t) are computed once."""
     sched = getattr(sampler, "scheduler", None)
     if getattr(sampler, "name", None) != "ddim" or sched is None or type(sched).__name__ != "DDIMScheduler":
         return None
     cfg = sched.config
     if cfg.clip_sample or cfg.thresholding or cfg.prediction_type not in PREDICTIONS:
         return None
+    cache = sampler.__dict__.setdefault("_ddim_coeffs", {}) if cache is None else cache
+    key = (sched.num_inference_steps, int(t))
+    if key not in cache:
+        cache[key] = _ddim_coeffs(sched, t)
+    return StepUpdate(latents, None if guidance is None else float(guidance), cache[key], cfg.prediction_type)
+
+
+def _ddim_coeffs(sched, t) -> torch.Tensor:
+    cfg = sched.config
     # diffusers' DDIMScheduler.step, steps 1-2 and 5-6 with eta = 0, on the same 0-d fp32 tensors
     prev_timestep = t - cfg.num_train_timesteps // sched.num_inference_steps
     alpha_prod_t = sched.alphas_cumprod[t]
     alpha_prod_t_prev = sched.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else sched.final_alpha_cumprod
     beta_prod_t = 1 - alpha_prod_t
     std_dev_t = 0.0 * sched._get_variance(t, prev_timestep) ** 0.5
-    coeffs = torch.stack([beta_prod_t ** 0.5, alpha_prod_t ** 0.5, alpha_prod_t_prev ** 0.5,
-                          (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5]).to(torch.float32)
-    return StepUpdate(latents, None if guidance is None else float(guidance), coeffs, cfg.prediction_type)
+    return torch.stack([beta_prod_t ** 0.5, alpha_prod_t ** 0.5, alpha_prod_t_prev ** 0.5,
+                        (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5]).to(torch.float32)
 
 
 def apply_updates(updates: Sequence[StepUpdate], outs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

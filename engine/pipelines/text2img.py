@@ -106,11 +106,12 @@ def _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height
     sched = engine.new_sampler(sampler, steps, seeds)
     latents = sched.initial_latents(engine.latent_shape(height, width), engine.device, engine.dtype)
     cond = slice(n, n + 1) if use_cfg else slice(0, 1)
+    coeff_cache = engine.__dict__.setdefault("_ddim_coeffs", {})  # the engine's scheduler config: shared by calls
     with engine.progress(sched.evaluations, "text2img", progress) as bar:
         for i, t in enumerate(sched.timesteps):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            update = ddim_update(sched, t, latents, guidance_scale if use_cfg else None)  # None: not DDIM
+            update = ddim_update(sched, t, latents, guidance_scale if use_cfg else None, coeff_cache)  # None: not DDIM
             out = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
                                  steps=sched.evaluations, preview=(cond, partial(sched.alpha_bar, t)),
                                  update=update)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from dreamfuse.engine import Engine, EngineConfig
+from dreamfuse.engine.server.histogram import SERIES, Histogram
 
 from bench._util import hardware, print_table
 
@@ -93,7 +94,7 @@ class WholeRequestScheduler:
         self._cond = threading.Condition()
         self._closed = False
         self._stats = {"completed": {}, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0,
-                       "unet_calls": 0, "rows_per_call": [], "step_seconds": [], "request_seconds": {}, "images": 0}
+                       "unet_calls": 0, "images": 0, **{key: Histogram(bounds) for key, bounds in SERIES.items()}}
         self._running = 0
         self._thread = threading.Thread(target=self._work, daemon=True)
         self._thread.start()
@@ -114,7 +115,8 @@ class WholeRequestScheduler:
 
     def stats(self) -> dict:
         with self._cond:
-            return dict(self._stats, queue_depth=len(self._queue), running=self._running)
+            return dict(self._stats, queue_depth=len(self._queue), running=self._running,
+                        **{key: self._stats[key].snapshot() for key in SERIES})
 
     def _key(self, job):
         k = job.kwargs
@@ -154,8 +156,9 @@ class WholeRequestScheduler:
             i = 0
             with self._cond:
                 self._stats["unet_calls"] += k["steps"]
-                self._stats["rows_per_call"].extend([rows] * k["steps"])
-                self._stats["step_seconds"].extend([dt / k["steps"]] * k["steps"])
+                for _ in range(k["steps"]):
+                    self._stats["rows_per_call"].observe(rows)
+                    self._stats["step_seconds"].observe(dt / k["steps"])
                 self._stats["images"] += images
                 self._stats["completed"]["text2img"] = self._stats["completed"].get("text2img", 0) + len(batch)
                 self._running = 0
@@ -305,10 +308,9 @@ def check(load, results, wall, solo, tolerance, stats_before, stats_after) -> Ou
         if diff > tolerance:
             out.mismatched += 1
         out.images += 1
-    calls = stats_after["unet_calls"] - stats_before["unet_calls"]
-    rows = list(stats_after["rows_per_call"])[-calls:] if calls > 0 else []
-    if rows:
-        out.rows_per_call = sum(rows) / len(rows)
+    before, after = stats_before["rows_per_call"], stats_after["rows_per_call"]  # cumulative: exact over the run
+    if after["count"] > before["count"]:
+        out.rows_per_call = (after["sum"] - before["sum"]) / (after["count"] - before["count"])
     return out
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .cache import LRUCache
+from .concurrency import ModelLock, changes_model
 from .config import EngineConfig
 from .loading import load_components, vae_upcast
 from .processors import CallContext, install_feature_hooks, install_processors
@@ -57,8 +58,9 @@ class Engine:
     Thread safety: any number of threads may run pipelines (text2img, IP-Adapter, personalize, compose) on one
     engine at once; every UNet call carries its own :class:`~dreamfuse.engine.processors.CallContext`, and the
     prompt and inversion caches are locked around their dictionaries only. Loading or unloading an IP-Adapter or
-    a relation token, a LoRA (load, unload, fuse, scale), a UNet backend, and training, change the shared model: do
-    them while no call is running.
+    a learned token, a LoRA (load, unload, fuse, scale), a UNet backend, and training change the shared model: such a
+    change waits for the running calls to end and holds new ones until it is done (:attr:`model_lock`, see
+    :mod:`~dreamfuse.engine.concurrency`), so a call never mixes two models.
     """
 
     def __init__(self, components: dict, config: EngineConfig | None = None):
@@ -71,6 +73,9 @@ class Engine:
         self.tokenizer = components["tokenizer"]
         self.text_encoder_2 = components.get("text_encoder_2")
         self.tokenizer_2 = components.get("tokenizer_2")
+        self.model_lock = ModelLock()
+        """Pipeline calls share the model; LoRA/adapter/token/backend changes and training wait for them (see
+        :mod:`~dreamfuse.engine.concurrency`)."""
         self._tokenizer_lock = threading.Lock()
         """Held around every tokenizer call: a fast (Rust) tokenizer stores its padding/truncation settings in
         itself, so two threads tokenizing with different settings would get each other's padding."""
@@ -128,6 +133,7 @@ class Engine:
             engine.set_unet_backend(unet_backend, unet_path)
         return engine
 
+    @changes_model("set_unet_backend")
     def set_unet_backend(self, backend="torch", path: str | Path | None = None, **options) -> None:
         """What runs the UNet calls of every pipeline: ``"torch"`` (the engine's PyTorch UNet, compiled with
         ``config.compile``), ``"onnxruntime"`` (``path``: a ``dreamfuse export onnx`` folder), ``"tensorrt"``
@@ -392,6 +398,20 @@ class Engine:
 
         return text2img(self, prompts, **kwargs)
 
+    def img2img(self, prompts: str | Sequence[str], image, **kwargs):
+        """Image-to-image (``strength``, prompt, sampler, ...); see
+        :func:`dreamfuse.engine.pipelines.img2img.img2img`."""
+        from .pipelines.img2img import img2img
+
+        return img2img(self, prompts, image, **kwargs)
+
+    def inpaint(self, prompts: str | Sequence[str], image, mask, **kwargs):
+        """Inpainting: repaint the white region of ``mask``; a regular or a 9-channel inpainting UNet; see
+        :func:`dreamfuse.engine.pipelines.inpaint.inpaint`."""
+        from .pipelines.inpaint import inpaint
+
+        return inpaint(self, prompts, image, mask, **kwargs)
+
     def load_relation(self, path_or_embeds, **kwargs) -> str:
         """Add a ReVersion relation token to the tokenizer and text encoder; see
         :func:`dreamfuse.engine.relation.load_relation`. Returns the token."""
@@ -422,7 +442,7 @@ class Engine:
         unload_ip_adapter(self)
 
     # LoRA (see dreamfuse.engine.lora). Thread safety: loading, unloading, fusing and scale changes mutate the
-    # shared model; do them while no call runs (as for load_ip_adapter).
+    # shared model; they wait for running calls and hold new ones (model_lock).
     @property
     def loras(self):
         """name -> scale of the loaded LoRAs, in load order (a read-only snapshot)."""
@@ -433,28 +453,28 @@ class Engine:
     def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
         """Load a LoRA ``.safetensors`` (diffusers or kohya format; UNet and text encoder(s)) next to any loaded
         ones, at ``scale`` (>= 0), as ``name`` (default: the file's stem); returns the name. Mutates the shared
-        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.load_lora`."""
+        model: waits for running calls. See :func:`dreamfuse.engine.lora.load_lora`."""
         from .lora import load_lora
 
         return load_lora(self, path, scale, name)
 
     def unload_lora(self, name: str | None = None) -> None:
         """Remove the LoRA ``name`` (default: all; then the model is bit-identical to the base). Mutates the shared
-        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.unload_lora`."""
+        model: waits for running calls. See :func:`dreamfuse.engine.lora.unload_lora`."""
         from .lora import unload_lora
 
         unload_lora(self, name)
 
     def set_lora_scale(self, name_or_scales, scale: float | None = None) -> None:
         """``set_lora_scale("style", 0.5)`` or ``set_lora_scale({"style": 0.5, "subject": 1.0})``. Mutates the shared
-        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.set_lora_scale`."""
+        model: waits for running calls. See :func:`dreamfuse.engine.lora.set_lora_scale`."""
         from .lora import set_lora_scale
 
         set_lora_scale(self, name_or_scales, scale)
 
     def fuse_lora(self) -> None:
         """Merge the loaded LoRAs into the base weights (no per-call LoRA cost; :meth:`unfuse_lora` restores the
-        base exactly). Mutates the shared model: call it while no pipeline runs. See
+        base exactly). Mutates the shared model: waits for running calls. See
         :func:`dreamfuse.engine.lora.fuse_lora`."""
         from .lora import fuse_lora
 
@@ -462,7 +482,7 @@ class Engine:
 
     def unfuse_lora(self) -> None:
         """Undo :meth:`fuse_lora`: the LoRAs run as separate, hot-swappable layers again. Mutates the shared
-        model: call it while no pipeline runs. See :func:`dreamfuse.engine.lora.unfuse_lora`."""
+        model: waits for running calls. See :func:`dreamfuse.engine.lora.unfuse_lora`."""
         from .lora import unfuse_lora
 
         unfuse_lora(self)

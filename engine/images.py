@@ -137,11 +137,10 @@ def _array_tensor(a: np.ndarray, field: str) -> torch.Tensor:
     return x
 
 
-def image_tensor(image, height: int, width: int, field: str, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+def load_image_tensor(image, field: str, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
     """PIL image, path, ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1], or ``(H, W, 3)`` numpy array (uint8, or
-    float in [0, 1]: what ``np.asarray`` of an RGB image gives) -> ``(1, 3, height, width)`` float32 on CPU, resized
-    when its aspect ratio matches the generation size (within 2%), an error otherwise: never a silent crop or
-    stretch. Images are read as :func:`rgb_array` describes."""
+    float in [0, 1]: what ``np.asarray`` of an RGB image gives) -> ``(1, 3, H, W)`` float32 in [0, 1] on CPU at its
+    own size. Images are read as :func:`rgb_array` describes; ``ValueError`` naming ``field`` otherwise."""
     if image is None:
         raise ValueError(f"{field}: missing (give a PIL image, a path, a tensor or an array)")
     if isinstance(image, np.ndarray):
@@ -162,8 +161,85 @@ def image_tensor(image, height: int, width: int, field: str, limits: Limits = DE
     h, w = x.shape[-2:]
     if min(h, w) < 8:
         raise ValueError(f"{field}: {w}x{h} is too small")
+    return x.clamp(0, 1).contiguous()
+
+
+def image_tensor(image, height: int, width: int, field: str, limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+    """An image as :func:`load_image_tensor` reads it -> ``(1, 3, height, width)`` float32 on CPU, resized when its
+    aspect ratio matches the generation size (within 2%), an error otherwise: never a silent crop or stretch."""
+    x = load_image_tensor(image, field, limits)
+    h, w = x.shape[-2:]
     if abs(w / h - width / height) > 0.02 * (width / height):
         raise ValueError(f"{field}: aspect ratio of {w}x{h} does not match the generation size {width}x{height}")
     if (h, w) != (height, width):
         x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
     return x.clamp(0, 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """``(..., 3, H, W)`` RGB -> ``(..., 1, H, W)`` luma with ITU-R 601-2 weights (Pillow's ``convert("L")``)."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(3, 1, 1)
+    return (x * w).sum(-3, keepdim=True)
+
+
+def mask_tensor(mask, field: str = "mask", limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+    """An inpainting mask -> ``(1, 1, H, W)`` float32 grey levels in [0, 1] on CPU at its own size (white = repaint;
+    the pipelines binarize at 0.5, as diffusers' mask processor does).
+
+    Takes a PIL image or a path (any mode: RGB and palette images count by their luma, as Pillow's ``convert("L")``,
+    what diffusers reads; 16-bit grey at its real values; transparent pixels count as black, i.e. keep: a mask
+    painted on a transparent layer repaints where it was painted, whatever colour the editor stored under the
+    transparency), a numpy array ``(H, W)`` or ``(H, W, 3)`` (bool, uint8, or float in [0, 1]) or a tensor
+    ``(H, W)``, ``(1, H, W)``, ``(1, 1, H, W)``, ``(3, H, W)`` or ``(1, 3, H, W)`` in [0, 1]."""
+    if mask is None:
+        raise ValueError(f"{field}: missing (give a PIL image, a path, a tensor or an array; white = repaint)")
+    if isinstance(mask, np.ndarray):
+        a = mask
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[..., 0]
+        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+            raise ValueError(f"{field}: array must be (H, W) or (H, W, 3), got shape {mask.shape}")
+        if a.dtype == np.uint8 and a.ndim == 3:  # RGB: Pillow's own luma, as a PIL image would be read
+            a = np.array(Image.fromarray(np.ascontiguousarray(a)).convert("L"))
+        if a.dtype == np.bool_:
+            x = torch.from_numpy(np.ascontiguousarray(a)).float()
+        elif a.dtype == np.uint8:
+            x = torch.from_numpy(np.ascontiguousarray(a)).float() / 255.0
+        elif a.dtype.kind == "f":
+            x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        else:
+            raise ValueError(f"{field}: array must be bool, uint8 or float in [0, 1], got {a.dtype}")
+        mask = x if x.ndim == 2 else x.permute(2, 0, 1)  # checked as a tensor below
+    mask = open_image(mask, field, limits)
+    if isinstance(mask, Image.Image):
+        img = mask
+        try:
+            if img.mode in _SIXTEEN_BIT:
+                x = torch.from_numpy(np.clip(np.asarray(img).astype(np.float32) / 65535.0, 0.0, 1.0))[None]
+            elif img.mode == "F":
+                a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+                x = torch.from_numpy(np.clip(a, 0.0, 1.0))[None]
+            else:
+                if "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info:
+                    over = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                    img = Image.alpha_composite(over, img.convert("RGBA"))
+                x = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32) / 255.0)[None]
+        except ValueError as e:  # a mode Pillow cannot convert (e.g. LAB)
+            raise ValueError(f"{field}: cannot convert a {img.mode} image to grey levels ({e})") from None
+        return x[None].contiguous()
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{field}: unsupported type {type(mask).__name__} (PIL image, path, tensor or array)")
+    x = mask.detach().float().cpu()
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"{field}: tensor must be (H, W), (1, H, W), (3, H, W) or (1, C, H, W), got "
+                         f"{tuple(mask.shape)}")
+    check_pixels(x.shape[-1], x.shape[-2], field, limits)
+    if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError(f"{field}: values must be finite and in [0, 1]")
+    if x.shape[0] == 3:
+        x = _gray(x)
+    return x[None].contiguous()

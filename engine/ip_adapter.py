@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .concurrency import changes_model
 from .files import safetensors_load, safetensors_save_atomic, torch_load_weights, torch_save_atomic
 from .images import image_tensor, open_image
 
@@ -307,6 +308,7 @@ def ip_adapter_from_state_dict(unet, sd: dict, image_encoder) -> IPAdapter:
 
 
 # ------------------------------------------------------------------------------------------------ engine
+@changes_model("load_ip_adapter")
 def load_ip_adapter(engine, weights, image_encoder=None) -> IPAdapter:
     """Attach an IP-Adapter to ``engine`` (replacing any loaded one) and return it.
 
@@ -334,6 +336,7 @@ def load_ip_adapter(engine, weights, image_encoder=None) -> IPAdapter:
     return adapter
 
 
+@changes_model("unload_ip_adapter")
 def unload_ip_adapter(engine) -> None:
     for proc in engine.processors.values():
         proc.ip_layer = None

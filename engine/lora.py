@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .concurrency import changes_model
 from .validation import check_number
 
 _INTERNAL_PREFIX = "dreamfuse_lora_"
@@ -385,6 +386,7 @@ def is_fused(engine) -> bool:
     return _state(engine).fused
 
 
+@changes_model("load_lora")
 def load_lora(engine, path, scale: float = 1.0, name: str | None = None, *, field: str = "lora") -> str:
     """Load a LoRA ``.safetensors`` (diffusers or kohya format; UNet and/or text encoder layers) next to any loaded
     ones and return its name.
@@ -455,6 +457,7 @@ def _known(engine, name, field: str = "name") -> _Lora:
     return state.loras[name]
 
 
+@changes_model("unload_lora")
 def unload_lora(engine, name: str | None = None) -> None:
     """Remove the LoRA ``name`` (default: all of them). Removing the last one takes peft's wrappers out: the
     model is then bit-identical to the base (also after fusing, see the module docstring). Thread safety:
@@ -483,6 +486,7 @@ def unload_lora(engine, name: str | None = None) -> None:
     _after_change(engine, components, processors)
 
 
+@changes_model("set_lora_scale")
 def set_lora_scale(engine, name_or_scales: str | dict, scale: float | None = None) -> None:
     """Set one LoRA's scale (``set_lora_scale("style", 0.5)``) or several (``set_lora_scale({"style": 0.5,
     "subject": 1.0})``); names and scales are all checked before any changes. While fused, unfuses, rescales and
@@ -515,6 +519,7 @@ def set_lora_scale(engine, name_or_scales: str | dict, scale: float | None = Non
     _after_change(engine, {c for n in checked for c in state.loras[n].components}, processors)
 
 
+@changes_model("fuse_lora")
 def fuse_lora(engine) -> None:
     """Merge the loaded LoRAs (at their scales) into the base weights: one set of weights, no LoRA matmuls per
     call. A CPU copy of the merged layers' weights is kept for :func:`unfuse_lora`. No-op when already fused.
@@ -529,6 +534,7 @@ def fuse_lora(engine) -> None:
     _after_change(engine, {c for x in state.loras.values() for c in x.components}, processors)
 
 
+@changes_model("unfuse_lora")
 def unfuse_lora(engine) -> None:
     """Undo :func:`fuse_lora`: the base weights come back bit-exactly, the LoRAs run as separate layers again
     (hot-swappable). No-op when not fused. Thread safety: mutates the shared model; call it while no pipeline

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .concurrency import changes_model
 from .relation_prompts import DEFAULT_TEMPLATE, DEFAULT_TOKEN, relation_prompts  # noqa: F401 (public API)
 
 MAX_EMBEDDING_NORM = 1000.0
@@ -171,6 +172,7 @@ def _learned(engine) -> dict[str, list[str]]:
     return learned
 
 
+@changes_model("add_tokens")
 @torch.no_grad()
 def add_tokens(engine, token: str, embeddings: torch.Tensor, *, source: str = "the embedding given") -> list[int]:
     """Add a learned token with ``embeddings`` ``(n, D)`` as its ``n`` vectors: the tokens ``token``,
@@ -235,6 +237,7 @@ def expand_tokens(engine, text):
     return one(text) if isinstance(text, str) else [one(t) for t in text]
 
 
+@changes_model("load_relation")
 def load_relation(engine, path_or_embeds, *, token: str | None = None) -> str:
     """Make a learned token -- a ReVersion relation or a textual inversion -- usable in the engine's prompts; return
     the token.

@@ -120,6 +120,8 @@ class Sampler:
                              f"(pip install {self.spec.needs or ''})".rstrip() + f": {e}") from None
         self.scheduler.set_timesteps(int(steps), device=device)
         self.steps = int(steps)
+        self.begin = 0
+        """Index of the first model evaluation in the scheduler's timesteps (> 0 after :meth:`start_at_strength`)."""
         self.seeds = [int(s) for s in seeds]
         self.generators = [torch.Generator("cpu").manual_seed(s) for s in self.seeds]
         if self.spec.scheduler == "DPMSolverSDEScheduler" and self.seeds:
@@ -129,12 +131,25 @@ class Sampler:
     # ------------------------------------------------------------------------------------------- schedule
     @property
     def timesteps(self) -> torch.Tensor:
-        """Every model evaluation's timestep, in order (``2·steps − 1`` of them for Heun and DPM-SDE)."""
-        return self.scheduler.timesteps
+        """Every model evaluation's timestep, in order (``2·steps − 1`` of them for Heun and DPM-SDE; after
+        :meth:`start_at_strength`, the tail of them that is left)."""
+        return self.scheduler.timesteps[self.begin:]
+
+    def start_at_strength(self, strength: float) -> int:
+        """img2img: keep only the last ``int(steps · strength)`` steps of the schedule, as diffusers' img2img and
+        inpainting pipelines do (``t_start = steps − int(steps · strength)``; the timesteps from ``t_start · order``
+        on; ``set_begin_index`` so that σ-space schedulers index their sigmas from there). Returns the steps left
+        (0 when ``steps · strength < 1``: the caller refuses that). Call it once, before any step."""
+        keep = min(int(self.steps * strength), self.steps)
+        t_start = max(self.steps - keep, 0)
+        self.begin = t_start * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(self.begin)
+        return self.steps - t_start
 
     @property
     def evaluations(self) -> int:
-        return len(self.scheduler.timesteps)
+        return len(self.timesteps)
 
     @property
     def init_noise_sigma(self) -> float:

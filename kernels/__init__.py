@@ -64,7 +64,7 @@ else:
     # The submodules stay modules: `import dreamfuse.kernels.attention as m` must give the module, so no function
     # is re-exported under a submodule's name. The fused attention op is `attention.attention` (also exported here
     # as `fused_attention`); every other op keeps its own name, which no submodule has.
-    from . import attention, composite, matching
+    from . import attention, composite, matching, sampler
     from .attention import ama_attention, ama_attention_reference, attention_reference
     from .attention import attention as fused_attention
     from .composite import (
@@ -76,11 +76,12 @@ else:
         segment_fill_reference,
     )
     from .matching import cycle_mask, cycle_mask_reference, match_argmax, match_argmax_reference
+    from .sampler import cfg_ddim_step, cfg_ddim_step_reference
 
     __all__ = [
         "attention", "composite", "matching",
         "fused_attention", "attention_reference", "ama_attention", "ama_attention_reference",
         "match_argmax", "match_argmax_reference", "cycle_mask", "cycle_mask_reference",
         "composite_blend", "composite_blend_reference", "composite_latents", "composite_latents_reference",
-        "segment_fill", "segment_fill_reference",
+        "segment_fill", "segment_fill_reference", "sampler", "cfg_ddim_step", "cfg_ddim_step_reference",
     ]

@@ -4,6 +4,11 @@ import os
 # imported so that CPU tensors run the Triton code through the interpreter. On a CUDA machine
 # run `TRITON_INTERPRET=0 pytest -m gpu` to exercise the compiled kernels.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# `dreamfuse serve` journals accepted jobs under $XDG_STATE_HOME by default: the tests' servers (in-process and
+# subprocesses) write into a folder of this run, never into the user's home
+import tempfile  # noqa: E402
+
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="dreamfuse-test-state-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -125,3 +125,104 @@ def test_tokenizing_threads_never_see_each_others_padding(engine):
         t.join(timeout=120)
     assert not errors, errors[:3]
     assert found == [expected] * 600
+
+
+# ------------------------------------------------------------------------------------------ model changes
+SMALL = 32  # the tiny model at a quarter of its pixels: these tests are about ordering, not images
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, threads calling torch with OpenMP's spin-waiting slow each
+    other down by an order of magnitude."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_model_changes_wait_for_running_calls_and_never_mix_models(tmp_path, one_thread):
+    """A red-team run: load/unload/scale a LoRA while two threads run text2img gave NaN errors (12 of 12) and
+    images matching neither model (10 of 10). Every call must now see one model from its first step to its last."""
+    from dreamfuse.engine.lora import build_tiny_lora
+
+    engine = Engine.from_pretrained("tiny", EngineConfig(device="cpu", backend="torch", progress=False))
+    lora = build_tiny_lora(engine, tmp_path / "l.safetensors", seed=1)
+    kw = dict(steps=4, seed=3, height=SMALL, width=SMALL, output_type="latent")
+    refs = [engine.text2img("a cat", **kw)]
+    for scale in (1.0, 0.5):
+        engine.load_lora(lora, scale, name="l")
+        refs.append(engine.text2img("a cat", **kw))
+        engine.unload_lora()
+    results, errors, stop = [], [], threading.Event()
+
+    def caller():
+        try:
+            while not stop.is_set():
+                results.append(engine.text2img("a cat", **kw))
+        except Exception as e:  # noqa: BLE001 - recorded for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(2):
+            engine.load_lora(lora, 1.0, name="l")
+            engine.set_lora_scale("l", 0.5)
+            engine.fuse_lora()
+            engine.unfuse_lora()
+            engine.unload_lora()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    assert len(results) >= 2
+    for r in results:  # each equals one of the three models run alone (fuse/unfuse: within rounding)
+        assert min(float((r - ref).abs().max()) for ref in refs) < 1e-4
+
+
+def test_a_model_change_inside_a_running_call_is_refused():
+    engine = Engine.from_pretrained("tiny", EngineConfig(device="cpu", backend="torch", progress=False))
+
+    def callback(info):
+        engine.load_relation({"<X>": torch.zeros(64)})
+
+    with pytest.raises(RuntimeError, match="load_relation: changes the shared model"):
+        engine.compose(_layout(), {"#ff0000": "a cat", "#0000ff": "a dog"}, prompt="pets", steps=2, seed=0,
+                       callback=callback, output_type="latent")
+    assert "<X>" not in engine.tokenizer.get_added_vocab()
+    engine.load_relation({"<X>": torch.zeros(64)})  # between calls it is fine (the lock was released)
+
+
+def test_the_scheduler_holds_admission_while_the_model_changes(tmp_path, one_thread):
+    """Requests running when a LoRA is loaded finish with the model they started with; the change waits for them;
+    requests queued meanwhile run with the new model."""
+    from dreamfuse.engine.lora import build_tiny_lora
+    from dreamfuse.engine.server import StepScheduler
+
+    engine = Engine.from_pretrained("tiny", EngineConfig(device="cpu", backend="torch", progress=False))
+    lora = build_tiny_lora(engine, tmp_path / "l.safetensors", seed=2)
+    fields = dict(prompt="a cat", steps=6, seed=1, height=SMALL, width=SMALL)
+    base = engine.text2img("a cat", steps=6, seed=1, height=SMALL, width=SMALL, output_type="pt")
+    s = StepScheduler(engine, max_batch_rows=2)
+    try:
+        running = s.submit("text2img", **fields)
+        while running.step < 2:
+            threading.Event().wait(0.01)
+        changer = threading.Thread(target=engine.load_lora, args=(lora,), kwargs={"name": "l"})
+        changer.start()
+        while not engine.model_lock.change_waiting:
+            threading.Event().wait(0.001)
+        later = s.submit("text2img", **fields)
+        assert running.wait(120) and running.state == "done"
+        changer.join(120)
+        assert later.wait(120) and later.state == "done"
+    finally:
+        s.shutdown(grace_s=0)
+    with_lora = engine.text2img("a cat", steps=6, seed=1, height=SMALL, width=SMALL, output_type="pt")
+    as_array = np.asarray
+    assert np.abs(as_array(running.images[0], np.int16) - as_array(Engine.to_pil(base)[0], np.int16)).max() <= 1
+    assert np.abs(as_array(later.images[0], np.int16) - as_array(Engine.to_pil(with_lora)[0], np.int16)).max() <= 1
+    assert later.started > running.finished

@@ -9,6 +9,7 @@ import pytest
 import torch
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.server import JOB_STATES, QueueFull, SchedulerClosed, StepScheduler
+from dreamfuse.engine.server.histogram import cumulative
 
 SIZE = 64
 
@@ -35,6 +36,10 @@ def _solo(engine, kind, n=1, seed=0, **fields):
         return engine.text2img([prompt] * n, seed=seed, **fields)
     if kind == "personalize":
         return engine.personalize([prompt] * n, fields.pop("reference_image"), seed=seed, **fields)
+    if kind == "img2img":
+        return engine.img2img([prompt] * n, fields.pop("image"), seed=seed, **fields)
+    if kind == "inpaint":
+        return engine.inpaint([prompt] * n, fields.pop("image"), fields.pop("mask"), seed=seed, **fields)
     from dreamfuse.engine.pipelines.composite import ComposeRequest, compose_batch
 
     req = ComposeRequest(fields.pop("layout"), fields.pop("segments"), prompt, fields.pop("negative_prompt", None))
@@ -98,7 +103,8 @@ def test_staggered_mixed_requests_equal_their_solo_images(engine, sched):
         _assert_same_as_solo(engine, job, "text2img", r)
     mixed = [ts for ts in seen_t if len(set(ts)) > 1]
     assert mixed, "no call carried rows at different timesteps"
-    assert max(sched.stats()["rows_per_call"]) > 4
+    rows = sched.stats()["rows_per_call"]
+    assert dict(cumulative(rows))[4] < rows["count"]  # some call carried more than 4 rows
 
 
 def test_personalize_and_compose_are_served_beside_text2img(engine, sched):
@@ -242,3 +248,133 @@ def test_shutdown_finishes_within_grace_then_cancels(engine):
     assert quick.state == "done" and slow.state == "cancelled" and "shutting down" in slow.error
     with pytest.raises(SchedulerClosed):
         s.submit("text2img", prompt="c", steps=2)
+
+
+# ------------------------------------------------------------------------------------------ bounded ticks
+def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine):
+    """A red-team request (n 64, 999 steps, 512²) ran 128-row UNet calls whatever max_batch_rows said and held the
+    worker for minutes. Every call now stays within max_batch_rows, the big request advances in pieces, a small
+    request admitted beside it is not starved, and both equal their solo images."""
+    s = StepScheduler(engine, max_batch_rows=4)
+    rows_seen = []
+    unet = s._unet
+    s._unet = lambda pieces: (rows_seen.append(sum(n for _, n in pieces)), unet(pieces))[1]
+    decoded = []
+    decode = engine.decode
+    try:
+        engine.decode = lambda latents: (decoded.append(latents.shape[0]), decode(latents))[1]
+        big_fields = dict(prompt="a cat", steps=3, height=SIZE, width=SIZE)
+        big = s.submit("text2img", n=5, seed=0, **big_fields)  # 10 CFG rows: three pieces a step
+        small_fields = dict(prompt="a dog", steps=3, height=SIZE // 2, width=SIZE // 2)
+        small = s.submit("text2img", seed=9, **small_fields)  # a quarter of a row's cost
+        for job in (big, small):
+            assert job.wait(120) and job.state == "done", (job.state, job.error)
+    finally:
+        engine.decode = decode
+        s.shutdown(grace_s=0)
+    assert rows_seen and max(rows_seen) <= 4
+    assert max(decoded) <= 4  # decodes in pieces too
+    assert small.finished < big.finished  # served beside the big one, not after it
+    _assert_same_as_solo(engine, big, "text2img", big_fields)
+    _assert_same_as_solo(engine, small, "text2img", small_fields)
+
+
+def test_cancel_and_deadlines_act_within_a_tick_of_an_oversized_request(engine):
+    s = StepScheduler(engine, max_batch_rows=2)
+    try:
+        big = s.submit("text2img", prompt="a cat", n=6, steps=50, seed=0, height=SIZE, width=SIZE)
+        while big.step < 1:
+            time.sleep(0.005)
+        calls = s.stats()["unet_calls"]
+        big.cancel()
+        assert big.wait(60) and big.state == "cancelled"
+        assert s.stats()["unet_calls"] - calls <= 1  # one call of the running tick at most, not the rest of a step
+        big = s.submit("text2img", prompt="a cat", n=6, steps=50, seed=0, height=SIZE, width=SIZE)
+        while big.step < 1:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        big.cancel()
+        late = s.submit("text2img", prompt="a dog", steps=2, seed=0, height=SIZE, width=SIZE, deadline_s=0.01)
+        assert late.wait(60) and late.state == "timed_out"
+        assert big.wait(60) and time.monotonic() - t0 < 30
+    finally:
+        s.shutdown(grace_s=0)
+
+
+def test_per_request_limits_of_a_server(engine):
+    from dreamfuse.engine.limits import Limits
+
+    s = StepScheduler(engine, limits=Limits(max_images=2, max_steps=10, max_pixels=64 * 64, max_side=64))
+    try:
+        for fields, needle in [(dict(n=3), r"^n: must be an integer in \[1, 2\]"),
+                               (dict(steps=11), r"^steps: 11, the limit of this server is 10"),
+                               (dict(height=128, width=32), r"^height: 128 pixels, the limit of this server is 64"),
+                               (dict(height=64, width=72), r"^width: 72 pixels")]:
+            with pytest.raises(ValueError, match=needle):
+                s.submit("text2img", prompt="a", **fields)
+        assert s.submit("text2img", prompt="a", n=2, steps=2, seed=0).wait(60)
+    finally:
+        s.shutdown(grace_s=0)
+    with pytest.raises(ValueError, match="^limits"):
+        StepScheduler(engine, limits=[2])
+    with pytest.raises(ValueError, match="^limits"):
+        StepScheduler(engine, limits={"max_imagez": 2})
+    s = StepScheduler(engine, limits={"max_images": 2})  # plain data (a Ray replica's options)
+    try:
+        assert s.limits.max_images == 2 and s.limits.max_steps == engine.config.limits.max_steps
+    finally:
+        s.shutdown(grace_s=0)
+
+
+def test_img2img_and_inpaint_share_ticks_with_text2img(engine, sched):
+    """An img2img and an inpaint request (a stochastic sampler, two images) merged into the same UNet calls as a
+    text2img request, at different timesteps: each image is its solo run's."""
+    seen = []
+    real = engine.unet_call
+
+    def spy(latents, t, *a, **k):
+        seen.append(torch.as_tensor(t).reshape(-1).tolist())
+        return real(latents, t, *a, **k)
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[16:48, 8:40] = True
+    i2i = dict(prompt="a red car", image=image, strength=0.5, steps=8, guidance_scale=5.0)
+    inp = dict(prompt="a cat", image=image, mask=mask, steps=5, sampler="euler-a")
+    t2i = dict(prompt="a dog", steps=4, height=SIZE, width=SIZE)
+    engine.unet_call = spy
+    try:
+        jobs = [(sched.submit("img2img", seed=1, **i2i), "img2img", i2i),
+                (sched.submit("inpaint", n=2, seed=2, **inp), "inpaint", inp),
+                (sched.submit("text2img", seed=3, **t2i), "text2img", t2i)]
+        for job, _, _ in jobs:
+            assert job.wait(120)
+    finally:
+        del engine.unet_call
+    for job, kind, fields in jobs:
+        _assert_same_as_solo(engine, job, kind, fields)
+    assert jobs[0][0].images[0].info["strength"] == "0.5"
+    assert any(len(ts) == 8 and len(set(ts)) == 3 for ts in seen), "the three requests never shared a call"
+
+
+def test_inpainting_unet_requests_with_previews():
+    """A 9-channel inpainting UNet's model input carries mask channels: previews read its latent channels only."""
+    from dreamfuse.engine.tiny import build_components
+
+    from tests.test_edit_parity import box_mask, nine_channel, picture
+
+    e9 = Engine(nine_channel(build_components()), EngineConfig(device="cpu", backend="torch", progress=False))
+    s = StepScheduler(e9, preview_every=1)
+    try:
+        job = s.submit("inpaint", prompt="a cat", image=picture(0), mask=box_mask(), steps=2, seed=0)
+        assert job.wait(60) and job.state == "done", job.error
+        assert [e["step"] for e in job.events_since(0) if e["type"] == "preview"] == [1, 2]
+        with pytest.raises(ValueError, match="^image: missing"):
+            s.submit("img2img", prompt="a cat")
+        with pytest.raises(ValueError, match="^mask: missing"):
+            s.submit("inpaint", prompt="a cat", image=picture(0))
+        with pytest.raises(ValueError, match="^model: this UNet takes 9 input channels"):
+            s.submit("img2img", prompt="a cat", image=picture(0))
+    finally:
+        s.shutdown(grace_s=0)

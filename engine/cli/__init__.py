@@ -1,6 +1,6 @@
 """The ``dreamfuse`` command line. Thin: parses, validates, calls the Python API, saves images.
 
-One small module per subcommand (``generate``, ``personalize``, ``compose``, ``relation-prompts``,
+One small module per subcommand (``generate``, ``edit``, ``personalize``, ``compose``, ``relation-prompts``,
 ``patch-quality``, ``train reversion``, ``train patchdpo``); only the module of the subcommand being run is
 imported, so ``dreamfuse --help``, ``--version`` and ``relation-prompts`` start without importing torch.
 
@@ -19,6 +19,7 @@ _EXAMPLES = """\
 examples:
   dreamfuse generate --prompt "a photo of a cat" --steps 4 --out cat.png       # embedded tiny model
   dreamfuse generate --model ./stable-diffusion-v1-5 --prompt "a red car" --seed 7 --num-images 4 --out car.png
+  dreamfuse edit --image photo.png --mask mask.png --prompt "a red car" --out car.png   # inpaint (no mask: img2img)
   dreamfuse personalize --reference dog.png --prompt "a sks dog on the beach" --subject-token sks --out dog.png
   dreamfuse compose --layout layout.png --segments segments.json --prompt "a dog next to a car" --out scene.png
   dreamfuse train reversion --data ./painted_on --out ./painted_on-out --max-steps 20
@@ -28,6 +29,7 @@ examples:
 # name -> (module under dreamfuse.engine.cli, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "generate": ("generate", "text-to-image (optionally with an IP-Adapter image prompt or a relation token)"),
+    "edit": ("edit", "img2img and inpainting: change an image with a prompt (--strength), or repaint a --mask"),
     "personalize": ("personalize", "DreamMatcher: put a reference subject into new scenes"),
     "compose": ("compose", "MSP / Composite Diffusion: a colour layout with a prompt per segment"),
     "relation-prompts": ("relation_prompts", "ReVersion: expand entity lists into '<A> <R> <B>' inference prompts"),

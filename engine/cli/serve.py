@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import sys
 import warnings
 
@@ -68,6 +69,38 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
                    help="send a cheap preview image in the event stream every K steps (default 0: off)")
     g.add_argument("--max-upload-mb", type=finite_float("--max-upload-mb", low=0, low_open=True), default=20.0,
                    help="largest uploaded image in MiB (default 20); pixels are bounded by the engine's limits")
+    g.add_argument("--max-upload-side", type=positive_int("--max-upload-side"), default=2048, metavar="PX",
+                   help="uploaded images whose longer side is larger are downscaled to it on arrival (default 2048)")
+    g.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a host name this server answers to besides localhost and IP addresses (e.g. gen.lan); "
+                        "'*' for any. Requests naming another host are refused (421): a web page cannot reach the "
+                        "server through DNS rebinding. Repeat for several")
+    g.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may call the API from a browser (CORS); "
+                        "'*' for any. Other cross-origin browser requests are refused (403): without this option "
+                        "only the server's own page at / can. Repeat for several")
+    g.add_argument("--public-docs", action="store_true",
+                   help="with --api-key: /docs, /redoc and /openapi.json answer without the key (default: they "
+                        "need it too)")
+    g = p.add_argument_group("per-request limits (below the engine's own; a request beyond one gets a 422 naming "
+                             "the field)")
+    g.add_argument("--max-n", type=positive_int("--max-n"), default=10,
+                   help="most images one request may ask for (default 10)")
+    g.add_argument("--max-steps", type=positive_int("--max-steps"), default=150,
+                   help="most sampler steps one request may ask for (default 150)")
+    g.add_argument("--max-pixels", type=positive_int("--max-pixels"), default=2048 * 1024, metavar="PX",
+                   help="most pixels (width x height) of one image (default 2097152 = 2048x1024; sides at most "
+                        "2048)")
+    g = p.add_argument_group("server lifecycle")
+    g.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="the journal of accepted jobs (SQLite, the uploads and the finished images): after a crash "
+                        "or a restart, jobs that were accepted and not finished run again under their ids and "
+                        "finished ones stay answerable (default: $XDG_STATE_HOME/dreamfuse/serve-HOST-PORT, i.e. "
+                        "~/.local/state/...; not with --ray)")
+    g.add_argument("--no-state", action="store_true",
+                   help="no journal: accepted jobs die with the process")
+    g.add_argument("--keep-jobs", type=positive_int("--keep-jobs"), default=1024,
+                   help="finished jobs the journal keeps answerable, with their images (default 1024)")
     g.add_argument("--shutdown-grace", type=finite_float("--shutdown-grace", low=0), default=10.0,
                    help="on Ctrl-C / SIGTERM running requests get this many seconds to finish; the rest are "
                         "cancelled (default 10)")
@@ -115,6 +148,16 @@ def check_serve_args(args) -> None:
     check_adapter_args(args.ip_adapter, args.image_encoder)
     if not args.api_key and os.environ.get(API_KEY_ENV):
         args.api_key = os.environ[API_KEY_ENV]
+    if getattr(args, "ray", False) and getattr(args, "state_dir", None):
+        raise CLIError("--state-dir: the journal is for a single server; a Ray deployment does not use it")
+    if getattr(args, "no_state", False) and getattr(args, "state_dir", None):
+        raise CLIError("--state-dir and --no-state contradict each other")
+    if getattr(args, "public_docs", False) and not args.api_key:
+        raise CLIError("--public-docs goes with --api-key (without a key the docs are public anyway)")
+    for origin in getattr(args, "allow_origin", None) or ():
+        if origin not in ("*", "null") and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise CLIError(f"--allow-origin: expected an origin such as https://app.example (scheme and host, no "
+                           f"path), got {origin!r}")
     if not is_loopback(args.host) and not args.api_key:
         warnings.warn(f"--host {args.host} accepts connections from other machines and no --api-key (or "
                       f"{API_KEY_ENV}) is set: anyone who reaches this port can generate", stacklevel=1)
@@ -133,13 +176,45 @@ def prepare_engine(args):
     return engine
 
 
+def model_fingerprint(args) -> str:
+    """What the server serves, as the journal records it: a job accepted for another model is not run again."""
+    parts = [f"model={args.model}"]
+    for key in ("variant", "config", "unet", "lora", "preload_relation", "ip_adapter", "image_encoder", "dtype"):
+        value = getattr(args, key, None)
+        if value:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def open_journal(args):
+    """The journal the options ask for (None with --no-state or --ray)."""
+    if args.no_state or args.ray:
+        return None
+    from ..server.journal import Journal, default_state_dir
+
+    folder = args.state_dir or default_state_dir(args.host, args.port)
+    try:
+        return Journal(folder, model_fingerprint(args), keep=args.keep_jobs)
+    except ValueError as e:
+        raise CLIError(str(e).replace("state_dir:", "--state-dir:", 1)) from None
+
+
+def server_limits(args) -> dict:
+    """The per-request limits the options set (plain data: the Ray replicas receive it pickled)."""
+    return {"max_images": args.max_n, "max_steps": args.max_steps, "max_pixels": args.max_pixels,
+            "max_side": min(2048, args.max_pixels)}
+
+
 def scheduler_options(args) -> dict:
-    return {"max_batch_rows": args.max_batch_rows, "max_queue": args.max_queue, "preview_every": args.preview_every}
+    return {"max_batch_rows": args.max_batch_rows, "max_queue": args.max_queue, "preview_every": args.preview_every,
+            "limits": server_limits(args)}
 
 
 def app_options(args) -> dict:
     return {"api_key": args.api_key, "max_upload_bytes": int(args.max_upload_mb * (1 << 20)),
-            "shutdown_grace_s": args.shutdown_grace}
+            "shutdown_grace_s": args.shutdown_grace, "allowed_hosts": tuple(args.allowed_host or ()),
+            "allowed_origins": tuple(args.allow_origin or ()), "public_docs": args.public_docs,
+            "max_upload_side": args.max_upload_side}
 
 
 def run(args) -> None:
@@ -156,10 +231,15 @@ def run(args) -> None:
     from ..server import StepScheduler
     from ..server.http import create_app
 
+    journal = open_journal(args)  # before the model loads: a bad --state-dir fails in milliseconds
     engine = prepare_engine(args)
     scheduler = StepScheduler(engine, **scheduler_options(args))
-    app = create_app(scheduler, **app_options(args))
+    app = create_app(scheduler, **app_options(args), journal=journal)
     state = app.state.dreamfuse
+    if journal is not None:
+        counts = state.recovered
+        note = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "nothing to resume"
+        print(f"dreamfuse: journal {journal.folder} ({note})", file=sys.stderr)
 
     def warm():
         scheduler.warmup()

@@ -22,6 +22,7 @@ import torch
 if TYPE_CHECKING:
     from ..engine import Engine
     from ..processors import CallContext
+    from .stepping import StepUpdate
 
 
 @dataclass
@@ -46,7 +47,11 @@ class UNetCall:
     """Model evaluations of the sampling loop in all."""
     preview: tuple[slice, Any] | None = None
     """``(rows, alpha_bar)``: the rows whose x̂0 a preview may show (the conditional rows of the first image) and
-    ``ᾱ_t`` of their input, or None."""
+    ``ᾱ_t`` of their input (or a zero-argument callable giving it, evaluated only for a preview, before the
+    program steps on), or None."""
+    update: StepUpdate | None = None
+    """CFG and the sampler's update, when the program leaves them to whoever runs the call (:mod:`.stepping`):
+    then the program is sent the new latents instead of the UNet's output."""
 
     @property
     def rows(self) -> int:
@@ -72,13 +77,19 @@ Program = Generator["UNetCall | Decode", torch.Tensor, Any]
 
 
 def drive(engine: Engine, program: Program):
-    """Run ``program`` alone: every request it yields goes straight to the engine. Returns its result."""
-    try:
-        request = next(program)
-        while True:
-            request = program.send(request.run(engine))
-    except StopIteration as stop:
-        return stop.value
+    """Run ``program`` alone: every request it yields goes straight to the engine. Returns its result. The
+    engine's model lock is held for reading meanwhile (a model change waits for the run to end)."""
+    from ..concurrency import reading
+
+    with reading(engine):
+        try:
+            request = next(program)
+            while True:
+                out = request.run(engine)
+                update = getattr(request, "update", None)
+                request = program.send(out if update is None else update.apply(out))
+        except StopIteration as stop:
+            return stop.value
 
 
 def driven(program_fn: Callable[..., Program], name: str) -> Callable:

@@ -4,6 +4,7 @@ classifier-free guidance folded into one UNet call per model evaluation."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,7 @@ from .common import (
     resolve_size,
 )
 from .program import UNetCall, driven
+from .stepping import ddim_update
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -104,15 +106,19 @@ def _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height
     sched = engine.new_sampler(sampler, steps, seeds)
     latents = sched.initial_latents(engine.latent_shape(height, width), engine.device, engine.dtype)
     cond = slice(n, n + 1) if use_cfg else slice(0, 1)
+    coeff_cache = engine.__dict__.setdefault("_ddim_coeffs", {})  # the engine's scheduler config: shared by calls
     with engine.progress(sched.evaluations, "text2img", progress) as bar:
         for i, t in enumerate(sched.timesteps):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = sched.scale_model_input(model_in, t)
-            eps = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
-                                 steps=sched.evaluations, preview=(cond, sched.alpha_bar(t)))
-            if use_cfg:
-                eps = cfg_combine(eps, n, guidance_scale)
-            latents = sched.step(eps, t, latents)
+            update = ddim_update(sched, t, latents, guidance_scale if use_cfg else None, coeff_cache)  # None: not DDIM
+            out = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
+                                 steps=sched.evaluations, preview=(cond, partial(sched.alpha_bar, t)),
+                                 update=update)
+            if update is not None:  # CFG and the DDIM step were applied by whoever ran the call (batched)
+                latents = out
+            else:
+                latents = sched.step(cfg_combine(out, n, guidance_scale) if use_cfg else out, t, latents)
             bar.update(1)
 
     infos = [{"prompt": p, "seed": s, "steps": steps, "guidance_scale": guidance_scale, "sampler": sampler}

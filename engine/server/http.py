@@ -11,7 +11,8 @@ Serve's ingress. Endpoints (``/openapi.json`` and ``/docs`` describe every field
   ``GET /v1/jobs/{id}/events`` (Server-Sent Events: queued, started, step, preview, then exactly one of done /
   cancelled / timed_out / failed; ``Last-Event-ID`` resumes), ``DELETE /v1/jobs/{id}`` (cancel).
 - ``/healthz`` (the process answers), ``/readyz`` (model loaded and warmed up: 200, else 503), ``/metrics``
-  (Prometheus), ``/`` (a one-page UI).
+  (Prometheus text format, or OpenMetrics when asked: :mod:`~dreamfuse.engine.server.metrics`), ``/`` (a one-page
+  UI).
 
 Status codes: 422 for any bad field (pydantic's checks, and the engine's limits from ``scheduler.submit``,
 each naming the field in ``detail[].loc``), 413 for an upload over ``max_upload_bytes``, 415 for a body that is
@@ -43,8 +44,8 @@ from pydantic import BaseModel, ValidationError
 from .metrics import ServerMetrics
 from .schemas import (
     DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MAX_UPLOAD_SIDE,
     ComposeRequest,
-    GenerationRequest,
     PersonalizeRequest,
     UploadTooLarge,
     b64_bytes,
@@ -87,6 +88,21 @@ def _validation_error(e: ValidationError) -> HTTPException:
     return HTTPException(422, detail=errors)
 
 
+_EVENT_ID = re.compile(r"[0-9]{1,12}")
+_EXACT_UPLOADS = frozenset({"layout"})  # uploads whose size is the output's: never downscaled
+
+
+def last_event_start(value: str | None) -> int:
+    """The first event to send after ``Last-Event-ID: value`` (0 without one); a value that is not an id this
+    server sends (digits only, at most 12) is a 400 naming the header."""
+    if value is None or not value.strip():
+        return 0
+    if not _EVENT_ID.fullmatch(value.strip()):
+        raise field_error("Last-Event-ID", f"Last-Event-ID: must be an event id this server sent (a non-negative "
+                                           f"integer), got {value[:40]!r}", 400)
+    return int(value.strip()) + 1
+
+
 def png_bytes(img) -> bytes:
     """A PIL image -> PNG bytes, its ``.info`` strings (prompt, seed, steps...) as text chunks."""
     from PIL.PngImagePlugin import PngInfo
@@ -101,10 +117,16 @@ def png_bytes(img) -> bytes:
 
 
 def _job_pngs(job) -> list[bytes]:
-    pngs = getattr(job, "pngs", None)  # a remote job (ray_app) carries the PNG bytes it received
+    pngs = getattr(job, "pngs", None)  # a remote job (ray_app) or a stored one (journal) carries PNG bytes
     if pngs is not None:
         return list(pngs)
-    return [png_bytes(img) for img in (job.images or [])]
+    pngs = [png_bytes(img) for img in (job.images or [])]
+    if job.state == "done":
+        try:
+            job.pngs = pngs  # encoded once: the answer, GET /v1/jobs/{id} and the journal share them
+        except AttributeError:
+            pass
+    return pngs
 
 
 def _b64(data: bytes) -> str:
@@ -143,7 +165,8 @@ async def _client_gone(request: Request) -> None:
 class _App:
     """The state and handlers of one app (one scheduler)."""
 
-    def __init__(self, scheduler, api_key, max_upload_bytes, limits, shutdown_grace_s):
+    def __init__(self, scheduler, api_key, max_upload_bytes, limits, shutdown_grace_s,
+                 max_upload_side=DEFAULT_MAX_UPLOAD_SIDE, journal=None):
         from . import QueueFull, SchedulerClosed  # the scheduler module imports torch: only once an app is made
 
         self.scheduler = scheduler
@@ -152,6 +175,8 @@ class _App:
         self.max_upload_bytes = int(max_upload_bytes)
         self.body_limit = body_limit(self.max_upload_bytes)
         if limits is None:
+            limits = getattr(scheduler, "limits", None)  # the scheduler's per-request limits
+        if limits is None:
             engine = getattr(scheduler, "engine", None)
             limits = getattr(getattr(engine, "config", None), "limits", None)
         if limits is None:
@@ -159,6 +184,16 @@ class _App:
 
             limits = DEFAULT_LIMITS
         self.limits = limits
+        self.max_upload_side = max_upload_side
+        self.journal = journal
+        self._journal_queue = None
+        if journal is not None:
+            import queue
+
+            self._journal_queue = queue.Queue()
+            self._journal_thread = threading.Thread(target=self._journal_writer, name="dreamfuse-journal",
+                                                    daemon=True)
+            self._journal_thread.start()
         self.shutdown_grace_s = float(shutdown_grace_s)
         self.metrics = ServerMetrics(scheduler)
         self._shutdown_lock = threading.Lock()
@@ -178,6 +213,65 @@ class _App:
 
     def shutdown(self) -> None:
         self.begin_shutdown().join()
+        if self._journal_queue is not None:  # what finished is recorded before the process ends
+            self._journal_queue.put(None)
+            self._journal_thread.join(60)
+
+    # ------------------------------------------------------------------------------------------- journal
+    def _journal_done(self, job) -> None:
+        """A journaled job ended (worker thread): record it off the worker's path. Jobs that a shutdown cancelled
+        stay unfinished in the journal: the next start runs them again."""
+        if job.state == "cancelled" and SHUTDOWN_REASON in (job.error or ""):
+            return
+        self._journal_queue.put(job)
+
+    def _journal_writer(self) -> None:
+        while True:
+            job = self._journal_queue.get()
+            if job is None:
+                return
+            try:
+                pngs = _job_pngs(job) if job.state == "done" else None
+                self.journal.finish(job.id, job.state, job.error, pngs)
+            except Exception as e:  # noqa: BLE001 - a full disk must not stop the server; the job re-runs later
+                import warnings
+
+                warnings.warn(f"journal: cannot record job {job.id} ({type(e).__name__}: {e})", RuntimeWarning,
+                              stacklevel=1)
+
+    def recover(self) -> dict[str, int]:
+        """Resubmit the jobs the journal holds unfinished (a previous process died or shut down with them), under
+        their ids; a job that cannot run again ends failed, "lost in a restart", with the reason. Returns counts."""
+        from .journal import LOST
+
+        counts = {"resumed": 0, "lost": 0, "timed_out": 0}
+        now = time.time()
+        for rec in self.journal.unfinished():
+            if self.scheduler.get(rec.id) is not None:
+                continue
+            if rec.model != self.journal.model:
+                self.journal.finish(rec.id, "failed", f"{LOST}: it was accepted for another model ({rec.model}); "
+                                                      f"the server now serves {self.journal.model}")
+                counts["lost"] += 1
+                continue
+            if rec.deadline is not None and rec.deadline <= now:
+                self.journal.finish(rec.id, "timed_out", "deadline passed during a restart")
+                counts["timed_out"] += 1
+                continue
+            try:
+                images = {name: decode_image(path.read_bytes(), name, self.limits, self.max_upload_side,
+                                             self.limits if name in _EXACT_UPLOADS else None)
+                          for name, path in rec.uploads.items()}
+                deadline_s = None if rec.deadline is None else rec.deadline - now
+                job = self.scheduler.submit(rec.kind, seed=rec.seeds, job_id=rec.id, force=True,
+                                            priority=rec.priority, deadline_s=deadline_s, **rec.fields, **images)
+            except (OSError, ValueError, TypeError) as e:
+                self.journal.finish(rec.id, "failed", f"{LOST}: {e}")
+                counts["lost"] += 1
+                continue
+            job.add_done_callback(self._journal_done)
+            counts["resumed"] += 1
+        return counts
 
     # ------------------------------------------------------------------------------------------- auth
     def authorize(self, request: Request) -> None:
@@ -257,8 +351,11 @@ class _App:
             raise _validation_error(e) from None
         return req, uploads
 
-    async def image(self, field: str, text: str | None, uploads: dict, required: bool = False):
-        """A PIL image from an uploaded file or a base64 field; None when neither is given (unless required)."""
+    async def image(self, field: str, text: str | None, uploads: dict, required: bool = False,
+                    exact: bool = False, raw: dict | None = None):
+        """A PIL image from an uploaded file or a base64 field; None when neither is given (unless required).
+        Larger than ``max_upload_side``: downscaled on arrival, unless ``exact`` (an image whose size is the
+        output's: checked against the request limits instead)."""
         data = uploads.get(field)
         try:
             if data is None and text is not None:
@@ -267,16 +364,22 @@ class _App:
                 if required:
                     raise ValueError(f"{field}: missing (base64 in the JSON body, or an uploaded file)")
                 return None
-            return await run_in_threadpool(decode_image, data, field, self.limits)
+            image = await run_in_threadpool(decode_image, data, field, self.limits, self.max_upload_side,
+                                            self.limits if exact else None)
+            if raw is not None:
+                raw[field] = data  # the journal keeps the bytes: a restart decodes exactly what was sent
+            return image
         except UploadTooLarge as e:
             raise field_error(e.field, str(e), 413) from None
         except ValueError as e:
             raise field_error(field, str(e)) from None
 
     # ------------------------------------------------------------------------------------------- submit + answer
-    async def submit(self, kind: str, fields, **kwargs):
+    async def submit(self, kind: str, fields, raw: dict | None = None, idempotency_key: str | None = None, **kwargs):
         try:
-            return await run_in_threadpool(self.scheduler.submit, kind, **kwargs)
+            if self.journal is None:
+                return await run_in_threadpool(self.scheduler.submit, kind, **kwargs)
+            return await run_in_threadpool(self._submit_journaled, kind, raw or {}, idempotency_key, kwargs)
         except self.QueueFull as e:
             retry = max(1, int(-(-float(getattr(e, "retry_after_s", 1.0)) // 1)))
             raise HTTPException(429, detail=f"the queue is full; retry in about {retry} s",
@@ -287,9 +390,48 @@ class _App:
             message = " ".join(str(e).split())
             raise field_error(_engine_field(message, fields), message) from None
 
+    def _submit_journaled(self, kind: str, raw: dict, idempotency_key: str | None, kwargs: dict):
+        """Record the job (its fields, upload bytes, resolved seeds) in the journal, then queue it under that id;
+        a job the scheduler refuses is forgotten again."""
+        import uuid
+
+        from PIL import Image
+
+        from ..pipelines.common import resolve_seeds
+
+        seeds = resolve_seeds(kwargs.pop("seed", None), kwargs.get("n", 1))
+        priority, deadline_s = kwargs.get("priority", 0), kwargs.get("deadline_s")
+        fields = {k: v for k, v in kwargs.items()
+                  if k not in ("priority", "deadline_s") and not isinstance(v, Image.Image) and v is not None}
+        job_id = uuid.uuid4().hex
+        deadline = None if deadline_s is None else time.time() + float(deadline_s)
+        self.journal.accept(job_id, kind, fields, {k: v for k, v in raw.items() if k in kwargs}, seeds, priority,
+                            deadline, idempotency_key)
+        try:
+            job = self.scheduler.submit(kind, seed=seeds, job_id=job_id, **kwargs)
+        except BaseException:
+            self.journal.forget(job_id)
+            raise
+        job.add_done_callback(self._journal_done)
+        return job
+
     async def answer(self, request: Request, job, req) -> Response:
         if not req.wait:
             return JSONResponse(job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+        left = await self.wait_for(request, job)
+        if left is not None:
+            return left
+        return await self.result(job, req.response_format)
+
+    def pngs_of(self, job) -> list[bytes]:
+        return _job_pngs(job)
+
+    async def wait_for(self, request: Request, job, cancel_on_disconnect: bool = True) -> Response | None:
+        """Wait until ``job`` ends (None), or the client leaves: then the job is cancelled (unless
+        ``cancel_on_disconnect`` is false: a client that sent an idempotency key may come back for it) and a 499
+        returned."""
+        if job.done():
+            return None
         waiting = asyncio.ensure_future(_wait_done(job))
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -301,18 +443,21 @@ class _App:
             waiting.cancel()
             gone.cancel()
         if not job.done():  # the client left: nobody will read the result
-            job.cancel()
+            if cancel_on_disconnect:
+                job.cancel()
             self.metrics.disconnects.inc()
             return Response(status_code=499)
-        return await self.result(job, req.response_format)
+        return None
 
     async def result(self, job, response_format: str = "b64_json") -> Response:
         state = job.state
         if state != "done":
             status = {"timed_out": 504, "failed": 500}.get(state, 409)
+            headers = {"x-should-retry": "false"}  # the same request would end the same way
             if state == "cancelled" and SHUTDOWN_REASON in (job.error or ""):
-                status = 503
-            raise HTTPException(status, detail={"id": job.id, "status": state, "error": job.error})
+                status, headers = 503, {"Retry-After": "5"}
+            headers["X-Dreamfuse-Job"] = job.id
+            raise HTTPException(status, detail={"id": job.id, "status": state, "error": job.error}, headers=headers)
         pngs = await run_in_threadpool(_job_pngs, job)
         headers = {"X-Dreamfuse-Job": job.id, "X-Dreamfuse-Seeds": ",".join(str(s) for s in job.seeds)}
         if getattr(job, "replica", None):  # a Ray Serve worker replica (ray_app)
@@ -325,6 +470,8 @@ class _App:
 
     def job(self, job_id: str):
         job = self.scheduler.get(job_id)
+        if job is None and self.journal is not None and len(job_id) <= 64:
+            job = self.journal.stored(job_id)
         if job is None:
             raise HTTPException(404, detail=f"no job {job_id!r} (unknown, or finished long enough ago to be "
                                             "forgotten)")
@@ -335,7 +482,9 @@ class _App:
         finished = False
         try:
             index, last_write = start, time.monotonic()
-            yield "retry: 2000\n\n"
+            # the reconnection delay rides on the first event: a block of its own reaches third-party SSE clients
+            # (httpx-sse) as an empty message
+            retry = "retry: 2000\n"
             while True:
                 evs = job.events_since(index, 0)
                 if not evs:
@@ -345,7 +494,8 @@ class _App:
                     await asyncio.sleep(_POLL_S[1])
                     continue
                 for ev in evs:
-                    yield f"id: {index}\nevent: {ev['type']}\ndata: {json.dumps(ev, separators=(',', ':'))}\n\n"
+                    yield f"{retry}id: {index}\nevent: {ev['type']}\ndata: {json.dumps(ev, separators=(',', ':'))}\n\n"
+                    retry = ""
                     index += 1
                     if ev["type"] in TERMINAL_EVENTS:
                         finished = True
@@ -396,8 +546,59 @@ def _openapi_body(model: type[BaseModel], files: tuple[str, ...]) -> dict:
                                                           "multipart/form-data": {"schema": form}}}}
 
 
+_DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+                "redoc.standalone.js": "text/javascript", "favicon.png": "image/png"}
+
+
+def _docs_asset(name: str) -> tuple[bytes, str] | None:
+    """Swagger UI's and ReDoc's files from the ``fastapi-offline`` package (the ``serve`` extra): ``/docs`` must not
+    need a CDN (a server on a laptop, an air-gapped cluster)."""
+    if name not in _DOCS_ASSETS:
+        return None
+    try:
+        from importlib.resources import files
+
+        return files("fastapi_offline").joinpath("static", name).read_bytes(), _DOCS_ASSETS[name]
+    except (ImportError, ModuleNotFoundError, OSError):
+        return None
+
+
+def openapi_spec(app: FastAPI, secured: bool) -> dict:
+    """The app's OpenAPI document with a bearer security scheme; with an API key, every ``/v1`` operation requires
+    it (so /docs' "Authorize" sends it)."""
+    import copy
+
+    spec = copy.deepcopy(app.openapi())
+    spec.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "dreamfuse serve --api-key KEY"}}
+    if secured:
+        for path, ops in spec.get("paths", {}).items():
+            if path.startswith("/v1") and not path.startswith("/v1/images/files"):
+                for op in ops.values():
+                    if isinstance(op, dict):
+                        op["security"] = [{"bearer": []}]
+    return spec
+
+
+_NATIVE_RESPONSES = {
+    200: {"description": "the images: JSON with base64 PNGs (response_format png: the bytes)",
+          "content": {"application/json": {"schema": {"type": "object", "properties": {
+              "created": {"type": "integer"}, "data": {"type": "array", "items": {"type": "object", "properties": {
+                  "b64_json": {"type": "string"}, "seed": {"type": "integer"}}}}}}}, "image/png": {}}},
+    202: {"description": "`wait: false`: the job, at once (follow /v1/jobs/{id})"},
+    401: {"description": "no or a wrong API key"}, 409: {"description": "the job was cancelled"},
+    413: {"description": "an upload over the limit"}, 415: {"description": "neither JSON nor a form"},
+    422: {"description": "a bad field (`detail[].loc` names it)"},
+    429: {"description": "the queue is full (Retry-After)"}, 500: {"description": "the job failed"},
+    503: {"description": "shutting down"}, 504: {"description": "the deadline passed"},
+}
+
+
 def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               limits=None, shutdown_grace_s: float = 10.0, title: str = "dreamfuse") -> FastAPI:
+               limits=None, shutdown_grace_s: float = 10.0, title: str = "dreamfuse", allowed_hosts=(),
+               allowed_origins=(), public_docs: bool = False,
+               max_upload_side: int | None = DEFAULT_MAX_UPLOAD_SIDE, journal=None, model_name: str = "dreamfuse",
+               url_ttl_s: float = 3600.0) -> FastAPI:
     """The FastAPI app serving ``scheduler`` (a ``StepScheduler``, or anything with its interface).
 
     Args:
@@ -405,21 +606,81 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
             ``/readyz`` and ``/metrics`` stay open for probes and scrapers).
         max_upload_bytes: the most bytes of one uploaded image (base64 or a file); the whole body may hold that
             plus 1 MiB. Pixels are bounded by ``limits.max_input_pixels`` from the image header.
-        limits: the engine's :class:`~dreamfuse.engine.limits.Limits` (default: ``scheduler.engine.config.limits``).
+        limits: the per-request :class:`~dreamfuse.engine.limits.Limits` (default: ``scheduler.limits``, else the
+            engine's).
         shutdown_grace_s: on app shutdown, running jobs get this long to finish; the rest are cancelled.
+        allowed_hosts: host names the server answers to besides ``localhost`` and IP literals (``"*"``: any); see
+            :mod:`~dreamfuse.engine.server.security` (DNS rebinding).
+        allowed_origins: web origins (``https://app.example``, ``"*"``) whose pages may call the API from a
+            browser (they get CORS headers); other cross-origin browser requests are refused with 403.
+        public_docs: with ``api_key`` set, ``/docs``, ``/redoc`` and ``/openapi.json`` need the key too, unless
+            this is true.
+        max_upload_side: uploaded images with a longer side are downscaled to it on arrival (None: never).
+        journal: a :class:`~dreamfuse.engine.server.journal.Journal`: every accepted job is recorded before it is
+            queued and its end after; jobs it holds unfinished (a previous process died) are resubmitted now, under
+            their ids; finished jobs stay answerable from it.
+        model_name: the model's id in ``GET /v1/models`` (requests may name any model: it is ignored).
+        url_ttl_s: how long images answered with ``response_format="url"`` stay downloadable.
     """
-    state = _App(scheduler, api_key, max_upload_bytes, limits, shutdown_grace_s)
+    state = _App(scheduler, api_key, max_upload_bytes, limits, shutdown_grace_s, max_upload_side, journal)
+    from .openai_api import ImageStore
+
+    state.url_store = ImageStore(url_ttl_s)
+    if journal is not None:
+        state.recovered = state.recover()
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         await run_in_threadpool(state.shutdown)
 
-    app = FastAPI(title=title, version="1", lifespan=lifespan,
+    app = FastAPI(title=title, version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   description="dreamfuse image generation: step-level continuous batching over diffusers UNets.")
     app.state.dreamfuse = state
     app.add_middleware(_RequestCounter, state=state)
+    if allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        origins = list(allowed_origins)
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["X-Dreamfuse-Job", "X-Dreamfuse-Seeds", "Location", "Retry-After"])
+    from .security import HostOriginGuard
+
+    app.add_middleware(HostOriginGuard, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)  # outermost
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(state.authorize)])
+    docs = APIRouter(dependencies=[] if public_docs else [Depends(state.authorize)], include_in_schema=False)
+
+    @docs.get("/openapi.json")
+    async def openapi_json():
+        return JSONResponse(openapi_spec(app, secured=state.api_key is not None))
+
+    @docs.get("/docs")
+    async def swagger():
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png",
+                                   swagger_ui_parameters={"persistAuthorization": True})
+
+    @docs.get("/redoc")
+    async def redoc():
+        from fastapi.openapi.docs import get_redoc_html
+
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
+
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str):  # the docs pages' scripts, served from here: they work offline
+        asset = _docs_asset(name)
+        if asset is None:
+            raise HTTPException(404, detail=f"no docs asset {name!r}")
+        data, media = asset
+        return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
+
+    app.include_router(docs)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -436,34 +697,31 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
         ready = bool(getattr(scheduler, "ready", False))
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
-    async def metrics():
-        text = await run_in_threadpool(state.metrics.render)
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics (OpenMetrics when asked)",
+             responses={200: {"description": "the Prometheus text format (version 0.0.4), or OpenMetrics 1.0 for "
+                                             "`Accept: application/openmetrics-text; version=1.0.0`",
+                              "content": {"text/plain": {"schema": {"type": "string"}},
+                                          "application/openmetrics-text": {"schema": {"type": "string"}}}}})
+    async def metrics(request: Request):
+        body, headers = await run_in_threadpool(state.metrics.render, request.headers.get("accept"),
+                                                request.headers.get("accept-encoding"))
+        return Response(body, headers=headers)
 
-    gen_files = ("ip_image",)
+    from .openai_api import add_openai_routes
 
-    @v1.post("/images/generations", openapi_extra=_openapi_body(GenerationRequest, gen_files),
-             summary="text to image (OpenAI images API shape), optionally with an IP-Adapter image prompt")
-    async def generations(request: Request):
-        req, uploads = await state.parse(request, GenerationRequest, gen_files)
-        ip_image = await state.image("ip_image", req.ip_image, uploads)
-        job = await state.submit(
-            "text2img", GenerationRequest.model_fields, prompt=req.prompt, negative_prompt=req.negative_prompt,
-            n=req.n, width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
-            seed=req.seed, sampler=req.sampler, ip_image=ip_image, ip_scale=req.ip_scale, priority=req.priority,
-            deadline_s=req.deadline_s)
-        return await state.answer(request, job, req)
+    add_openai_routes(app, state, [Depends(state.authorize)], model_name)
 
     pers_files = ("reference_image",)
 
     @v1.post("/images/personalize", openapi_extra=_openapi_body(PersonalizeRequest, pers_files),
+             responses=_NATIVE_RESPONSES,
              summary="DreamMatcher: the subject of a reference image in new scenes")
     async def personalize(request: Request):
         req, uploads = await state.parse(request, PersonalizeRequest, pers_files)
-        reference = await state.image("reference_image", req.reference_image, uploads, required=True)
+        raw: dict = {}
+        reference = await state.image("reference_image", req.reference_image, uploads, required=True, raw=raw)
         job = await state.submit(
-            "personalize", PersonalizeRequest.model_fields, prompt=req.prompt, reference_image=reference,
+            "personalize", PersonalizeRequest.model_fields, raw=raw, prompt=req.prompt, reference_image=reference,
             subject_token=req.subject_token, n=req.n, steps=req.steps, guidance_scale=req.guidance_scale,
             seed=req.seed, width=req.width, height=req.height, priority=req.priority, deadline_s=req.deadline_s)
         return await state.answer(request, job, req)
@@ -471,16 +729,18 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
     comp_files = ("layout", "segments")
 
     @v1.post("/images/compose", openapi_extra=_openapi_body(ComposeRequest, comp_files),
+             responses=_NATIVE_RESPONSES,
              summary="Composite Diffusion: a colour layout with a prompt per segment")
     async def compose(request: Request):
         req, uploads = await state.parse(request, ComposeRequest, comp_files)
-        layout = await state.image("layout", req.layout, uploads, required=True)
+        raw: dict = {}
+        layout = await state.image("layout", req.layout, uploads, required=True, exact=True, raw=raw)
         try:
             segments = segments_mapping(uploads.get("segments", req.segments))
         except ValueError as e:
             raise field_error("segments", str(e)) from None
         job = await state.submit(
-            "compose", ComposeRequest.model_fields, layout=layout, segments=segments, prompt=req.prompt,
+            "compose", ComposeRequest.model_fields, raw=raw, layout=layout, segments=segments, prompt=req.prompt,
             negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.guidance_scale, seed=req.seed,
             sampler=req.sampler, priority=req.priority, deadline_s=req.deadline_s)
         return await state.answer(request, job, req)
@@ -506,8 +766,13 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     async def job_events(job_id: str, request: Request, cancel_on_disconnect: bool = True):
         job = state.job(job_id)
-        last = request.headers.get("last-event-id", "")
-        start = int(last) + 1 if last.strip().isdigit() else 0
+        start = last_event_start(request.headers.get("last-event-id"))
+        have = len(job.events_since(0, 0))
+        if start >= have and job.done():  # the client has every event: 204 tells EventSource not to reconnect
+            return Response(status_code=204)
+        if start > have:
+            raise field_error("Last-Event-ID", f"Last-Event-ID: event {start - 1} was never sent (the job has sent "
+                                               f"{have})", 400)
         return StreamingResponse(state.events(request, job, start, cancel_on_disconnect),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

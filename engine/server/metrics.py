@@ -1,6 +1,8 @@
 """Prometheus metrics of one server: the scheduler's ``stats()`` read at each scrape, plus the HTTP layer's own
 counters. One ``CollectorRegistry`` per app, so several apps in one process (tests, Ray replicas) never share
-series.
+series. ``/metrics`` answers OpenMetrics 1.0 to a scraper that asks for it (``Accept:
+application/openmetrics-text; version=1.0.0``: Prometheus does), the Prometheus text format otherwise, gzipped when
+the scraper accepts it.
 
 Series (``dreamfuse_`` prefix):
 
@@ -8,57 +10,54 @@ Series (``dreamfuse_`` prefix):
 - ``requests_completed_total{kind}``, ``requests_cancelled_total``, ``requests_timed_out_total``,
   ``requests_failed_total``, ``requests_rejected_total``, ``unet_calls_total``, ``images_total``: counters
   (images/s is ``rate(dreamfuse_images_total[1m])``).
-- ``unet_rows_per_call``: a histogram of the rows each UNet call carried (the batching at work). The scheduler
-  keeps only its recent calls; each scrape adds the calls made since the previous one (all of them unless more
-  than the scheduler's window happened in between).
-- ``step_seconds{quantile}``, ``request_seconds{kind,quantile}``: gauges of the quantiles over the scheduler's
-  recent window (a summary's sliding-window quantiles), with ``_count`` of that window.
+- Histograms (``_bucket{le}``, ``_sum``, ``_count``), cumulative since the process started and fed from every
+  observation (:mod:`~dreamfuse.engine.server.histogram`: why these buckets), so ``rate()`` over any range is exact
+  and they sum across servers and replicas (the Ray ingress sums its replicas'):
+
+  - ``step_seconds``: every scheduler step (tick: the batched UNet calls and VAE decodes of all running requests).
+  - ``unet_rows_per_call``: the rows each UNet call carried (the batching at work).
+  - ``request_seconds{kind}``: submission to done, of the requests that finished with images.
+  - ``time_to_first_step_seconds{kind}``: submission to the end of the request's first denoising step (its queue
+    wait plus one step: when a streaming client sees progress).
+
+  Quantiles: ``histogram_quantile(0.95, sum by (le, kind) (rate(dreamfuse_request_seconds_bucket[5m])))``; the
+  mean: ``rate(..._sum[5m]) / rate(..._count[5m])``.
 - ``http_requests_total{route,status}``, ``http_client_disconnects_total``: the HTTP layer's counters.
 """
 
 from __future__ import annotations
 
-import threading
+import gzip
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-QUANTILES = (0.5, 0.9, 0.95, 0.99)
+from .histogram import cumulative
 
 
-def quantile(values, q: float) -> float:
-    """The ``q`` quantile of ``values`` (linear interpolation, as numpy's default); nan when empty."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def _buckets(snapshot: dict) -> tuple[list[tuple[str, float]], float]:
+    return [(floatToGoString(le), count) for le, count in cumulative(snapshot)], snapshot["sum"]
+
+
+def _histogram(name: str, text: str, snapshot: dict | None, unit: str = "") -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, text, unit=unit)
+    if snapshot:
+        h.add_metric([], *_buckets(snapshot))
+    return h
+
+
+def _histogram_by_kind(name: str, text: str, snapshots: dict | None, unit: str = "") -> HistogramMetricFamily:
+    h = HistogramMetricFamily(name, text, labels=["kind"], unit=unit)
+    for kind, snapshot in sorted((snapshots or {}).items()):
+        h.add_metric([kind], *_buckets(snapshot))
+    return h
 
 
 class _SchedulerCollector:
     def __init__(self, scheduler):
         self.scheduler = scheduler
-        self._lock = threading.Lock()
-        self._calls_seen = 0
-        self._bucket_counts = [0] * len(ROW_BUCKETS)  # non-cumulative; +Inf is the rest
-        self._over = 0
-        self._rows_sum = 0
-
-    def _observe_rows(self, unet_calls: int, recent: list[int]) -> None:
-        with self._lock:
-            new = max(0, unet_calls - self._calls_seen)
-            self._calls_seen = max(self._calls_seen, unet_calls)
-            for rows in recent[len(recent) - min(new, len(recent)):]:
-                self._rows_sum += rows
-                for i, bound in enumerate(ROW_BUCKETS):
-                    if rows <= bound:
-                        self._bucket_counts[i] += 1
-                        break
-                else:
-                    self._over += 1
 
     def collect(self):
         s = self.scheduler.stats()
@@ -80,39 +79,13 @@ class _SchedulerCollector:
             yield CounterMetricFamily(f"dreamfuse_requests_{key}", text, value=s.get(key, 0))
         yield CounterMetricFamily("dreamfuse_unet_calls", "batched UNet calls", value=s.get("unet_calls", 0))
         yield CounterMetricFamily("dreamfuse_images", "images generated", value=s.get("images", 0))
-
-        self._observe_rows(s.get("unet_calls", 0), list(s.get("rows_per_call", [])))
-        with self._lock:
-            cumulative, total = [], 0
-            for bound, count in zip(ROW_BUCKETS, self._bucket_counts):
-                total += count
-                cumulative.append((str(bound), total))
-            cumulative.append(("+Inf", total + self._over))
-            rows_sum = self._rows_sum
-        yield HistogramMetricFamily("dreamfuse_unet_rows_per_call", "rows carried by each UNet call",
-                                    buckets=cumulative, sum_value=rows_sum)
-
-        steps = list(s.get("step_seconds", []))
-        g = GaugeMetricFamily("dreamfuse_step_seconds", "scheduler step latency quantiles over the recent window",
-                              labels=["quantile"])
-        for q in QUANTILES:
-            if steps:
-                g.add_metric([str(q)], quantile(steps, q))
-        yield g
-        yield GaugeMetricFamily("dreamfuse_step_seconds_count", "steps in the recent window", value=len(steps))
-        g = GaugeMetricFamily("dreamfuse_request_seconds",
-                              "request latency (submit to done) quantiles over the recent window, by kind",
-                              labels=["kind", "quantile"])
-        counts = GaugeMetricFamily("dreamfuse_request_seconds_count", "requests in the recent window, by kind",
-                                   labels=["kind"])
-        for kind, values in sorted(s.get("request_seconds", {}).items()):
-            values = list(values)
-            counts.add_metric([kind], len(values))
-            for q in QUANTILES:
-                if values:
-                    g.add_metric([kind, str(q)], quantile(values, q))
-        yield g
-        yield counts
+        yield _histogram("dreamfuse_unet_rows_per_call", "rows carried by each UNet call", s.get("rows_per_call"))
+        yield _histogram("dreamfuse_step_seconds", "scheduler step (tick) latency", s.get("step_seconds"), "seconds")
+        yield _histogram_by_kind("dreamfuse_request_seconds", "request latency, submission to done, by kind",
+                                 s.get("request_seconds"), "seconds")
+        yield _histogram_by_kind("dreamfuse_time_to_first_step_seconds",
+                                 "submission to the end of the first denoising step (queue wait + one step), by kind",
+                                 s.get("first_step_seconds"), "seconds")
 
 
 class ServerMetrics:
@@ -127,7 +100,14 @@ class ServerMetrics:
                                    "clients that left before their job finished (the job is cancelled)",
                                    registry=self.registry)
 
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
+    def render(self, accept: str | None = None, accept_encoding: str | None = None) -> tuple[bytes, dict[str, str]]:
+        """The exposition and its headers for a scrape with these ``Accept`` / ``Accept-Encoding`` headers:
+        OpenMetrics when asked for, else the text format (prometheus_client's own negotiation); gzip when
+        accepted (~320 samples: ~23 kB as text, ~2 kB gzipped)."""
+        encoder, content_type = choose_encoder(accept or "")
+        body = encoder(self.registry)
+        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+        if "gzip" in (accept_encoding or ""):
+            body = gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        return body, headers

@@ -75,6 +75,7 @@ function headers(json) {
 }
 
 function errorText(body, status) {
+  if (body && body.error && body.error.message) return body.error.message;  // the OpenAI routes' error object
   if (body && Array.isArray(body.detail)) {
     return body.detail.map((d) => (d.loc || []).slice(1).join(".") + ": " + d.msg).join("; ");
   }

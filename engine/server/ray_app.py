@@ -20,8 +20,11 @@ each other one, then ``dreamfuse serve --ray --ray-address auto --replicas N`` o
 adapter files) must exist at the same path on every node. Serve's proxy listens on ``--host``/``--port`` of
 each node.
 
-``/metrics`` of the ingress: its own job counts and HTTP counters, plus the latest stats each worker replica
-reported (sent at the end of each of its jobs): queue depth and running requests summed over the replicas.
+``/metrics`` of the ingress: its own job counts, queue depth, running requests and HTTP counters; UNet calls and
+the histograms (step and request latency, time to first step, rows per UNet call) summed over the replicas'
+latest stats (:func:`~dreamfuse.engine.server.histogram.sum_stats`), which each replica sends at the end of each of
+its jobs and every few seconds while one runs. The replicas' counts are cumulative, so the sums are cluster-wide
+histograms that only grow: a replica that stopped keeps its last counts in them.
 """
 
 from __future__ import annotations
@@ -32,11 +35,14 @@ import threading
 import time
 from collections import OrderedDict
 
+from .histogram import sum_stats
+
 WORKER = "DreamfuseWorker"
 INGRESS = "DreamfuseIngress"
 APP_NAME = "dreamfuse"
 _TERMINAL = ("done", "cancelled", "timed_out", "failed")
 _HISTORY = 1024  # finished jobs the ingress remembers for GET /v1/jobs/{id}
+_STATS_EVERY_S = 5.0  # a running job's stream carries its replica's stats this often (scrapes come every 15-60 s)
 _MODEL_KEYS = ("model", "config", "variant", "device", "dtype", "backend", "compile", "unet", "lora", "no_progress",
                "preload_relation", "ip_adapter", "image_encoder")
 
@@ -63,6 +69,8 @@ class _Worker:
         self.scheduler = StepScheduler(self.engine, **options["scheduler"])
         self.scheduler.warmup()
         self.grace_s = float(options["app"].get("shutdown_grace_s", 10.0))
+        self._stats_lock = threading.Lock()
+        self._stats_seq = 0
         try:
             from ray import serve
 
@@ -74,12 +82,18 @@ class _Worker:
         return bool(self.scheduler.ready)
 
     def stats(self) -> dict:
-        return {"replica": self.replica, **self.scheduler.stats()}
+        """The scheduler's stats with this replica's id and ``seq``, which orders its snapshots (the ingress
+        receives them on several jobs' streams, in any order, and keeps the latest)."""
+        with self._stats_lock:
+            self._stats_seq += 1
+            stats = self.scheduler.stats()
+            stats.pop("recent_step_seconds", None)  # for benchmarks in-process; not worth shipping
+            return {"replica": self.replica, "seq": self._stats_seq, **stats}
 
     async def run(self, kind: str, kwargs: dict):
         """Stream ``("accepted", info)`` or one refusal (``("rejected", retry_after_s)``, ``("closed", None)``,
         ``("invalid", message)``), then ``("event", ev)``... with ``("images", [png])`` just before the done event,
-        and ``("stats", dict)`` last."""
+        ``("stats", dict)`` every few seconds and last."""
         from . import QueueFull, SchedulerClosed
         from .http import png_bytes
 
@@ -97,8 +111,12 @@ class _Worker:
         yield ("accepted", {"id": job.id, "kind": job.kind, "seeds": list(job.seeds), "steps": job.steps,
                             "created": job.created, "replica": self.replica})
         index = 0
+        next_stats = time.monotonic() + _STATS_EVERY_S
         try:
             while True:
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + _STATS_EVERY_S
+                    yield ("stats", self.stats())
                 evs = job.events_since(index, 0)
                 if not evs:
                     await asyncio.sleep(0.01)
@@ -215,8 +233,7 @@ class RemoteScheduler:
         self._lock = threading.Lock()
         self._closed = False
         self._counts = {"completed": {}, "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0, "images": 0}
-        self._request_seconds: dict[str, list[float]] = {}
-        self._replicas: dict[str, dict] = {}
+        self._replicas: dict[str, dict] = {}  # replica id -> its latest stats (kept after it stops: counts never drop)
         threading.Thread(target=self._probe, name="dreamfuse-ready-probe", daemon=True).start()
 
     def _probe(self) -> None:
@@ -264,15 +281,15 @@ class RemoteScheduler:
                 done = self._counts["completed"]
                 done[job.kind] = done.get(job.kind, 0) + 1
                 self._counts["images"] += len(job.seeds)
-                window = self._request_seconds.setdefault(job.kind, [])
-                window.append(job.finished - job.created)
-                del window[:-1000]
             else:
                 self._counts[job.state] += 1
 
     def _on_stats(self, stats: dict) -> None:
         with self._lock:
-            self._replicas[stats.get("replica", "?")] = stats
+            replica = stats.get("replica", "?")
+            seen = self._replicas.get(replica)
+            if seen is None or stats.get("seq", 0) > seen.get("seq", 0):  # an older snapshot would undo counts
+                self._replicas[replica] = stats
 
     def get(self, job_id: str) -> RemoteJob | None:
         with self._lock:
@@ -282,13 +299,11 @@ class RemoteScheduler:
         with self._lock:
             replicas = list(self._replicas.values())
             out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._counts.items()}
-            out["request_seconds"] = {k: list(v) for k, v in self._request_seconds.items()}
             jobs = list(self._jobs.values())
         out["queue_depth"] = sum(1 for j in jobs if j.state == "queued")
         out["running"] = sum(1 for j in jobs if j.state == "running")
         out["unet_calls"] = sum(r.get("unet_calls", 0) for r in replicas)
-        out["rows_per_call"] = [x for r in replicas for x in r.get("rows_per_call", [])][-1000:]
-        out["step_seconds"] = [x for r in replicas for x in r.get("step_seconds", [])][-1000:]
+        out.update(sum_stats(replicas))
         out["replicas"] = len(replicas)
         return out
 
@@ -338,7 +353,14 @@ def build_app(options: dict, *, use_gpu: bool | None = None):
         from .http import create_app
 
         handle = serve.get_deployment_handle(WORKER, app_name=app_name)
-        return create_app(RemoteScheduler(handle), **app_options)
+        limits = None
+        if sched.get("limits"):
+            import dataclasses
+
+            from ..limits import DEFAULT_LIMITS
+
+            limits = dataclasses.replace(DEFAULT_LIMITS, **sched["limits"])
+        return create_app(RemoteScheduler(handle), limits=limits, **app_options)
 
     class _Ingress:
         def __init__(self, worker):  # the bound worker makes Serve deploy it in this application

@@ -9,7 +9,13 @@ one of them and
   layer handlers — into batched calls of at most ``max_batch_rows`` rows, each row with its own timestep
   (``timestep (B,)``: diffusers' UNet embeds each row's own), and hands every program its rows of the output;
 - runs the calls that carry layer handlers (personalize's AMA steps) on their own, in the same tick;
-- decodes the latents of the programs that finished in one batched VAE call per image size.
+- decodes the latents of the programs that finished in batched VAE calls per image size.
+
+A tick does a bounded amount of work: at most ``max_batch_rows`` rows at the model's native size (a row of twice the
+side costs four) of UNet evaluation, and as much of VAE decoding. A request whose step is larger than that (many
+images, a large size) is split into pieces of at most ``max_batch_rows`` rows that run over several ticks, beside
+the other requests' steps; requests are served in the order they were last served, so every running request
+advances, and cancellation and deadlines act within one tick, never after a whole oversized step.
 
 A request admitted while others are at step 30 of 50 runs its step 0 in the next tick; a finished one leaves at
 once. Since a program never sees which rows shared its call, a request's image is the one it gets alone, within the
@@ -21,12 +27,18 @@ running rows stay within ``max_batch_rows`` (counted at the model's native size:
 so at light load a request runs alone in small calls (lowest latency) and at heavy load every call is as full as
 the budget allows (highest throughput). Calls are padded to the engine's compile buckets by ``Engine.unet_call``.
 Deadlines: a request whose deadline has passed, or that cannot finish before it at the measured step time, is
-dropped (``timed_out``) before any more of its work is done. Cancellation takes effect between steps.
+dropped (``timed_out``) before any more of its work is done. Cancellation takes effect between ticks.
+
+Per-request limits: ``limits`` (default: the engine's ``config.limits``) bound what one request may ask for
+(images, steps, pixels) at submission; a server sets them below the library's (``dreamfuse serve --max-n ...``).
+Model changes (a LoRA loaded while serving, ...) wait for the running requests and hold admission meanwhile: every
+running request holds a lease on the engine's model lock (:mod:`~dreamfuse.engine.concurrency`).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import heapq
 import io
 import itertools
@@ -42,10 +54,11 @@ import torch
 from ..pipelines.common import resolve_seeds
 from ..pipelines.program import Decode, UNetCall
 from ..prediction import prediction_type_of, to_eps_x0
+from .histogram import SERIES, SERIES_BY_KIND, Histogram
 
 JOB_STATES = ("queued", "running", "done", "cancelled", "timed_out", "failed")
 TERMINAL_STATES = frozenset(JOB_STATES[2:])
-KINDS = ("text2img", "personalize", "compose")
+KINDS = ("text2img", "personalize", "compose", "img2img", "inpaint")
 
 
 class QueueFull(Exception):
@@ -64,8 +77,8 @@ class Job:
     """One request: its state, progress, events and result. Created by :meth:`StepScheduler.submit`."""
 
     def __init__(self, kind: str, program, seeds: list[int], steps: int, rows: int, cost: float, priority: int,
-                 deadline: float | None):
-        self.id = uuid.uuid4().hex
+                 deadline: float | None, job_id: str | None = None):
+        self.id = job_id or uuid.uuid4().hex
         self.kind = kind
         self.seeds = seeds
         self.step = 0
@@ -73,6 +86,8 @@ class Job:
         self.priority = priority
         self.deadline = deadline
         self.created = time.time()
+        self._t0 = time.monotonic()  # submission, for the latency histograms (``created`` is wall-clock, for clients)
+        self._stepped = False  # its first step has run (time to first step recorded)
         self.started: float | None = None
         self.finished: float | None = None
         self.state = "queued"
@@ -85,7 +100,16 @@ class Job:
         self._cancel = threading.Event()
         self._cancel_reason = "cancelled"
         self._cond = threading.Condition()
+        self._ended = threading.Event()
         self._events: list[dict] = []
+        self._row_cost = cost / max(rows, 1)  # one UNet row at this request's size, in native-size rows
+        self._parts: list[torch.Tensor] = []  # outputs of the pieces of the pending request run so far
+        self._offset = 0  # rows of the pending request run so far
+        self._served = -1  # the tick that last ran a piece of this job (fair order)
+        self._seq = 0  # submission order
+        self._release = None  # gives the model-lock lease back (once)
+        self._callbacks: list = []
+        self._partials = 0  # partial images asked for (decoded x̂0 of the first image at evenly spaced steps)
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -97,10 +121,19 @@ class Job:
     def done(self) -> bool:
         return self.state in TERMINAL_STATES
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job is terminal (True) or ``timeout`` seconds passed (False)."""
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(job)`` once the job is terminal (at once if it already is), in the thread that ends it; an
+        exception in ``fn`` is reported as a warning, never raised into the scheduler."""
         with self._cond:
-            return self._cond.wait_for(self.done, timeout)
+            if not self.done():
+                self._callbacks.append(fn)
+                return
+        _call_back(fn, self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is terminal (True) or ``timeout`` seconds passed (False). (Woken once, at the end:
+        not at every step event, which would make the worker hand the GIL over at every step.)"""
+        return self._ended.wait(timeout)
 
     def events_since(self, index: int, timeout: float | None = None) -> list[dict]:
         """Every event from position ``index`` on, in order; waits up to ``timeout`` for at least one."""
@@ -126,14 +159,49 @@ class Job:
             event = {"type": state} if state == "done" else {"type": state, "reason": error}
             self._events.append(event)
             self._cond.notify_all()
+        self._ended.set()
+        self._parts, self._pending = [], None
         if self._program is not None:
             self._program.close()
             self._program = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _call_back(fn, self)
+
+
+def _call_back(fn, job) -> None:
+    try:
+        fn(job)
+    except Exception as e:  # noqa: BLE001 - a callback's failure must not take the scheduler down
+        import warnings
+
+        warnings.warn(f"job {job.id}: a done-callback failed ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
 
 
 def _cat_timesteps(calls: Sequence[UNetCall], device) -> torch.Tensor:
     """One fp32 timestep per row of the merged call (the UNet embeds timesteps as floats either way)."""
     return torch.cat([torch.as_tensor(c.t, device=device).float().reshape(-1).expand(c.rows) for c in calls])
+
+
+def _rows_of(x, a: int, b: int, rows: int):
+    """Rows ``a:b`` of a per-row tensor (first dimension ``rows``); anything else (a scalar timestep, one
+    ``(6,)`` time-id vector for all rows, None) unchanged."""
+    if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == rows:
+        return x[a:b]
+    return x
+
+
+def _piece(call: UNetCall, a: int, b: int) -> UNetCall:
+    """Rows ``a:b`` of a UNet call (the whole call when they are all of it)."""
+    rows = call.rows
+    if a == 0 and b == rows:
+        return call
+    return UNetCall(call.latents[a:b], _rows_of(call.t, a, b, rows), call.embeddings[a:b],
+                    _rows_of(call.ip_tokens, a, b, rows), call.ip_scale, pooled=_rows_of(call.pooled, a, b, rows),
+                    time_ids=_rows_of(call.time_ids, a, b, rows))
 
 
 def _merge_key(call: UNetCall):
@@ -157,12 +225,23 @@ class StepScheduler:
     """
 
     def __init__(self, engine, *, max_batch_rows: int = 16, max_queue: int = 64, preview_every: int = 0,
-                 history: int = 1024):
+                 history: int = 1024, limits=None):
         for name, value, low in (("max_batch_rows", max_batch_rows, 1), ("max_queue", max_queue, 0),
                                  ("preview_every", preview_every, 0), ("history", history, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+        if isinstance(limits, dict):  # plain data (a Ray replica's options): fields over the engine's limits
+            import dataclasses
+
+            try:
+                limits = dataclasses.replace(engine.config.limits, **limits)
+            except TypeError as e:
+                raise ValueError(f"limits: {e}") from None
+        if limits is not None and not hasattr(limits, "validated"):
+            raise ValueError(f"limits: expected a Limits, got {type(limits).__name__}")
         self.engine = engine
+        self.limits = (limits or engine.config.limits).validated()
+        """What one request may ask for (checked at :meth:`submit`); the engine's own limits still apply."""
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
         self.preview_every = preview_every
@@ -172,32 +251,46 @@ class StepScheduler:
         self._queue: list[tuple[int, int, Job]] = []
         self._seq = itertools.count()
         self._active: list[Job] = []
+        self._ready: list[tuple[Job, torch.Tensor]] = []  # UNet outputs waiting for the tick's batched update
+        self._cond_cache: OrderedDict[tuple, tuple] = OrderedDict()  # merged conditioning of recent calls
+        self._ticks = 0
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._history = history
         self._closed = False
         self._stop = False
         self._step_ema: float | None = None  # seconds per tick, exponential moving average
         self._rgb_map: torch.Tensor | None = None
-        self._stats = {"completed": Counter(), "cancelled": 0, "timed_out": 0, "failed": 0, "rejected": 0,
-                       "unet_calls": 0, "images": 0, "rows_per_call": deque(maxlen=1024),
-                       "step_seconds": deque(maxlen=1024), "request_seconds": {k: deque(maxlen=1024) for k in KINDS}}
+        # counters and cumulative histograms since start (never a window: a late scrape loses nothing), see stats()
+        self._stats: dict[str, Any] = {"completed": Counter(), "cancelled": 0, "timed_out": 0, "failed": 0,
+                                       "rejected": 0, "unet_calls": 0, "images": 0}
+        self._stats.update({key: Histogram(bounds) for key, bounds in SERIES.items()})
+        self._stats.update({key: {k: Histogram(bounds) for k in KINDS} for key, bounds in SERIES_BY_KIND.items()})
+        self._recent_ticks: deque[float] = deque(maxlen=1024)
         self._thread = threading.Thread(target=self._loop, name="dreamfuse-step-scheduler", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------- submitting
     def submit(self, kind: str, *, n: int = 1, seed: int | Sequence[int] | None = None, priority: int = 0,
-               deadline_s: float | None = None, **fields) -> Job:
+               deadline_s: float | None = None, job_id: str | None = None, force: bool = False,
+               partial_images: int = 0, **fields) -> Job:
         """Validate a request and queue it; returns its :class:`Job` at once. ``kind``: ``"text2img"`` (fields of
         ``text2img_program``: ``prompt``, ``negative_prompt``, ``width``, ``height``, ``steps``, ``guidance_scale``,
         ``sampler``, ``ip_image``, ``ip_scale``), ``"personalize"`` (``prompt``, ``reference_image``,
-        ``subject_token``, ... of ``personalize_program``) or ``"compose"`` (``layout``, ``segments``, ``prompt``,
-        ... of ``compose_batch_program``). ``n`` images, ``seed`` as the pipelines (image i gets seed + i).
-        ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted."""
+        ``subject_token``, ... of ``personalize_program``), ``"compose"`` (``layout``, ``segments``, ``prompt``,
+        ... of ``compose_batch_program``), ``"img2img"`` (``prompt``, ``image``, ``strength``, ... of
+        ``img2img_program``) or ``"inpaint"`` (``prompt``, ``image``, ``mask``, ``strength``, ... of
+        ``inpaint_program``). ``n`` images, ``seed`` as the pipelines (image i gets seed + i).
+        ``ValueError`` names a bad field; :class:`QueueFull` / :class:`SchedulerClosed` when not admitted.
+        ``job_id``: the job's id (default: a fresh one; a journal resubmitting a job after a restart keeps its id);
+        ``force``: queue it even when the queue is full (jobs accepted before a restart); ``partial_images``: that
+        many ``partial_image`` events (the first image's current x̂0 decoded by the VAE, a PNG) at evenly spaced
+        steps (at most 3)."""
         if kind not in KINDS:
             raise ValueError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
-        limits = self.engine.config.limits
+        limits = self.limits
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_images:
             raise ValueError(f"n: must be an integer in [1, {limits.max_images}], got {n!r}")
+        self._check_request_limits(fields)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority: must be an integer, got {priority!r}")
         deadline = None
@@ -213,21 +306,46 @@ class StepScheduler:
         seeds = resolve_seeds(seed, n)
         program, rows, steps, side = self._program(kind, n, seeds, fields)
         cost = rows * side / self._native
-        job = Job(kind, program, seeds, steps, rows, cost, priority, deadline)
+        if isinstance(partial_images, bool) or not isinstance(partial_images, int) or not 0 <= partial_images <= 3:
+            raise ValueError(f"partial_images: must be an integer in [0, 3], got {partial_images!r}")
+        if job_id is not None and (not isinstance(job_id, str) or not 1 <= len(job_id) <= 64):
+            raise ValueError(f"job_id: must be a string of 1 to 64 characters, got {job_id!r}")
+        job = Job(kind, program, seeds, steps, rows, cost, priority, deadline, job_id)
+        job._seq = next(self._seq)
+        job._partials = partial_images
         with self._lock:
             if self._closed:
                 program.close()
                 raise SchedulerClosed("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
+            if job.id in self._jobs:
+                program.close()
+                raise ValueError(f"job_id: {job.id!r} is already a job of this scheduler")
+            if len(self._queue) >= self.max_queue and not force:
                 self._stats["rejected"] += 1
                 program.close()
                 raise QueueFull(self._retry_after(), len(self._queue))
-            heapq.heappush(self._queue, (-priority, next(self._seq), job))
+            heapq.heappush(self._queue, (-priority, job._seq, job))
             self._remember(job)
             position = sum(1 for _, _, j in self._queue if (-j.priority, 0) <= (-priority, 0)) - 1
             job._emit({"type": "queued", "position": position})
             self._lock.notify_all()
         return job
+
+    def _check_request_limits(self, fields: dict) -> None:
+        """This scheduler's per-request limits on steps and size (the engine checks its own again)."""
+        from ..validation import is_int
+
+        limits = self.limits
+        steps = fields.get("steps")
+        if is_int(steps) and steps > limits.max_steps:
+            raise ValueError(f"steps: {steps}, the limit of this server is {limits.max_steps}")
+        h, w = fields.get("height"), fields.get("width")
+        for name, v in (("height", h), ("width", w)):
+            if is_int(v) and v > limits.max_side:
+                raise ValueError(f"{name}: {v} pixels, the limit of this server is {limits.max_side}")
+        if is_int(h) and is_int(w) and h * w > limits.max_pixels:
+            raise ValueError(f"height/width: {w}x{h} is {h * w} pixels, the limit of this server is "
+                             f"{limits.max_pixels}")
 
     def _program(self, kind: str, n: int, seeds: list[int], fields: dict):
         """(program, rows per call, sampling steps, latent pixels) of a request; checks every field now."""
@@ -251,6 +369,22 @@ class StepScheduler:
                 raise ValueError("reference_image: required")
             program = personalize_program(e, [prompt] * n, ref, seed=seeds, **common, **f)
             rows = 2 * (n + 1)
+        elif kind in ("img2img", "inpaint"):
+            from ..images import load_image_tensor
+            from ..pipelines.img2img import img2img_program
+            from ..pipelines.inpaint import inpaint_program
+
+            # read once here: its size is the request's default size (and its cost)
+            image = load_image_tensor(f.pop("image", None), "image", e.config.limits)
+            if kind == "img2img":
+                program = img2img_program(e, [prompt] * n, image, seed=seeds, **common, **f)
+            else:
+                program = inpaint_program(e, [prompt] * n, image, f.pop("mask", None), seed=seeds, **common, **f)
+            for key, own in (("height", image.shape[-2]), ("width", image.shape[-1])):
+                f[key] = own if f.get(key) is None else f[key]
+            strength = f.get("strength", 0.8 if kind == "img2img" else 1.0)
+            f["steps"] = min(int(f.get("steps", 50) * strength), f.get("steps", 50))  # the steps that run
+            rows = n * (2 if f.get("guidance_scale", 7.5) > 1.0 else 1)
         else:
             from ..pipelines.composite import ComposeRequest, compose_batch_program
 
@@ -272,13 +406,23 @@ class StepScheduler:
             return self._jobs.get(job_id)
 
     def stats(self) -> dict[str, Any]:
+        """A consistent snapshot (plain data). Gauges: ``queue_depth``, ``running``. Counters since start:
+        ``completed`` (``{kind: n}``), ``cancelled``, ``timed_out``, ``failed``, ``rejected``, ``unet_calls``,
+        ``images``. Cumulative histograms since start (:mod:`~dreamfuse.engine.server.histogram` snapshots):
+        ``step_seconds`` (every tick), ``rows_per_call`` (every UNet call), and ``{kind: snapshot}``
+        ``request_seconds`` (submission to done, done requests) and ``first_step_seconds`` (submission to the end of
+        the request's first denoising step: its queue wait plus one step). A request is counted before its terminal
+        event is sent, so whoever sees a job end sees it counted. ``recent_step_seconds``: the last 1024 ticks'
+        durations, for benchmarks (not exported)."""
         with self._lock:
             s = self._stats
-            return {"queue_depth": len(self._queue), "running": len(self._active),
-                    "completed": dict(s["completed"]), "cancelled": s["cancelled"], "timed_out": s["timed_out"],
-                    "failed": s["failed"], "rejected": s["rejected"], "unet_calls": s["unet_calls"],
-                    "rows_per_call": list(s["rows_per_call"]), "step_seconds": list(s["step_seconds"]),
-                    "request_seconds": {k: list(v) for k, v in s["request_seconds"].items()}, "images": s["images"]}
+            out = {"queue_depth": len(self._queue), "running": len(self._active),
+                   "completed": dict(s["completed"]), "cancelled": s["cancelled"], "timed_out": s["timed_out"],
+                   "failed": s["failed"], "rejected": s["rejected"], "unet_calls": s["unet_calls"],
+                   "images": s["images"], "recent_step_seconds": list(self._recent_ticks)}
+            out.update({key: s[key].snapshot() for key in SERIES})
+            out.update({key: {k: h.snapshot() for k, h in s[key].items()} for key in SERIES_BY_KIND})
+            return out
 
     def warmup(self, timeout: float | None = None) -> None:
         """One small text2img through the scheduler (first calls pay allocator and compile costs); then
@@ -321,15 +465,23 @@ class StepScheduler:
         return round(max(1.0, per_step * 10), 1)
 
     def _end(self, job: Job, state: str, reason: str | None = None, images=None) -> None:
-        job._finish(state, reason, images)
-        with self._lock:
+        if job.done():  # ended already: counted already
+            return
+        with self._lock:  # counted before the end is visible (stats() promises it)
             if state == "done":
                 self._stats["completed"][job.kind] += 1
                 self._stats["images"] += len(images or ())
-                self._stats["request_seconds"][job.kind].append(job.finished - job.created)
+                self._stats["request_seconds"][job.kind].observe(time.monotonic() - job._t0)
             else:
                 self._stats[state] += 1
+        job._finish(state, reason, images)
+        with self._lock:
             self._lock.notify_all()
+
+    def _admission_cost(self, job: Job) -> float:
+        """What a running job takes of the admission budget: its cost, or half the budget for a job larger than a
+        tick (it runs in pieces, see :meth:`_share`, and leaves room for others to run beside it)."""
+        return job._cost if job._cost <= self.max_batch_rows else self.max_batch_rows / 2
 
     def _admit(self) -> list[Job]:
         """Under the lock: drop cancelled / expired queued jobs, admit while the rows budget allows."""
@@ -345,12 +497,13 @@ class StepScheduler:
                 kept.append(item)
         heapq.heapify(kept)
         self._queue = kept
-        budget = self.max_batch_rows - sum(j._cost for j in self._active)
+        budget = self.max_batch_rows - sum(self._admission_cost(j) for j in self._active)
         admitted = []
-        while self._queue:
+        lock = getattr(self.engine, "model_lock", None)
+        while self._queue and not (lock is not None and lock.change_waiting):  # a model change waits: hold
             job = self._queue[0][2]
             if self._active or admitted:  # an idle scheduler always takes the first job, whatever its size
-                if job._cost > budget:
+                if self._admission_cost(job) > budget:
                     break
             heapq.heappop(self._queue)
             if job.deadline is not None and self._step_ema is not None:
@@ -359,16 +512,19 @@ class StepScheduler:
                     dropped.append((job, "timed_out", f"cannot finish before its deadline (needs ~{need:.1f} s "
                                                       f"at {self._step_ema:.3f} s/step)"))
                     continue
-            budget -= job._cost
+            budget -= self._admission_cost(job)
             admitted.append(job)
         for job, state, reason in dropped:
+            self._stats[state] += 1  # counted before the end is visible (stats() promises it)
             job._finish(state, reason)
-            self._stats[state] += 1
         if dropped:
             self._lock.notify_all()
         return admitted
 
     def _loop(self) -> None:
+        lock = getattr(self.engine, "model_lock", None)
+        if lock is not None:
+            lock.mark_worker()
         while True:
             with self._lock:
                 if self._stop:
@@ -383,13 +539,22 @@ class StepScheduler:
                 active = list(self._active)
             if active:
                 t0 = time.perf_counter()
+                self._ticks += 1
                 self._tick(active)
                 dt = time.perf_counter() - t0
                 with self._lock:
-                    self._stats["step_seconds"].append(dt)
+                    self._stats["step_seconds"].observe(dt)
+                    self._recent_ticks.append(dt)
                     self._step_ema = dt if self._step_ema is None else 0.8 * self._step_ema + 0.2 * dt
 
     def _start(self, job: Job) -> None:
+        lock = getattr(self.engine, "model_lock", None)
+        if lock is not None:
+            if not lock.try_lease():  # a model change began since admission: back to the queue
+                with self._lock:
+                    heapq.heappush(self._queue, (-job.priority, job._seq, job))
+                return
+            job._release = lock.release_lease
         job.started = time.time()
         job.state = "running"
         job._emit({"type": "started"})
@@ -404,9 +569,22 @@ class StepScheduler:
         with self._lock:
             self._active.append(job)
 
-    def _advance(self, job: Job, result: torch.Tensor) -> None:
-        """Send ``result`` to the job's program; record its next request, or its end."""
+    def _advance(self, job: Job, result: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        """Send ``result`` to the job's program; record its next request, or its end. ``out``: the UNet's output
+        when ``result`` is the new latents of a batched update (previews read the prediction)."""
         request = job._pending
+        out = result if out is None else out
+        preview, partial = False, None
+        if isinstance(request, UNetCall) and request.step is not None and request.preview is not None:
+            step = request.step + 1  # decided, and ᾱ_t read, before the program steps its sampler on
+            preview = bool(self.preview_every) and step % self.preview_every == 0
+            if job._partials:
+                at = {max(1, round((k + 1) * request.steps / (job._partials + 1))): k for k in range(job._partials)}
+                partial = at.get(step)
+            if preview or partial is not None:
+                rows, alpha = request.preview
+                alpha = alpha() if callable(alpha) else alpha
+                request = dataclasses.replace(request, preview=(rows, alpha))
         try:
             job._pending = job._program.send(result)
         except StopIteration as stop:
@@ -418,10 +596,16 @@ class StepScheduler:
             self._end(job, "failed", _reason(exc))
             return
         if isinstance(request, UNetCall) and request.step is not None:
+            if not job._stepped:  # before its first step event: whoever sees that event sees it counted
+                job._stepped = True
+                with self._lock:
+                    self._stats["first_step_seconds"][job.kind].observe(time.monotonic() - job._t0)
             job.step, job.steps = request.step + 1, request.steps
             job._emit({"type": "step", "step": job.step, "steps": job.steps})
-            if self.preview_every and request.preview is not None and job.step % self.preview_every == 0:
-                self._preview(job, request, result)
+            if preview:
+                self._preview(job, request, out)
+            if partial is not None:
+                self._partial(job, request, out, partial)
 
     def _retire(self, job: Job) -> None:
         with self._lock:
@@ -447,59 +631,133 @@ class StepScheduler:
                 runnable.append(job)
         decodes = [j for j in runnable if isinstance(j._pending, Decode)]
         calls = [j for j in runnable if isinstance(j._pending, UNetCall)]
-        # ---- batched VAE decodes of the finished programs, per latent size
-        by_shape: dict[tuple, list[Job]] = {}
-        for job in decodes:
-            by_shape.setdefault(tuple(job._pending.latents.shape[1:]), []).append(job)
+        tick = self._ticks
+        # ---- VAE decodes of the finished programs: batched per latent size, at most a tick's budget of images
+        by_shape: dict[tuple, list[tuple[Job, int]]] = {}
+        for job, n in self._share(decodes, lambda j: j._pending.latents.shape[0], tick):
+            by_shape.setdefault(tuple(job._pending.latents.shape[1:]), []).append((job, n))
         for group in by_shape.values():
-            self._run_group(group, lambda js: self.engine.decode(torch.cat([j._pending.latents for j in js])),
-                            lambda j: j._pending.latents.shape[0])
-        # ---- UNet calls: merge what fits, the calls with layer handlers alone
-        groups: dict[Any, list[Job]] = {}
-        alone = []
-        for job in calls:
-            if job._pending.ctx is not None:
-                alone.append([job])
-            else:
-                groups.setdefault(_merge_key(job._pending), []).append(job)
-        chunks = []
-        for group in groups.values():
-            chunk, rows = [], 0
-            for job in group:
-                r = job._pending.rows
-                if chunk and rows + r > self.max_batch_rows:
-                    chunks.append(chunk)
-                    chunk, rows = [], 0
-                chunk.append(job)
-                rows += r
-            chunks.append(chunk)
+            for chunk in self._chunks(group):
+                self._run_pieces(chunk, self._decode, lambda j: j._pending.latents.shape[0])
+        # ---- UNet calls: merge what fits, the calls with layer handlers alone (and whole)
+        alone = [[(job, job._pending.rows)] for job in calls if job._pending.ctx is not None]
+        groups: dict[Any, list[tuple[Job, int]]] = {}
+        for job, n in self._share([j for j in calls if j._pending.ctx is None], lambda j: j._pending.rows, tick):
+            groups.setdefault(_merge_key(job._pending), []).append((job, n))
+        chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
+        self._ready = []
         for chunk in chunks + alone:
-            self._run_group(chunk, self._unet, lambda j: j._pending.rows)
+            self._run_pieces(chunk, self._unet, lambda j: j._pending.rows)
+        self._flush_updates()
 
-    def _run_group(self, jobs: list[Job], fn, rows_of) -> None:
-        """Run ``fn(jobs)`` once for the group and give each job its rows; if the merged run fails, run each job
-        alone so that only the jobs that fail by themselves fail."""
+    def _complete(self, job: Job, out: torch.Tensor) -> None:
+        """A job's pending request is done: a UNet call whose program left CFG and the sampler's update to the
+        runner waits for the tick's batched update; anything else goes back to its program now."""
+        if isinstance(job._pending, UNetCall) and job._pending.update is not None:
+            self._ready.append((job, out))
+        else:
+            self._advance(job, out)
+
+    def _flush_updates(self) -> None:
+        """Every update of the tick in one batched call per kind (``apply_updates``), then each program steps on
+        with its new latents; if the batched call fails, each update runs alone (a failure stays its own)."""
+        ready, self._ready = self._ready, []
+        if not ready:
+            return
+        from ..pipelines.stepping import apply_updates
+
         try:
-            out = fn(jobs)
-        except Exception as exc:  # noqa: BLE001 - a merged run is retried job by job
-            if len(jobs) == 1:
-                self._retire(jobs[0])
-                self._end(jobs[0], "failed", _reason(exc))
+            news = apply_updates([j._pending.update for j, _ in ready], [out for _, out in ready])
+        except Exception:  # noqa: BLE001 - retried one by one below
+            news = None
+        for k, (job, out) in enumerate(ready):
+            if news is not None:
+                self._advance(job, news[k], out)
+                continue
+            try:
+                new = job._pending.update.apply(out)
+            except Exception as exc:  # noqa: BLE001 - the request fails alone, with its reason
+                self._retire(job)
+                self._end(job, "failed", _reason(exc))
+                continue
+            self._advance(job, new, out)
+
+    def _share(self, jobs: list[Job], rows_of, tick: int) -> list[tuple[Job, int]]:
+        """This tick's rows of each job's pending request: every job whose remaining rows fit the tick's budget
+        (``max_batch_rows`` native-size rows) runs them all, in the order the jobs were last served; a job whose
+        request can never fit one tick (too many rows, or too large) gets what budget is left, in pieces of at most
+        ``max_batch_rows`` rows; a tick always runs something."""
+        budget = float(self.max_batch_rows)
+        share = []
+        order = sorted(jobs, key=lambda j: (j._served, j._seq))
+        for job in order:
+            left = rows_of(job) - job._offset
+            cost = job._row_cost
+            if left * cost <= budget and left <= self.max_batch_rows:
+                n = left
+            elif rows_of(job) * cost > self.max_batch_rows or rows_of(job) > self.max_batch_rows:
+                n = min(left, self.max_batch_rows, int(budget // cost) if cost > 0 else left)
             else:
-                for job in jobs:
-                    self._run_group([job], fn, rows_of)
+                n = 0  # it fits a tick, not what is left of this one: first in line next tick
+            if n > 0:
+                share.append((job, n))
+                budget -= n * cost
+        if not share and order:
+            job = order[0]
+            share.append((job, max(1, min(rows_of(job) - job._offset, self.max_batch_rows))))
+        for job, _ in share:
+            job._served = tick
+        return share
+
+    def _chunks(self, group: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
+        """Consecutive pieces packed into calls of at most ``max_batch_rows`` rows."""
+        chunks, chunk, rows = [], [], 0
+        for job, n in group:
+            if chunk and rows + n > self.max_batch_rows:
+                chunks.append(chunk)
+                chunk, rows = [], 0
+            chunk.append((job, n))
+            rows += n
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+    def _run_pieces(self, pieces: list[tuple[Job, int]], fn, rows_of) -> None:
+        """Run ``fn(pieces)`` once and give each job its rows; a job whose pending request is then complete gets
+        its whole result. If the merged run fails, run each piece alone so that only the jobs that fail by
+        themselves fail."""
+        try:
+            out = fn(pieces)
+        except Exception as exc:  # noqa: BLE001 - a merged run is retried piece by piece
+            if len(pieces) == 1:
+                job = pieces[0][0]
+                self._retire(job)
+                self._end(job, "failed", _reason(exc))
+            else:
+                for piece in pieces:
+                    self._run_pieces([piece], fn, rows_of)
             return
         start = 0
-        for job in jobs:
-            r = rows_of(job)
-            self._advance(job, out[start : start + r])
-            start += r
+        for job, n in pieces:
+            part = out[start:start + n]
+            start += n
+            if job._offset == 0 and n == rows_of(job):
+                self._complete(job, part)
+                continue
+            job._parts.append(part)
+            job._offset += n
+            if job._offset == rows_of(job):
+                result, job._parts, job._offset = torch.cat(job._parts), [], 0
+                self._complete(job, result)
 
-    def _unet(self, jobs: list[Job]) -> torch.Tensor:
-        calls = [j._pending for j in jobs]
+    def _decode(self, pieces: list[tuple[Job, int]]) -> torch.Tensor:
+        return self.engine.decode(torch.cat([j._pending.latents[j._offset:j._offset + n] for j, n in pieces]))
+
+    def _unet(self, pieces: list[tuple[Job, int]]) -> torch.Tensor:
+        calls = [_piece(j._pending, j._offset, j._offset + n) for j, n in pieces]
         with self._lock:
             self._stats["unet_calls"] += 1
-            self._stats["rows_per_call"].append(sum(c.rows for c in calls))
+            self._stats["rows_per_call"].observe(sum(c.rows for c in calls))
         if len(calls) == 1:
             return calls[0].run(self.engine)
         e = self.engine
@@ -509,18 +767,36 @@ class StepScheduler:
             h, w = (s * e.vae_scale_factor for s in first.latents.shape[-2:])
             time_ids = torch.cat([torch.as_tensor(c.time_ids if c.time_ids is not None else e.time_ids(h, w))
                                   .to(e.device, e.dtype).reshape(-1, 6).expand(c.rows, -1) for c in calls])
-        merged = UNetCall(
-            torch.cat([c.latents for c in calls]), _cat_timesteps(calls, e.device),
-            torch.cat([c.embeddings for c in calls]),
-            None if first.ip_tokens is None else torch.cat([c.ip_tokens for c in calls]), first.ip_scale,
-            pooled=None if first.pooled is None else torch.cat([c.pooled for c in calls]), time_ids=time_ids)
+        embeddings, ip_tokens, pooled = self._conditioning(pieces, calls)
+        merged = UNetCall(torch.cat([c.latents for c in calls]), _cat_timesteps(calls, e.device), embeddings, ip_tokens,
+                          first.ip_scale, pooled=pooled, time_ids=time_ids)
         return merged.run(e)
+
+    def _conditioning(self, pieces, calls):
+        """The merged call's text (and image-prompt) conditioning. It does not change from step to step while the
+        same rows of the same requests share a call (a persistent batch): the concatenation is kept and reused,
+        not redone every tick (for 64 SD requests 2·64·77·768 floats, 30 MB, per tick)."""
+        key = tuple((j.id, j._offset, n) for j, n in pieces)
+        sources = [(c.embeddings, c.ip_tokens, c.pooled) for c in calls]
+        hit = self._cond_cache.get(key)
+        if hit is not None and all(a is b for old, new in zip(hit[0], sources) for a, b in zip(old, new)):
+            self._cond_cache.move_to_end(key)
+            return hit[1]
+        first = calls[0]
+        value = (torch.cat([c.embeddings for c in calls]),
+                 None if first.ip_tokens is None else torch.cat([c.ip_tokens for c in calls]),
+                 None if first.pooled is None else torch.cat([c.pooled for c in calls]))
+        self._cond_cache[key] = (sources, value)
+        while len(self._cond_cache) > 8:
+            self._cond_cache.popitem(last=False)
+        return value
 
     # ------------------------------------------------------------------------------------------- previews
     def _preview(self, job: Job, call: UNetCall, out: torch.Tensor) -> None:
         rows, alpha = call.preview
         kind = prediction_type_of(self.engine.scheduler)
-        _, x0 = to_eps_x0(out[rows].float(), call.latents[rows].float(), alpha, kind)
+        latents = call.latents[rows, : out.shape[1]]  # an inpainting UNet's input carries mask channels after them
+        _, x0 = to_eps_x0(out[rows].float(), latents.float(), alpha, kind)
         rgb = (x0[0].permute(1, 2, 0) @ self._latent_rgb()[:-1] + self._latent_rgb()[-1]).clamp(0, 1)
         from PIL import Image
 
@@ -529,13 +805,30 @@ class StepScheduler:
         img.save(buf, format="PNG")
         job._emit({"type": "preview", "step": job.step, "png_b64": base64.b64encode(buf.getvalue()).decode()})
 
+    def _partial(self, job: Job, call: UNetCall, out: torch.Tensor, index: int) -> None:
+        """A ``partial_image`` event: the first image's current x̂0 through the VAE (what the image would be if
+        sampling stopped here), as a PNG."""
+        rows, alpha = call.preview
+        kind = prediction_type_of(self.engine.scheduler)
+        latents = call.latents[rows].float()
+        channels = self.engine.vae.config.latent_channels
+        _, x0 = to_eps_x0(out[rows].float()[:, :channels], latents[:, :channels], alpha, kind)
+        try:
+            image = self.engine.to_pil(self.engine.decode(x0[:1].to(self.engine.dtype)))[0]
+        except Exception:  # noqa: BLE001 - a partial image is a courtesy: never fail the request for it
+            return
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        job._emit({"type": "partial_image", "index": index, "step": job.step,
+                   "png_b64": base64.b64encode(buf.getvalue()).decode()})
+
     def _latent_rgb(self) -> torch.Tensor:
         """A ``(C + 1, 3)`` affine map latent channels -> RGB, least-squares fitted once to this model's VAE on a
         few random latents (each latent pixel against the mean colour of the 8x8 patch it decodes to)."""
         if self._rgb_map is None:
             e = self.engine
             g = torch.Generator("cpu").manual_seed(0)
-            z = torch.randn(4, e.unet.config.in_channels, 8, 8, generator=g).to(e.device, e.dtype)
+            z = torch.randn(4, e.vae.config.latent_channels, 8, 8, generator=g).to(e.device, e.dtype)
             img = e.decode(z)  # (4, 3, 8f, 8f) in [0, 1]
             target = torch.nn.functional.avg_pool2d(img, e.vae_scale_factor).permute(0, 2, 3, 1).reshape(-1, 3)
             x = z.float().cpu().permute(0, 2, 3, 1).reshape(-1, z.shape[1])

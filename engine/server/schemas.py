@@ -18,7 +18,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ..files import loads_json as files_loads_json
 
@@ -59,12 +59,23 @@ def _blank_is_none(v):
 
 Int = Annotated[int, BeforeValidator(_no_bool)]
 Number = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
-Side = Annotated[int | None, BeforeValidator(_blank_is_none), BeforeValidator(_no_bool),
-                 Field(default=None, ge=8, multiple_of=8)]
-Seed = Annotated[int | None, BeforeValidator(_blank_is_none), BeforeValidator(_no_bool),
-                 Field(default=None, ge=0, le=MAX_SEED)]
-Deadline = Annotated[float | None, BeforeValidator(_blank_is_none), BeforeValidator(_no_bool),
-                     Field(default=None, gt=0, allow_inf_nan=False)]
+# The constraints sit on the value type, not on the optional: pydantic applies a union's constraints to None too
+# (a TypeError, i.e. a 500, for "seed": null).
+Side = Annotated[Annotated[int, BeforeValidator(_no_bool), Field(ge=8, multiple_of=8)] | None,
+                 BeforeValidator(_blank_is_none), Field(default=None)]
+def _seed_range(v: int) -> int:
+    # a validator of its own: pydantic prints an `le` bound of 2**64 - 1 as a float (18446744073709552000)
+    if not 0 <= v <= MAX_SEED:
+        raise ValueError(f"must be an integer in [0, {MAX_SEED}]")
+    return v
+
+
+Seed = Annotated[Annotated[int, BeforeValidator(_no_bool), AfterValidator(_seed_range)] | None,
+                 BeforeValidator(_blank_is_none), Field(default=None)]
+Deadline = Annotated[Annotated[float, BeforeValidator(_no_bool), Field(gt=0, allow_inf_nan=False)] | None,
+                     BeforeValidator(_blank_is_none), Field(default=None)]
+_TEXT_FIELDS = frozenset({"prompt", "negative_prompt"})
+"""Fields where an empty string is a value (the other fields read "" -- a cleared form input -- as not given)."""
 ResponseFormat = Literal["b64_json", "png"]
 
 
@@ -83,6 +94,15 @@ class _Request(BaseModel):
                                             description="b64_json: JSON with base64 PNGs; png: the PNG bytes (n=1)")
     model: str | None = Field(default=None, description="ignored (the model is chosen on the command line)")
     user: str | None = Field(default=None, description="ignored (OpenAI clients send it)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        # null (JSON) or a blank form input means "not given": the field's default, as OpenAI's API reads it
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if v is not None and not (k not in _TEXT_FIELDS and isinstance(v, str) and not v.strip())}
+        return data
 
     @model_validator(mode="after")
     def _png_is_one_image(self):
@@ -176,10 +196,21 @@ def b64_bytes(text: str, field: str, max_bytes: int) -> bytes:
         raise ValueError(f"{field}: not valid base64") from None
 
 
-def decode_image(data: bytes, field: str, limits=None):
+DEFAULT_MAX_UPLOAD_SIDE = 2048
+"""Uploaded images whose longer side is larger are downscaled to it when they arrive (a 7000x7000 reference would
+otherwise be held as 590 MB of floats for as long as its request waits and runs)."""
+
+
+def decode_image(data: bytes, field: str, limits=None, max_side: int | None = DEFAULT_MAX_UPLOAD_SIDE,
+                 exact_limits=None):
     """Image file bytes -> a decoded, upright PIL image, with the checks of ``engine.images.open_image``: the
     pixel count from the header before decoding (``limits.max_input_pixels``), corrupt or truncated data as a
-    ``ValueError`` naming ``field``, the EXIF orientation applied."""
+    ``ValueError`` naming ``field``, the EXIF orientation applied.
+
+    ``max_side``: an image whose longer side is larger is downscaled to it (aspect kept; JPEGs are decoded at a
+    reduced scale directly, others decoded then resized with Lanczos), once, on arrival; None keeps every size.
+    ``exact_limits``: for an image whose size *is* the output's (a compose layout): its sides and pixels are checked
+    against these generation limits (``max_side``, ``max_pixels``) from the header, and it is never resized."""
     from PIL import Image
 
     from ..images import check_pixels, open_image
@@ -196,8 +227,30 @@ def decode_image(data: bytes, field: str, limits=None):
     except Exception as e:
         raise ValueError(f"{field}: cannot read the upload as an image ({type(e).__name__}: {e})") from None
     check_pixels(img.width, img.height, field, limits)
+    if exact_limits is not None:
+        for name, v in (("width", img.width), ("height", img.height)):
+            if v > exact_limits.max_side:
+                raise ValueError(f"{field}: {name} {v} pixels, the limit is {exact_limits.max_side} (the image's size "
+                                 "is the output's)")
+        if img.width * img.height > exact_limits.max_pixels:
+            raise ValueError(f"{field}: {img.width}x{img.height} is {img.width * img.height} pixels, the limit is "
+                             f"{exact_limits.max_pixels} (the image's size is the output's)")
+        max_side = None
+    elif max_side is not None and max(img.size) > max_side and img.format == "JPEG":
+        img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale, still >= max_side
     try:
         img.load()
     except Exception as e:  # truncated or corrupt: OSError, SyntaxError, EOFError, zlib errors...
         raise ValueError(f"{field}: cannot decode the image ({type(e).__name__}: {e})") from None
-    return open_image(img, field, limits)  # orientation (and the same pixel check)
+    img = open_image(img, field, limits)  # orientation (and the same pixel check)
+    if max_side is not None and max(img.size) > max_side:
+        try:
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        except (ValueError, OSError):  # a mode Pillow cannot resample (16-bit, ...): as the pipelines read it
+            import numpy as np
+
+            from ..images import rgb_array
+
+            img = Image.fromarray((rgb_array(img, field) * 255).round().astype(np.uint8))
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return img

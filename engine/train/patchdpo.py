@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from ..concurrency import changes_model
 from ..validation import is_int
 from .common import (
     MIXED_PRECISION,
@@ -377,6 +378,7 @@ class _Trainer:
 
 
 @contextlib.contextmanager
+@changes_model("train")
 def training_session(engine, samples, out: str | Path, cfg: PatchDPOConfig, size: int, dist: Context = SINGLE):
     """Prepare ``engine`` (with its IP-Adapter loaded) for PatchDPO steps and yield the trainer (``train_step()``,
     ``micro_batch(i)``, ``save_checkpoint()``, ``load_checkpoint(path)``, ``params``, ``losses``). Inside, every

@@ -60,6 +60,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..concurrency import changes_model
 from .common import (
     MIXED_PRECISION,
     check_choice,
@@ -606,6 +607,7 @@ class _Trainer:
 
 
 @contextlib.contextmanager
+@changes_model("train")
 def training_session(engine, exemplars, out: str | Path, cfg: ReVersionConfig, dist: Context = SINGLE):
     """Prepare ``engine`` for ReVersion steps and yield the trainer (``train_step()``, ``micro_batch(i)``,
     ``save_checkpoint()``, ``load_checkpoint(path)``, ``param``, ``losses``); on exit the embedding hook is

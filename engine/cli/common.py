@@ -339,6 +339,8 @@ def check_model_args(args) -> None:
         path = Path(args.model).expanduser()
         if not path.exists():
             raise CLIError(f"--model: {args.model!r} does not exist")
+        if not path.is_dir():  # a single-file checkpoint: a regular file (a FIFO would block the loader)
+            check_file("--model", args.model, "checkpoint")
     elif args.config is not None:
         raise CLIError(f"--config: only for a single-file checkpoint; {args.model!r} is an embedded model")
     if args.config is not None:

@@ -20,6 +20,8 @@ examples:
 """
 
 MAX_PROMPTS = 100_000
+MAX_OUTPUT_CHARS = 64 << 20
+"""Most characters printed (100,000 prompts of 600 characters)."""
 MAX_ENTITY_FILE_BYTES = 1 << 20
 """Largest @FILE read: 100,000 entities of ten characters (a list longer than MAX_PROMPTS is refused anyway)."""
 
@@ -72,14 +74,22 @@ def entity_list(arg: str) -> list[str]:
 
 
 def run(args) -> None:
+    from ..limits import DEFAULT_LIMITS
     from ..validation import check_text
 
-    check_text(args.template, "TEMPLATE_OR_RELATION")
+    check_text(args.template, "TEMPLATE_OR_RELATION", DEFAULT_LIMITS.max_prompt_chars)
     lists = [entity_list(a) for a in args.entities]
-    slots = max(1, args.template.count("{}"))
+    template = args.template.strip()
+    slots = template.count("{}") if "{}" in template else 2  # the relation alone means "{} <R> {}"
+    per_slot = lists * slots if len(lists) == 1 else lists
     total = 1
-    for lst in (lists * slots if len(lists) == 1 else lists):
+    for lst in per_slot:
         total *= len(lst)
-    if total > MAX_PROMPTS:
-        raise ValueError(f"--entities: the lists make {total} prompts; the limit is {MAX_PROMPTS}")
+        if total > MAX_PROMPTS:
+            raise ValueError(f"--entities: the lists make more than {MAX_PROMPTS} prompts (the limit)")
+    # every entity of slot s appears in total / len(list_s) prompts
+    chars = total * (len(template) + 1) + sum(total // len(lst) * sum(map(len, lst)) for lst in per_slot)
+    if chars > MAX_OUTPUT_CHARS:
+        raise ValueError(f"--entities: the {total} prompts would be {chars} characters, more than the "
+                         f"{MAX_OUTPUT_CHARS} printed at most")
     print("\n".join(relation_prompts(args.template, *lists)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CLIError, add_model_args, check_file, finite_float, output_folder
+from .common import CLIError, add_model_args, check_file, finite_float, int_at_least, output_folder
 from .train import add_checkpoint_args, add_optimization_args
 
 EPILOG = """\
@@ -55,7 +55,7 @@ def register(sub, name: str, help_: str) -> None:
                    help="patch-quality vision backbone (ViT / DINOv2 / CLIP vision folder, or 'tiny')")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     g = add_optimization_args(p, d, batch_help="(ref, gen) pairs per micro-batch", max_batch=MAX_BATCH)
-    g.add_argument("--weight-power", type=int, choices=(1, 2), default=d.weight_power,
+    g.add_argument("--weight-power", type=int_at_least("--weight-power", 1, 2), default=d.weight_power, metavar="{1,2}",
                    help="1: mean((e'-e)^2 * w) (official code, default); 2: w inside the squared norm "
                         "(supplementary)")
     g.add_argument("--train-projection", action="store_true", help="also train the image projection")

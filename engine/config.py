@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .limits import DEFAULT_LIMITS, Limits
-from .validation import check_device
+from .validation import check_device, shown
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -104,9 +105,13 @@ class EngineConfig:
                           "than the kernels' references, which build the whole attention matrix",
                           BackendFallbackWarning, stacklevel=2)
             backend = "torch"
-        buckets = tuple(sorted(int(b) for b in self.batch_buckets))
-        if not buckets or buckets[0] < 1:
-            raise ValueError("batch_buckets: needs at least one bucket, all >= 1")
+        try:  # integers only: int("8") or int(7.9) would read what a typo wrote
+            buckets = tuple(sorted(operator.index(b) for b in self.batch_buckets if not isinstance(b, bool)))
+        except TypeError:
+            raise ValueError(f"batch_buckets: must be integers, got {shown(self.batch_buckets)}") from None
+        if not buckets or buckets[0] < 1 or len(buckets) != len(self.batch_buckets):
+            raise ValueError(f"batch_buckets: needs at least one bucket, all integers >= 1, got "
+                             f"{shown(self.batch_buckets)}")
         progress = sys.stderr.isatty() if self.progress is None else bool(self.progress)
         if not isinstance(self.limits, Limits):
             raise ValueError(f"limits: must be a Limits, got {type(self.limits).__name__}")

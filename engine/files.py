@@ -5,7 +5,9 @@ truncated file where a complete one is expected, and a reader never sees half a 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +33,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+class MissingFileError(FileNotFoundError, ValueError):
+    """A file the user named does not exist. A ``FileNotFoundError``, and a ``ValueError`` like every other bad
+    input (callers that map ``ValueError`` to "bad request" keep doing so)."""
+
+
+def not_a_file(path: str | Path, what: str = "file") -> str | None:
+    """Why ``path`` is not a readable regular file, as the end of a message (``"file 'x' does not exist"``,
+    ``"'x' is a directory, not a file"``, ``"'x' is not a regular file (a FIFO, socket or device)"``), or None
+    when it is one (symlinks followed). A FIFO or device is refused by name: reading one blocks or never ends."""
+    shown = repr(str(path))
+    try:
+        st = os.stat(Path(path).expanduser())
+    except (FileNotFoundError, NotADirectoryError):
+        return f"{what} {shown} does not exist"
+    except OSError as e:  # too long a name, a symlink loop, no permission to look...
+        return f"cannot access {shown} ({e.strerror or errno.errorcode.get(e.errno, type(e).__name__)})"
+    except ValueError:  # an embedded NUL
+        return f"{shown} is not a valid path"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{shown} is a directory, not a {what}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{shown} is not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def check_file(path: str | Path, field: str, what: str = "file") -> Path:
+    """``path`` (``~`` expanded) when it is an existing regular file; else :class:`MissingFileError` (it does not
+    exist) or ``ValueError`` (a directory, a FIFO, ...), the message starting with ``field``."""
+    problem = not_a_file(path, what)
+    if problem is not None:
+        error = MissingFileError if problem.endswith("does not exist") else ValueError
+        raise error(f"{field}: {problem}")
+    return Path(path).expanduser()
 
 
 def torch_save_atomic(obj, path: str | Path) -> Path:
@@ -99,6 +136,7 @@ def loads_json(data: bytes | str, field: str, *, name: str | None = None, what: 
     nesting deeper than ``max_depth`` (checked before parsing) or deep enough to exhaust the parser.
     ``ValueError`` naming ``field`` (and ``name``, e.g. the file's path, when given)."""
     import json
+    import sys
 
     subject = f"{field}: {name!r}" if name else f"{field}: the JSON"
     if max_bytes is not None and len(data) > max_bytes:
@@ -133,12 +171,19 @@ def loads_json(data: bytes | str, field: str, *, name: str | None = None, what: 
         raise ValueError(f"{subject} is not valid JSON ({e})") from None
     except RecursionError:
         raise ValueError(f"{subject} is nested too deeply to be {what}") from None
+    except ValueError as e:
+        if str(e).startswith(subject):  # unique()'s own message
+            raise
+        if "Exceeds the limit" in str(e):  # Python reads no integer of more than sys.get_int_max_str_digits()
+            raise ValueError(f"{subject} holds a number too long to read ({sys.get_int_max_str_digits()} digits at "
+                             "most)") from None
+        raise ValueError(f"{subject} is not valid JSON ({(str(e).splitlines() or ['?'])[0][:200]})") from None
 
 
 def read_json(path: str | Path, field: str, what: str, max_bytes: int):
     """A user-named JSON file (SEGMENTS.json, text.json) -> its value, refusing what :func:`loads_json` refuses;
     the size is checked before reading. ``what`` names the kind of file in the messages ("a segments file")."""
-    path = Path(path)
+    path = check_file(path, field)
     size = path.stat().st_size
     if size > max_bytes:
         raise ValueError(f"{field}: {str(path)!r} is {size} bytes, more than the {max_bytes} {what} may have")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from .files import check_file
 from .limits import DEFAULT_LIMITS, Limits
 
 _EXIF_ORIENTATION = 0x0112  # the EXIF "Orientation" tag; 1 = stored upright
@@ -56,9 +57,7 @@ def open_image(image, field: str, limits: Limits = DEFAULT_LIMITS):
         return _orient(image, field)
     if not isinstance(image, (str, Path)):
         return image
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{field}: file {str(image)!r} does not exist")
+    path = check_file(image, field)
     try:
         img = Image.open(path)  # reads the header only
     except Image.DecompressionBombError as e:  # Pillow's own bound (2 x Image.MAX_IMAGE_PIXELS), from the header

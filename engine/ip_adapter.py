@@ -27,6 +27,7 @@ encoder is a transformers folder (``save_pretrained``); nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from PIL import Image
 from torch import nn
 
 from .concurrency import changes_model
-from .files import safetensors_load, safetensors_save_atomic, torch_load_weights, torch_save_atomic
+from .files import check_file, safetensors_load, safetensors_save_atomic, torch_load_weights, torch_save_atomic
 from .images import image_tensor, open_image
 
 # CLIP's preprocessing constants (openai/clip-vit-*: CLIPImageProcessor's image_mean / image_std).
@@ -205,9 +206,7 @@ def _ip_layers(unet, ip_sd: dict[str, torch.Tensor] | None) -> tuple[nn.ModuleDi
 # ------------------------------------------------------------------------------------------------ files
 def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """A standard IP-Adapter file (``.bin``, ``.pt``, ``.pth`` or ``.safetensors``) -> its two state dicts."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"ip_adapter weights: file {str(path)!r} does not exist")
+    path = check_file(path, "ip_adapter weights")
     if path.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"ip_adapter weights: {str(path)!r} must be .bin, .pt, .pth or .safetensors")
     if path.suffix == ".safetensors":
@@ -220,9 +219,27 @@ def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]
             sd[group][rest] = value
     else:
         sd = torch_load_weights(path, "ip_adapter weights")
-    if not isinstance(sd, dict) or not sd.get("image_proj") or not sd.get("ip_adapter"):
-        raise ValueError(f"ip_adapter weights: {str(path)!r} is not an IP-Adapter file "
+    return check_state_dict(sd, repr(str(path)))
+
+
+def check_state_dict(sd, source: str = "the state dict") -> dict[str, dict[str, torch.Tensor]]:
+    """A standard IP-Adapter state dict: ``{"image_proj": {...}, "ip_adapter": {...}}``, both non-empty, every entry
+    a named finite floating-point tensor (an int tensor would be cast silently, a NaN would blacken every image).
+    ``ValueError`` naming ``ip_adapter weights``; whether the shapes fit the UNet is checked when it is built."""
+    if not isinstance(sd, dict) or not isinstance(sd.get("image_proj"), dict) or not isinstance(
+            sd.get("ip_adapter"), dict) or not sd["image_proj"] or not sd["ip_adapter"]:
+        raise ValueError(f"ip_adapter weights: {source} is not an IP-Adapter file "
                          "(needs 'image_proj' and 'ip_adapter' state dicts)")
+    for group in ("image_proj", "ip_adapter"):
+        for key, value in sd[group].items():
+            if not isinstance(key, str):
+                raise ValueError(f"ip_adapter weights: {source} has a {group} entry named {key!r}, not a string")
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"ip_adapter weights: {group}.{key} in {source} is {kind}, not floating-point "
+                                 "weights")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"ip_adapter weights: {group}.{key} in {source} holds NaN or inf")
     return sd
 
 
@@ -288,26 +305,41 @@ def load_image_encoder(path: str | Path, field: str = "image_encoder"):
 
 def ip_adapter_from_state_dict(unet, sd: dict, image_encoder) -> IPAdapter:
     """Build an :class:`IPAdapter` for ``unet`` from a standard state dict and an image encoder (object or folder).
-    The image projection goes through diffusers' converter from the official key layout."""
+    The image projection goes through diffusers' converter from the official key layout. Everything about the
+    weights (types, shapes against the UNet) is checked before the image encoder is loaded."""
+    check_state_dict(sd)
     proj_sd = sd["image_proj"]
     if "latents" not in proj_sd and "proj.weight" not in proj_sd:
         raise ValueError("ip_adapter weights: image_proj is neither IP-Adapter (proj.*) nor IP-Adapter-Plus "
                          "(a Resampler with latents); other variants (Full, FaceID) are not supported")
     try:
         image_proj = unet._convert_ip_adapter_image_proj_to_diffusers(proj_sd, low_cpu_mem_usage=False)
-    except (KeyError, IndexError, RuntimeError) as e:
-        raise ValueError(f"ip_adapter weights: cannot read image_proj ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - reading only: shapes the converter cannot build from raise anything
+        text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:200] or type(e).__name__
+        raise ValueError(f"ip_adapter weights: cannot read image_proj ({text})") from None
+    norm = image_proj.norm_out if hasattr(image_proj, "norm_out") else getattr(image_proj, "norm", None)
+    tokens_dim = int(norm.normalized_shape[0]) if isinstance(norm, nn.LayerNorm) else None
+    if tokens_dim != unet.config.cross_attention_dim:
+        raise ValueError(f"ip_adapter weights: image tokens have {tokens_dim} channels, the UNet's "
+                         f"cross_attention_dim is {unet.config.cross_attention_dim}")
+    layers, names = _ip_layers(unet, sd["ip_adapter"])
     if isinstance(image_encoder, (str, Path)):
         image_encoder = load_image_encoder(image_encoder)
-    layers, names = _ip_layers(unet, sd["ip_adapter"])
-    adapter = IPAdapter(image_encoder, image_proj, layers, names)
-    if adapter.cross_attention_dim != unet.config.cross_attention_dim:
-        raise ValueError(f"ip_adapter weights: image tokens have {adapter.cross_attention_dim} channels, the UNet's "
-                         f"cross_attention_dim is {unet.config.cross_attention_dim}")
-    return adapter
+    return IPAdapter(image_encoder, image_proj, layers, names)
 
 
 # ------------------------------------------------------------------------------------------------ engine
+def check_arguments(weights, image_encoder) -> None:
+    """The types :func:`load_ip_adapter` takes (``TypeError`` naming the argument, before anything is read)."""
+    if not isinstance(weights, (IPAdapter, dict, str, os.PathLike)):
+        raise TypeError(f"weights: an IP-Adapter file path, a {{'image_proj', 'ip_adapter'}} state dict or an "
+                        f"IPAdapter, got {type(weights).__name__}")
+    if image_encoder is not None and not isinstance(image_encoder, (str, os.PathLike)) and not (
+            isinstance(image_encoder, nn.Module) and hasattr(image_encoder, "config")):
+        raise TypeError(f"image_encoder: a CLIP image encoder folder or a transformers CLIPVisionModelWithProjection, "
+                        f"got {type(image_encoder).__name__}")
+
+
 @changes_model("load_ip_adapter")
 def load_ip_adapter(engine, weights, image_encoder=None) -> IPAdapter:
     """Attach an IP-Adapter to ``engine`` (replacing any loaded one) and return it.
@@ -318,6 +350,7 @@ def load_ip_adapter(engine, weights, image_encoder=None) -> IPAdapter:
         image_encoder: a local ``CLIPVisionModelWithProjection`` folder or object; required unless ``weights``
             is an :class:`IPAdapter`.
     """
+    check_arguments(weights, image_encoder)
     if isinstance(weights, IPAdapter):
         if image_encoder is not None:
             raise ValueError("image_encoder: an IPAdapter object already holds its image encoder")
@@ -326,7 +359,7 @@ def load_ip_adapter(engine, weights, image_encoder=None) -> IPAdapter:
     else:
         if image_encoder is None:
             raise ValueError("image_encoder: an IP-Adapter needs its CLIP image encoder (a local folder)")
-        sd = weights if isinstance(weights, dict) else read_ip_adapter_file(weights)
+        sd = check_state_dict(weights) if isinstance(weights, dict) else read_ip_adapter_file(weights)
         adapter = ip_adapter_from_state_dict(engine.unet, sd, image_encoder)
     unload_ip_adapter(engine)
     adapter.to(engine.device, engine.dtype).eval().requires_grad_(False)

@@ -99,10 +99,7 @@ def load_segments(segments, field: str = "segments") -> dict:
     """A mapping, or a path to a SEGMENTS.json file holding one -> the mapping (not yet validated). Duplicate keys,
     files over 1 MiB and pathologically nested JSON are refused."""
     if isinstance(segments, (str, Path)):
-        path = Path(segments).expanduser()
-        if not path.is_file():
-            raise ValueError(f"{field}: file {str(segments)!r} does not exist")
-        segments = read_json(path, field, "a segments file", _MAX_JSON_BYTES)
+        segments = read_json(segments, field, "a segments file", _MAX_JSON_BYTES)
     if not isinstance(segments, Mapping):
         raise ValueError(f"{field}: must be a mapping of colours to prompts, got {type(segments).__name__}")
     return dict(segments)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .validation import is_int
+from .validation import is_int, shown
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Limits:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"limits.{f.name}: must be a positive number, got {v!r}")
+                raise ValueError(f"limits.{f.name}: must be a positive number, got {shown(v)}")
         return self
 
 
@@ -60,9 +60,9 @@ def check_size(height: int, width: int, factor: int, limits: Limits = DEFAULT_LI
     """An image size: positive multiples of ``factor`` (the VAE's downsampling) within ``limits``."""
     for name, v in zip(fields, (height, width)):
         if not is_int(v) or v < factor or v % factor:
-            raise ValueError(f"{name}: must be a positive multiple of {factor}, got {v!r}")
+            raise ValueError(f"{name}: must be a positive multiple of {factor}, got {shown(v)}")
         if v > limits.max_side:
-            raise ValueError(f"{name}: {v} pixels, the limit is {limits.max_side} (limits.max_side)")
+            raise ValueError(f"{name}: {shown(v)} pixels, the limit is {limits.max_side} (limits.max_side)")
     if height * width > limits.max_pixels:
         raise ValueError(f"{fields[0]}/{fields[1]}: {width}x{height} is {height * width} pixels, the limit is "
                          f"{limits.max_pixels} (limits.max_pixels)")

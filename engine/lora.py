@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .concurrency import changes_model
+from .files import check_file
 from .validation import check_number
 
 _INTERNAL_PREFIX = "dreamfuse_lora_"
@@ -120,11 +121,7 @@ def check_lora_file(path, field: str = "lora") -> Path:
     header names LoRA tensors. ``ValueError`` naming ``field``. Whether the LoRA fits the model is checked on load."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"{field}: expected the path of a .safetensors LoRA file, got {type(path).__name__}")
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ValueError(f"{field}: file {str(path)!r} does not exist")
-    if not p.is_file():
-        raise ValueError(f"{field}: {str(path)!r} is not a file")
+    p = check_file(path, field)
     if p.suffix.lower() != ".safetensors":
         raise ValueError(f"{field}: {str(path)!r} is not a .safetensors file (LoRAs are read from safetensors only: "
                          "a pickle can run code)")
@@ -154,6 +151,37 @@ def _dims(module) -> tuple[int, int] | None:
     return None
 
 
+def _is_conv(module) -> bool:
+    from torch import nn
+
+    return isinstance(module.get_base_layer() if hasattr(module, "get_base_layer") else module, nn.Conv2d)
+
+
+def _tensor_problem(parts: dict) -> str | None:
+    """Why one layer's LoRA tensors (``{"A": ..., "B": ..., "B.bias": ..., "magnitude_vector": ...}``) are no LoRA
+    weights: not tensors, not floating point (an int or bool tensor would be cast silently), or NaN / inf."""
+    import torch
+
+    for part, t in parts.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            kind = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"lora_{part} is {kind}, not floating-point weights"
+        if not bool(torch.isfinite(t).all()):
+            return f"lora_{part} holds NaN or inf"
+    return None
+
+
+def _rank_problem(a, b, conv: bool) -> str | None:
+    """Why ``A`` (down) and ``B`` (up) are not low-rank factors of a layer of their kind: a Linear's are ``(r, in)``
+    and ``(out, r)``, a Conv2d's ``(r, in, kh, kw)`` and ``(out, r, 1, 1)``. (Whether ``in`` and ``out`` are the
+    layer's is the caller's check.)"""
+    ndim = 4 if conv else 2
+    if a.ndim != ndim or b.ndim != ndim or (conv and tuple(b.shape[2:]) != (1, 1)):
+        return (f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not the weights of a "
+                f"{'Conv2d' if conv else 'Linear'} LoRA ({ndim}-D)")
+    return None
+
+
 def _peft_keys(engine, component: str, sd: dict) -> dict:
     """One component's LoRA tensors with their keys as peft will see them: the conversions diffusers applies in
     ``load_lora_adapter`` (UNet) and ``_load_lora_into_text_encoder`` (text encoders), nothing more."""
@@ -175,6 +203,7 @@ def _check_fits(engine, sd: dict, path: Path, field: str) -> dict[str, dict[str,
     present = _components(engine)
     by_component: dict[str, dict] = {}
     problems: list[str] = []
+    damaged: list[str] = []
     for key, value in sd.items():
         comp = next((c for c in _COMPONENTS if key.startswith(f"{c}.")), None)
         if comp is None or comp not in present:
@@ -212,11 +241,18 @@ def _check_fits(engine, sd: dict, path: Path, field: str) -> dict[str, dict[str,
             a, b = parts.get("A"), parts.get("B")
             if a is None or b is None:
                 problems.append(f"{shown!r}: lora_{'A' if a is None else 'B'} (down/up) is missing")
-            elif a.ndim < 2 or b.ndim < 2 or a.shape[1] != dims[0] or b.shape[0] != dims[1] or a.shape[0] != b.shape[1]:
+                continue
+            broken = _tensor_problem(parts) or _rank_problem(a, b, _is_conv(target))
+            if broken:
+                damaged.append(f"{shown!r}: {broken}")
+            elif a.shape[1] != dims[0] or b.shape[0] != dims[1] or a.shape[0] != b.shape[1]:
                 problems.append(f"{shown!r}: a rank-{a.shape[0]} LoRA for {a.shape[1]} -> {b.shape[0]} features, "
                                 f"the layer has {dims[0]} -> {dims[1]}")
             else:
                 fits.setdefault(comp, {})[name] = (a, b)
+    if damaged:  # whatever else is wrong: these are no LoRA weights at all
+        raise ValueError(f"{field}: {str(path)!r} holds broken LoRA weights ({len(damaged)} layer(s), e.g. "
+                         f"{damaged[0]})")
     if problems:
         total = max(layers, 1)
         what = ("none of its layers fits this model" if len(problems) >= total

@@ -39,21 +39,46 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .files import torch_load_weights, torch_save_atomic
+from .files import check_file, torch_load_weights, torch_save_atomic
 from .images import load_rgb
+from .limits import DEFAULT_LIMITS
 from .ops import ops_for
+from .validation import check_number, check_text, is_int, shown_int
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_VERSION = 1  # bump when the cached maps' meaning changes
+MAX_GRID = 64
+"""Largest patch grid side (``image_size // patch_size``): 64x64 = 4096 patches, the sequence length the matching
+kernel is built for (DINOv2-L/14 at 518 is 37x37). The backbone's attention grows with the square of it."""
+MAX_MAP_SIDE = DEFAULT_LIMITS.max_side // 8
+"""Largest quality-map side (``latent_hw``): the latent grid of the largest image the engine generates."""
 
 
 def _pair(hw, field: str) -> tuple[int, int]:
-    h, w = (hw, hw) if isinstance(hw, int) else tuple(hw)
-    if int(h) < 1 or int(w) < 1:
-        raise ValueError(f"{field}: sizes must be >= 1, got {hw!r}")
-    return int(h), int(w)
+    """``hw`` (an int or an ``(h, w)`` pair of ints) -> ``(h, w)``, each in ``[1, MAX_MAP_SIDE]``."""
+    pair = (hw, hw) if is_int(hw) else tuple(hw) if isinstance(hw, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(is_int(v) for v in pair):
+        raise ValueError(f"{field}: an int or an (h, w) pair of ints, got {hw!r}")
+    if not all(1 <= v <= MAX_MAP_SIDE for v in pair):
+        raise ValueError(f"{field}: sizes must be in [1, {MAX_MAP_SIDE}] (the latent grid of limits.max_side), got "
+                         f"{', '.join(shown_int(v) for v in pair)}")
+    return pair
+
+
+def check_image_size(image_size, patch_size: int, field: str = "image_size") -> int:
+    """A backbone input size: an integer multiple of ``patch_size`` giving a patch grid of at most
+    :data:`MAX_GRID` per side."""
+    if not is_int(image_size) or image_size < patch_size:
+        raise ValueError(f"{field}: must be an integer >= the patch size {patch_size}, got "
+                         f"{shown_int(image_size) if is_int(image_size) else repr(image_size)}")
+    if image_size % patch_size:
+        raise ValueError(f"{field}: {image_size} is not a multiple of the patch size {patch_size}")
+    if image_size // patch_size > MAX_GRID:
+        raise ValueError(f"{field}: {shown_int(image_size)} gives a {shown_int(image_size // patch_size)}-patch-wide "
+                         f"grid, at most {MAX_GRID} ({MAX_GRID * patch_size} for patch size {patch_size})")
+    return image_size
 
 
 def _load_backbone(path) -> torch.nn.Module:
@@ -183,9 +208,7 @@ class PatchQualityEstimator:
             raise ValueError(f"backbone: {type(backbone).__name__} has no square patch grid (config.patch_size, "
                              f"config.image_size); use a ViT, DINOv2 or CLIP vision model")
         self.patch_size = int(cfg.patch_size)
-        self.image_size = int(image_size or cfg.image_size)
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size: {self.image_size} is not a multiple of the patch size {self.patch_size}")
+        self.image_size = check_image_size(cfg.image_size if image_size is None else image_size, self.patch_size)
         self.num_prefix = 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)  # CLS + registers
         if (mean is None) != (std is None):
             raise ValueError("mean/std: give both or neither")
@@ -193,8 +216,9 @@ class PatchQualityEstimator:
             clip = cfg.model_type.startswith("clip")
             mean, std = norm or ((CLIP_MEAN, CLIP_STD) if clip else (IMAGENET_MEAN, IMAGENET_STD))
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        if not -1 <= floor < 1:
-            raise ValueError(f"floor: must be in [-1, 1), got {floor}")
+        check_number(floor, "floor", low=-1)
+        if not floor < 1:
+            raise ValueError(f"floor: must be in [-1, 1), got {floor!r}")
         self.floor = float(floor)
         params = inspect.signature(backbone.forward).parameters
         native = int(getattr(cfg, "image_size", self.image_size))
@@ -410,14 +434,24 @@ def scan_sample(folder: Path) -> tuple[Path, list[Path], str]:
         raise ValueError(f"dataset: sample {str(folder)!r} has no reference image (ref.png)")
     if len(refs) > 1:
         raise ValueError(f"dataset: sample {str(folder)!r} has several reference images {[p.name for p in refs]}")
+    check_file(refs[0], "dataset", "reference image")
     gens = [p for p in sorted(folder.iterdir())
             if p.is_file() and p.name.startswith("gen") and p.suffix.lower() in IMAGE_EXTENSIONS]
     if not gens:
         raise ValueError(f"dataset: sample {str(folder)!r} has no generated image (gen*.png)")
     prompt_file = folder / "prompt.txt"
-    if not prompt_file.is_file():
+    if not prompt_file.exists():
         raise ValueError(f"dataset: sample {str(folder)!r} has no prompt.txt")
-    return refs[0], gens, prompt_file.read_text().strip()
+    check_file(prompt_file, "dataset")
+    most = DEFAULT_LIMITS.max_prompt_chars
+    if prompt_file.stat().st_size > 4 * most:  # UTF-8: at most 4 bytes a character
+        raise ValueError(f"dataset: {str(prompt_file)!r} is {prompt_file.stat().st_size} bytes, more than a prompt "
+                         f"of {most} characters (limits.max_prompt_chars)")
+    try:
+        prompt = prompt_file.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"dataset: {str(prompt_file)!r} is not UTF-8 text") from None
+    return refs[0], gens, check_text(prompt, f"dataset: {str(prompt_file)!r}", most)
 
 
 def quality_maps(dataset_dir, estimator: PatchQualityEstimator, latent_hw, cache_dir, *,

@@ -251,7 +251,7 @@ def test_cli_writes_map(dreamfuse_main, vit_dir, tmp_path, capsys):
     (["--out", "map.jpg"], "--out: .* must be a .png"),
     (["--out", "no/such/dir/map.png"], "--out: folder"),
     (["--backbone", "."], "--backbone: .*no config.json"),
-    (["--image-size", "30"], "--backbone .*: image_size: 30 is not a multiple of the patch size 4"),
+    (["--image-size", "30"], "--image-size: 30 is not a multiple of the patch size 4"),  # the flag typed
 ])
 def test_cli_bad_inputs(dreamfuse_main, vit_dir, tmp_path, monkeypatch, capsys, bad, match):
     import re

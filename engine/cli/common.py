@@ -29,33 +29,69 @@ def user_error_message(e: BaseException) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ argument types
-def int_at_least(name: str, low: int):
+def shown(s: str, limit: int = 40) -> str:
+    """``repr(s)`` for a message, cut after ``limit`` characters: a 100,000-character argument is not echoed."""
+    return repr(s) if len(s) <= limit else f"{s[:limit]!r}... ({len(s)} characters)"
+
+
+def shown_int(v: int) -> str:
+    from ..validation import shown_int as shown
+
+    return shown(v)
+
+
+def parse_int(name: str, s: str, base: int = 10) -> int:
+    """``int(s, base)`` or ``argparse.ArgumentTypeError`` naming ``name``; a decimal number past Python's
+    int-from-text limit (``sys.get_int_max_str_digits()``, 4300 digits) is said to be too long, not echoed."""
+    import sys
+
+    try:
+        return int(s, base)
+    except ValueError:
+        digits = s.strip().lstrip("+-").replace("_", "")
+        limit = sys.get_int_max_str_digits()
+        if digits.isdigit() and limit and len(digits) > limit:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer of at most {limit} digits, got a "
+                                             f"{len(digits)}-digit number") from None
+        raise argparse.ArgumentTypeError(f"{name} must be an integer, got {shown(s)}") from None
+
+
+def int_at_least(name: str, low: int, high: int | None = None, limit: str | None = None):
+    """An integer ``>= low`` (and ``<= high``; ``limit`` names where that bound comes from, e.g.
+    ``limits.max_images``)."""
     def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        v = parse_int(name, s)
         if v < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {v}")
+            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {shown_int(v)}")
+        if high is not None and v > high:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high}{f' ({limit})' if limit else ''}, got "
+                                             f"{shown_int(v)}")
         return v
     return parse
 
 
-def positive_int(name: str):
-    return int_at_least(name, 1)
+def positive_int(name: str, high: int | None = None, limit: str | None = None):
+    return int_at_least(name, 1, high, limit)
 
 
-def non_negative_int(name: str):
-    return int_at_least(name, 0)
+def non_negative_int(name: str, high: int | None = None, limit: str | None = None):
+    return int_at_least(name, 0, high, limit)
 
 
-def multiple_of_8(name: str):
+def multiple_of_8(name: str, high: int | None = None, limit: str | None = None):
     def parse(s: str) -> int:
-        v = positive_int(name)(s)
+        v = positive_int(name, high, limit)(s)
         if v % 8:
             raise argparse.ArgumentTypeError(f"{name} must be a multiple of 8, got {v}")
         return v
     return parse
+
+
+def image_side(name: str):
+    """An image height or width: a multiple of 8 within the engine's ``limits.max_side``."""
+    from ..limits import DEFAULT_LIMITS
+
+    return multiple_of_8(name, DEFAULT_LIMITS.max_side, "limits.max_side")
 
 
 def finite_float(name: str, *, low: float | None = None, low_open: bool = False, high: float | None = None):
@@ -64,25 +100,22 @@ def finite_float(name: str, *, low: float | None = None, low_open: bool = False,
         try:
             v = float(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {shown(s)}") from None
         if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {s}")
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {shown(s)}")
         if low is not None and (v <= low if low_open else v < low):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {s}")
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {shown(s)}")
         if high is not None and v > high:
-            raise argparse.ArgumentTypeError(f"{name} must be <= {high:g}, got {s}")
+            raise argparse.ArgumentTypeError(f"{name} must be <= {high:g}, got {shown(s)}")
         return v
     return parse
 
 
 def seed_int(name: str = "--seed"):
     def parse(s: str) -> int:
-        try:
-            v = int(s, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        v = parse_int(name, s, 0)
         if not 0 <= v < 2**64:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 2**64), got {s}")
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 2**64), got {shown_int(v)}")
         return v
     return parse
 
@@ -132,6 +165,7 @@ def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, d
 def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: float = 7.5,
                       size_default: str = "the model's native size", samplers=None, sampler_note: str = "") -> None:
     """The sampling options; ``samplers``: the ``--sampler`` names this command accepts (default: all)."""
+    from ..limits import DEFAULT_LIMITS
     from ..samplers import DEFAULT_SAMPLER, SAMPLERS
 
     g = p.add_argument_group("sampling")
@@ -146,15 +180,15 @@ def add_sampling_args(p: argparse.ArgumentParser, *, steps: int = 50, guidance: 
                             f"steps: {usual}. lcm needs an LCM model or LCM-LoRA{sampler_note}")
     else:
         p.set_defaults(sampler=names[0])
-    g.add_argument("--steps", type=positive_int("--steps"), default=steps,
+    g.add_argument("--steps", type=positive_int("--steps", DEFAULT_LIMITS.max_steps, "limits.max_steps"), default=steps,
                    help=f"sampler steps (default {steps})")
     g.add_argument("--guidance", type=finite_float("--guidance", low=0), default=guidance,
                    help=f"classifier-free guidance scale; <= 1 disables CFG (default {guidance})")
     g.add_argument("--seed", type=seed_int(), default=None,
                    help="seed of the first image, in [0, 2**64); image i uses seed + i (default: random, printed)")
-    g.add_argument("--height", type=multiple_of_8("--height"), default=None,
+    g.add_argument("--height", type=image_side("--height"), default=None,
                    help=f"image height, a multiple of 8 (default: {size_default})")
-    g.add_argument("--width", type=multiple_of_8("--width"), default=None,
+    g.add_argument("--width", type=image_side("--width"), default=None,
                    help=f"image width, a multiple of 8 (default: {size_default})")
 
 
@@ -174,6 +208,23 @@ def check_prompt_args(prompts: list[str], args, field: str = "--prompt") -> None
         check_prompts([args.negative_prompt], "--negative-prompt")
 
 
+def check_call_limits(args, images: int, flag: str) -> None:
+    """What the engine's limits (:data:`~dreamfuse.engine.limits.DEFAULT_LIMITS`, the CLI's engine's) refuse of one
+    call, checked before any model loads and named by the flags typed: ``images`` in one call (``flag`` says which
+    option made them), and ``--height`` x ``--width`` when both are given (each side alone is checked as parsed;
+    with one missing, the model's native size fills it in and the pipeline checks the product)."""
+    from ..limits import DEFAULT_LIMITS, check_size
+
+    if images > DEFAULT_LIMITS.max_images:
+        raise CLIError(f"{flag}: {images} images in one call, the limit is {DEFAULT_LIMITS.max_images} "
+                       "(limits.max_images)")
+    if getattr(args, "height", None) is not None and getattr(args, "width", None) is not None:
+        try:
+            check_size(args.height, args.width, 8, DEFAULT_LIMITS, fields=("--height", "--width"))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+
+
 def seed_for(args, images: int) -> int:
     """``--seed``, or a fresh random one; image i uses seed + i, which must stay below 2**64."""
     from ..engine import random_seed
@@ -185,14 +236,16 @@ def seed_for(args, images: int) -> int:
 
 
 def check_file(flag: str, value: str | None, what: str = "file") -> Path | None:
-    """``value`` must be an existing file (``CLIError`` naming ``flag``); None passes."""
+    """``value`` must be an existing regular file (``CLIError`` naming ``flag``: it does not exist, is a directory,
+    or is a FIFO, socket or device); None passes."""
+    from ..files import not_a_file
+
     if value is None:
         return None
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise CLIError(f"{flag}: {what} {value!r} does not exist" if not path.exists()
-                       else f"{flag}: {value!r} is not a file")
-    return path
+    problem = not_a_file(value, what)
+    if problem is not None:
+        raise CLIError(f"{flag}: {problem}")
+    return Path(value).expanduser()
 
 
 def check_dir(flag: str, value: str | None) -> Path | None:
@@ -286,6 +339,8 @@ def check_model_args(args) -> None:
         path = Path(args.model).expanduser()
         if not path.exists():
             raise CLIError(f"--model: {args.model!r} does not exist")
+        if not path.is_dir():  # a single-file checkpoint: a regular file (a FIFO would block the loader)
+            check_file("--model", args.model, "checkpoint")
     elif args.config is not None:
         raise CLIError(f"--config: only for a single-file checkpoint; {args.model!r} is an embedded model")
     if args.config is not None:

@@ -9,6 +9,7 @@ from .common import (
     CLIError,
     add_model_args,
     add_sampling_args,
+    check_call_limits,
     check_file,
     check_prompt_args,
     finite_float,
@@ -84,6 +85,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
 def run(args) -> None:
     from ..layout import load_layout_image, parse_segments
 
+    check_call_limits(args, 1, "--prompt")
     check_prompt_args([args.prompt], args)
     output_paths(args.out, 1)  # fail on bad input before any model work
     check_file("--segments", args.segments)

@@ -8,6 +8,7 @@ from .common import (
     CLIError,
     add_model_args,
     add_sampling_args,
+    check_call_limits,
     check_file,
     check_prompt_args,
     finite_float,
@@ -37,13 +38,17 @@ examples:
 
 
 def register(sub, name: str, help_: str, rest: list[str]) -> None:
+    from ..limits import DEFAULT_LIMITS
+
     p = sub.add_parser(name, help=help_, epilog=EXAMPLES,
                        description="Generate images from text prompts (DDIM or another --sampler, classifier-free "
                                    "guidance, one batched UNet call per step).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", required=True,
                    help="text prompt; repeat the flag for a batch of different prompts")
-    p.add_argument("--num-images", type=positive_int("--num-images"), default=1, help="images per prompt (default 1)")
+    p.add_argument("--num-images", type=positive_int("--num-images", DEFAULT_LIMITS.max_images, "limits.max_images"),
+                   default=1, help=f"images per prompt (default 1); at most {DEFAULT_LIMITS.max_images} images "
+                                   "in all (prompts x images)")
     p.add_argument("--out", default="dreamfuse.png", help=out_image_help())
     p.add_argument("--relation", default=None, metavar="FILE",
                    help="a ReVersion learned_embeds.bin: its relation token (e.g. <R>) becomes usable in prompts "
@@ -116,6 +121,7 @@ def check_ip_adapter_args(args) -> None:
 
 
 def run(args) -> None:
+    check_call_limits(args, len(args.prompt) * args.num_images, "--num-images" if args.num_images > 1 else "--prompt")
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     check_prompt_args(prompts, args)
     output_paths(args.out, len(prompts))  # every check on the output before any model work

@@ -23,6 +23,8 @@ examples:
 
 
 def register(sub, name: str, help_: str, rest: list[str]) -> None:
+    from ..limits import DEFAULT_LIMITS
+
     p = sub.add_parser(name, help=help_, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", required=True, metavar="DIR",
@@ -31,11 +33,13 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     p.add_argument("--ref", required=True, help="reference image")
     p.add_argument("--gen", required=True, help="generated image")
     p.add_argument("--out", required=True, help="output PNG: generated image | heat map")
-    p.add_argument("--latent-size", type=positive_int("--latent-size"), default=None,
-                   help="resample the map to this square latent grid (e.g. 64 for SD 1.5 at 512); "
-                        "default: the backbone's patch grid")
-    p.add_argument("--image-size", type=positive_int("--image-size"), default=None,
-                   help="backbone input size, a multiple of its patch size (default: the config's image_size)")
+    most = DEFAULT_LIMITS.max_side // 8
+    p.add_argument("--latent-size", type=positive_int("--latent-size", most, "the latent grid of limits.max_side"),
+                   default=None, help=f"resample the map to this square latent grid, at most {most} (e.g. 64 for "
+                                      "SD 1.5 at 512); default: the backbone's patch grid")
+    p.add_argument("--image-size", type=positive_int("--image-size", DEFAULT_LIMITS.max_side, "limits.max_side"),
+                   default=None, help="backbone input size, a multiple of its patch size giving at most 64x64 "
+                                      "patches (default: the config's image_size)")
     p.add_argument("--floor", type=finite_float("--floor", low=-1, high=0.999), default=0.0,
                    help="cosine similarity mapped to quality 0, in [-1, 1) (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -53,20 +57,48 @@ def check_backbone_arg(value: str, flag: str = "--backbone") -> None:
         raise CLIError(f"{flag}: {value!r} is not a transformers model folder (no config.json)")
 
 
+def check_image_size_arg(backbone: str, image_size: int | None, flag: str = "--image-size") -> None:
+    """``--image-size`` against the patch size in the backbone folder's ``config.json`` (read as JSON, before the
+    model loads); the estimator checks it again (and the embedded ``tiny`` one) when it is built."""
+    import json
+
+    if image_size is None or backbone == "tiny":
+        return
+    try:
+        cfg = json.loads((Path(backbone).expanduser() / "config.json").read_text(encoding="utf-8"))
+        patch = cfg.get("vision_config", cfg).get("patch_size")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return  # loading the backbone says what is wrong with it
+    if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0:
+        from ..patch_quality import check_image_size
+
+        try:
+            check_image_size(image_size, patch, flag)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+
+
+_ESTIMATOR_OPTIONS = {"image_size: ": "--image-size: ", "floor: ": "--floor: "}
+
+
 def make_estimator(value: str, flag: str = "--backbone", **kwargs):
     """A :class:`PatchQualityEstimator` for ``--backbone`` (a folder or ``tiny``); loading errors become one line."""
     from ..patch_quality import PatchQualityEstimator
 
+    backbone = value
     if value == "tiny":
         from ..tiny_adapters import build_tiny_backbone
 
-        return PatchQualityEstimator(build_tiny_backbone(), **kwargs)
+        backbone = build_tiny_backbone()
     try:
-        return PatchQualityEstimator(value, **kwargs)
+        return PatchQualityEstimator(backbone, **kwargs)
     except Exception as e:  # noqa: BLE001 - an unknown, corrupt or unsuitable model folder, whatever raised
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if first.startswith("backbone: "):  # the library's message already names the folder
             raise CLIError(flag + first.removeprefix("backbone")) from None
+        for field, option in _ESTIMATOR_OPTIONS.items():  # an option the user typed
+            if first.startswith(field) and kwargs.get(field[:-2]) is not None:
+                raise CLIError(option + first.removeprefix(field)) from None
         raise CLIError(f"{flag} {value!r}: {first}") from None
 
 
@@ -83,6 +115,7 @@ def run(args) -> None:
     if out.is_dir():
         raise CLIError(f"--out: {args.out!r} is a folder, not an image file")
     check_backbone_arg(args.backbone)
+    check_image_size_arg(args.backbone, args.image_size)
     device = check_device(args.device, "--device")
     check_file("--ref", args.ref)
     check_file("--gen", args.gen)

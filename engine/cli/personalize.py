@@ -8,6 +8,7 @@ from .common import (
     CLIError,
     add_model_args,
     add_sampling_args,
+    check_call_limits,
     check_file,
     check_prompt_args,
     finite_float,
@@ -67,6 +68,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
 def run(args) -> None:
     from ..pipelines.common import check_prompts
 
+    check_call_limits(args, len(args.prompt), "--prompt")
     check_prompt_args(args.prompt, args)
     check_prompts([args.reference_prompt], "--reference-prompt")
     if args.subject_token is None and (not args.no_ama or args.lambda_g > 0):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..relation_prompts import DEFAULT_TEMPLATE, relation_prompts
 
@@ -21,6 +20,10 @@ examples:
 """
 
 MAX_PROMPTS = 100_000
+MAX_OUTPUT_CHARS = 64 << 20
+"""Most characters printed (100,000 prompts of 600 characters)."""
+MAX_ENTITY_FILE_BYTES = 1 << 20
+"""Largest @FILE read: 100,000 entities of ten characters (a list longer than MAX_PROMPTS is refused anyway)."""
 
 
 def register(sub, name: str, help_: str, rest: list[str]) -> None:
@@ -39,35 +42,54 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
 
 
 def entity_list(arg: str) -> list[str]:
+    """One ``-e`` argument -> its entities: ``'cat,dog'``, or ``@FILE`` (a UTF-8 file of at most
+    :data:`MAX_ENTITY_FILE_BYTES`, one entity per line). Each entity is prompt text (at most
+    ``limits.max_prompt_chars`` characters), and a list holds at most :data:`MAX_PROMPTS` of them."""
+    from ..files import check_file
+    from ..limits import DEFAULT_LIMITS
     from ..validation import check_text
 
+    check_text(arg, "--entities")
     if arg.startswith("@"):
-        path = Path(arg[1:]).expanduser()
-        if not path.is_file():
-            raise ValueError(f"--entities: file {str(path)!r} does not exist")
+        path = check_file(arg[1:], "--entities")
+        size = path.stat().st_size
+        if size > MAX_ENTITY_FILE_BYTES:
+            raise ValueError(f"--entities: {str(path)!r} is {size} bytes, more than the {MAX_ENTITY_FILE_BYTES} an "
+                             "entity list may have")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError:
             raise ValueError(f"--entities: {str(path)!r} is not UTF-8 text") from None
         items = [line.strip() for line in text.splitlines()]
         items = [i for i in items if i and not i.startswith("#")]
     else:
-        check_text(arg, "--entities")
         items = [i.strip() for i in arg.split(",")]
     if not items or not all(items):
-        raise ValueError(f"--entities: {arg!r} holds an empty entity (use 'cat,dog' or @FILE)")
+        raise ValueError(f"--entities: {arg[:60]!r} holds an empty entity (use 'cat,dog' or @FILE)")
+    if len(items) > MAX_PROMPTS:
+        raise ValueError(f"--entities: {arg[:60]!r} lists {len(items)} entities; the limit is {MAX_PROMPTS} prompts")
+    for item in items:
+        check_text(item, "--entities", DEFAULT_LIMITS.max_prompt_chars)
     return items
 
 
 def run(args) -> None:
+    from ..limits import DEFAULT_LIMITS
     from ..validation import check_text
 
-    check_text(args.template, "TEMPLATE_OR_RELATION")
+    check_text(args.template, "TEMPLATE_OR_RELATION", DEFAULT_LIMITS.max_prompt_chars)
     lists = [entity_list(a) for a in args.entities]
-    slots = max(1, args.template.count("{}"))
+    template = args.template.strip()
+    slots = template.count("{}") if "{}" in template else 2  # the relation alone means "{} <R> {}"
+    per_slot = lists * slots if len(lists) == 1 else lists
     total = 1
-    for lst in (lists * slots if len(lists) == 1 else lists):
+    for lst in per_slot:
         total *= len(lst)
-    if total > MAX_PROMPTS:
-        raise ValueError(f"--entities: the lists make {total} prompts; the limit is {MAX_PROMPTS}")
+        if total > MAX_PROMPTS:
+            raise ValueError(f"--entities: the lists make more than {MAX_PROMPTS} prompts (the limit)")
+    # every entity of slot s appears in total / len(list_s) prompts
+    chars = total * (len(template) + 1) + sum(total // len(lst) * sum(map(len, lst)) for lst in per_slot)
+    if chars > MAX_OUTPUT_CHARS:
+        raise ValueError(f"--entities: the {total} prompts would be {chars} characters, more than the "
+                         f"{MAX_OUTPUT_CHARS} printed at most")
     print("\n".join(relation_prompts(args.template, *lists)))

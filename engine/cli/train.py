@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from .common import finite_float, non_negative_int, positive_int, seed_int
+from .common import finite_float, multiple_of_8, non_negative_int, positive_int, seed_int
 
 METHODS = {
     "reversion": ("train_reversion", "ReVersion: learn a relation token <R> from exemplar images"),
@@ -30,17 +30,19 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
             methods.add_parser(method, help=method_help)
 
 
-def add_optimization_args(p, d, *, batch_help: str):
+def add_optimization_args(p, d, *, batch_help: str, max_batch: int):
     """The options every trainer shares (steps, AdamW, micro-batching, precision, seed, resolution), with defaults
-    from the trainer's config ``d``; returns the argument group so the trainer can add its own."""
-    from ..train.common import MIXED_PRECISION
+    from the trainer's config ``d``; returns the argument group so the trainer can add its own. ``max_batch``: the
+    trainer's largest ``batch_size`` (from the engine's ``limits.max_images``, as its config checks it)."""
+    from ..train.common import MAX_RESOLUTION, MIXED_PRECISION
 
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", "--max-steps", dest="steps", type=positive_int("--steps"), default=d.steps,
                    help=f"optimizer steps to train for (default {d.steps})")
     g.add_argument("--lr", type=finite_float("--lr", low=0, low_open=True), default=d.lr,
                    help=f"AdamW learning rate (default {d.lr:g})")
-    g.add_argument("--batch-size", type=positive_int("--batch-size"), default=d.batch_size,
+    g.add_argument("--batch-size", type=positive_int("--batch-size", max_batch, "limits.max_images"),
+                   default=d.batch_size,
                    help=f"{batch_help} (default {d.batch_size})")
     g.add_argument("--grad-accum", type=positive_int("--grad-accum"), default=d.grad_accum,
                    help=f"micro-batches per optimizer step (default {d.grad_accum})")
@@ -49,8 +51,9 @@ def add_optimization_args(p, d, *, batch_help: str):
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
                    help="autocast dtype: auto = bf16/fp16 on CUDA, fp32 on CPU (default auto)")
     g.add_argument("--seed", type=seed_int(), default=d.seed, help=f"training seed (default {d.seed})")
-    g.add_argument("--resolution", type=positive_int("--resolution"), default=None,
-                   help="training image size, a multiple of 8 (default: the model's)")
+    g.add_argument("--resolution", type=multiple_of_8("--resolution", MAX_RESOLUTION, "limits.max_pixels"),
+                   default=None, help=f"training image size, a multiple of 8 up to {MAX_RESOLUTION} (default: the "
+                                      "model's)")
     return g
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CLIError, add_model_args, check_file, finite_float, output_folder
+from .common import CLIError, add_model_args, check_file, finite_float, int_at_least, output_folder
 from .train import add_checkpoint_args, add_optimization_args
 
 EPILOG = """\
@@ -37,7 +37,7 @@ examples:
 
 
 def register(sub, name: str, help_: str) -> None:
-    from ..train.patchdpo import SAVE_FORMATS, PatchDPOConfig
+    from ..train.patchdpo import MAX_BATCH, SAVE_FORMATS, PatchDPOConfig
 
     d = PatchDPOConfig()
     p = sub.add_parser(
@@ -54,8 +54,8 @@ def register(sub, name: str, help_: str) -> None:
     p.add_argument("--backbone", required=True, metavar="DIR",
                    help="patch-quality vision backbone (ViT / DINOv2 / CLIP vision folder, or 'tiny')")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    g = add_optimization_args(p, d, batch_help="(ref, gen) pairs per micro-batch")
-    g.add_argument("--weight-power", type=int, choices=(1, 2), default=d.weight_power,
+    g = add_optimization_args(p, d, batch_help="(ref, gen) pairs per micro-batch", max_batch=MAX_BATCH)
+    g.add_argument("--weight-power", type=int_at_least("--weight-power", 1, 2), default=d.weight_power, metavar="{1,2}",
                    help="1: mean((e'-e)^2 * w) (official code, default); 2: w inside the squared norm "
                         "(supplementary)")
     g.add_argument("--train-projection", action="store_true", help="also train the image projection")
@@ -81,7 +81,7 @@ def run(args) -> None:
 def _run(args, env) -> None:
     from ..tiny_adapters import TINY_ADAPTERS
     from ..train.distributed import rank_device
-    from ..train.patchdpo import PatchDPOConfig, check_dataset, train
+    from ..train.patchdpo import PatchDPOConfig, check_dataset, check_resume, train
     from .common import load_engine
     from .patch_quality import check_backbone_arg, make_estimator
 
@@ -96,6 +96,7 @@ def _run(args, env) -> None:
     args.device = rank_device(args.device, env)  # one GPU per process
     output_folder(args.out)
     check_dataset(args.data)  # fail on bad data before loading any model
+    check_resume(cfg, args.out, env.world_size)  # and on a bad checkpoint (train() reads it again)
     if args.ip_adapter in TINY_ADAPTERS or args.image_encoder == "tiny":
         if args.ip_adapter not in TINY_ADAPTERS or args.image_encoder != "tiny":
             raise CLIError("--ip-adapter/--image-encoder: the tiny adapter and its encoder go together "

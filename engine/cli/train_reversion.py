@@ -42,7 +42,7 @@ writes OUT (put it on a filesystem every machine sees).
 
 
 def register(sub, name: str, help_: str) -> None:
-    from ..train.reversion import NEGATIVE_MODES, RECIPES, ReVersionConfig
+    from ..train.reversion import MAX_BATCH, NEGATIVE_MODES, RECIPES, ReVersionConfig
 
     d = ReVersionConfig()
     p = sub.add_parser(
@@ -55,7 +55,7 @@ def register(sub, name: str, help_: str) -> None:
     g = p.add_argument_group("relation token")
     g.add_argument("--token", default=d.token, help=f"the token to learn (default {d.token!r})")
     g.add_argument("--init-token", default=d.init_token, help=f"single-token initializer (default {d.init_token!r})")
-    g = add_optimization_args(p, d, batch_help="images per micro-batch")
+    g = add_optimization_args(p, d, batch_help="images per micro-batch", max_batch=MAX_BATCH)
     g.add_argument("--recipe", choices=tuple(RECIPES), default="official",
                    help="lr/batch/accumulation defaults: official = lr 2e-3 (2.5e-4 x batch 2 x accumulation 4), "
                         "batch 2, accumulation 4 (default); paper = lr 2.5e-4, batch 2, accumulation 1. Explicit "
@@ -119,7 +119,7 @@ def run(args) -> None:
 
 def _run(args, env) -> None:
     from ..train.distributed import rank_device
-    from ..train.reversion import load_exemplars, train
+    from ..train.reversion import check_resume, load_exemplars, train
     from .common import load_engine
 
     cfg = config_from_args(args)
@@ -128,6 +128,7 @@ def _run(args, env) -> None:
     args.device = rank_device(args.device, env)  # one GPU per process
     output_folder(args.out)
     load_exemplars(args.data)  # fail on bad data before loading the model
+    check_resume(cfg, args.out, env.world_size)  # and on a bad checkpoint (train() reads it again: cheap)
     engine = load_engine(args, dtype=args.dtype or "fp32", backend=args.backend or "torch")
     result = train(engine, args.data, args.out, cfg, log=lambda line: print(line, flush=True))
     last = result.losses[-1] if result.losses else None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..limits import DEFAULT_LIMITS, Limits, check_size
-from ..validation import SEED_MAX, check_number, check_seed, check_text, is_int
+from ..validation import SEED_MAX, check_number, check_seed, check_text, is_int, shown
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -59,10 +59,10 @@ def resolve_seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
     if is_int(seed):
         check_seed(seed)
         if seed + n - 1 > SEED_MAX:
-            raise ValueError(f"seed: {seed} + {n - 1} (one seed per image) passes 2**64 - 1")
+            raise ValueError(f"seed: {shown(seed)} + {n - 1} (one seed per image) passes 2**64 - 1")
         return [seed + i for i in range(n)]
     if isinstance(seed, (str, bytes)) or not isinstance(seed, Sequence):
-        raise ValueError(f"seed: give an int or one int per prompt ({n}), got {seed!r}")
+        raise ValueError(f"seed: give an int or one int per prompt ({n}), got {shown(seed)}")
     seeds = list(seed)
     if len(seeds) != n:
         raise ValueError(f"seed: give an int or exactly one int per prompt ({n}), got {len(seeds)}")
@@ -71,9 +71,9 @@ def resolve_seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
 
 def check_steps(steps: int, field: str = "steps", limits: Limits = DEFAULT_LIMITS) -> int:
     if not is_int(steps) or steps < 1:
-        raise ValueError(f"{field}: must be an integer >= 1, got {steps!r}")
+        raise ValueError(f"{field}: must be an integer >= 1, got {shown(steps)}")
     if steps > limits.max_steps:
-        raise ValueError(f"{field}: {steps}, the limit is {limits.max_steps} (limits.max_steps)")
+        raise ValueError(f"{field}: {shown(steps)}, the limit is {limits.max_steps} (limits.max_steps)")
     return steps
 
 
@@ -110,7 +110,7 @@ OUTPUT_TYPES = ("pil", "pt", "latent")
 
 def check_output_type(output_type: str) -> str:
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type: must be 'pil', 'pt' or 'latent', got {output_type!r}")
+        raise ValueError(f"output_type: must be 'pil', 'pt' or 'latent', got {shown(output_type)}")
     return output_type
 
 

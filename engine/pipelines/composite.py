@@ -43,7 +43,7 @@ from ..limits import DEFAULT_LIMITS, Limits, check_size
 from ..ops import ops_for
 from ..prediction import prediction_type_of, to_eps_x0, update_output
 from ..samplers import DEFAULT_SAMPLER, STATELESS_SAMPLERS, check_sampler
-from ..validation import check_number, check_text
+from ..validation import check_callable, check_flag, check_int_arg, check_number, check_text
 from .common import (
     as_prompt_list,
     check_batch,
@@ -126,9 +126,9 @@ def load_sal_model(path: str | Path, device: torch.device) -> Callable[[torch.Te
     A TorchScript file is a program: loading it runs code with the caller's permissions (a crafted file can
     write anywhere the process can). Load only files you trust, and never a path that arrives in a request:
     :func:`compose_batch` therefore takes the loaded model, not a path."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"sal_model: file {str(path)!r} does not exist")
+    from ..files import check_file
+
+    p = check_file(path, "sal_model")
     try:
         return torch.jit.load(str(p), map_location=device)
     except Exception as e:  # a corrupt or foreign file: one line naming it
@@ -374,6 +374,8 @@ def compose_batch_program(
         check_size(f if height is None else height, f if width is None else width, f, limits)
     seeds = resolve_seeds(seed, len(requests))
     check_output_type(output_type)
+    check_flag(progress, "progress", optional=True)
+    check_callable(callback, "callback")
     if harmonize not in HARMONIZE:
         raise ValueError(f"harmonize: must be 'blend' or 'global', got {harmonize!r}")
     sal_scale = check_number(sal_scale, "sal_scale", low=0)
@@ -381,10 +383,12 @@ def compose_batch_program(
         raise ValueError("sal_model: needed when sal_scale > 0")
     reqs, height, width = _parse_requests(engine, requests, height, width, seeds, guidance_scale, global_steps,
                                           scaffold_fraction, steps, tolerance, blur)
-    try:
-        sal_lo, sal_hi = (0, steps) if sal_steps is None else (int(sal_steps[0]), int(sal_steps[1]))
-    except (TypeError, ValueError, IndexError):
-        raise ValueError(f"sal_steps: must be a (start, end) pair of step indices, got {sal_steps!r}") from None
+    if sal_steps is None:
+        sal_lo, sal_hi = 0, steps
+    elif isinstance(sal_steps, (tuple, list)) and len(sal_steps) == 2:
+        sal_lo, sal_hi = (check_int_arg(v, "sal_steps") for v in sal_steps)
+    else:
+        raise ValueError(f"sal_steps: must be a (start, end) pair of step indices, got {sal_steps!r}"[:200])
     if not (0 <= sal_lo <= sal_hi <= steps):
         raise ValueError(f"sal_steps: need 0 <= start <= end <= steps ({steps}), got {sal_steps!r}")
     guide_model = _check_sal_model(sal_model, engine.device) if sal_scale > 0 else None

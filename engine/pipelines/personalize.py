@@ -34,7 +34,7 @@ from ..ops import ops_for
 from ..prediction import prediction_type_of, to_eps_x0, update_output
 from ..processors import CallContext, LayerInfo, capturable_blocks
 from ..samplers import check_sampler
-from ..validation import check_number, check_text
+from ..validation import check_callable, check_flag, check_int_arg, check_number, check_text
 from .common import (
     as_prompt_list,
     cfg_combine,
@@ -430,6 +430,9 @@ def personalize_program(
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
     check_output_type(output_type)
+    check_flag(progress, "progress", optional=True)
+    check_callable(callback, "callback")
+    check_int_arg(pca_dim, "pca_dim", low=1)
     lambda_c = check_number(lambda_c, "lambda_c", low=0, low_open=True)
     lambda_g = check_number(lambda_g, "lambda_g", low=0)
     if ama_mask not in AMA_MASKS:
@@ -446,6 +449,9 @@ def personalize_program(
     token_idx = (torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token, engine.tokenize)
                                for p in prompts]) if matching else None)
     n_up = len(engine.unet.up_blocks)
+    for name, blocks in (("ama_blocks", ama_blocks), ("feature_blocks", feature_blocks)):
+        if blocks is not None and not isinstance(blocks, (list, tuple, range)):
+            raise TypeError(f"{name}: a list of up_blocks indices, got {type(blocks).__name__} {blocks!r}"[:200])
     ama_blocks = default_blocks(engine)[0] if ama_blocks is None else list(ama_blocks)
     feature_blocks = default_blocks(engine)[1] if feature_blocks is None else list(feature_blocks)
     for name, blocks in (("ama_blocks", ama_blocks), ("feature_blocks", feature_blocks)):
@@ -460,8 +466,8 @@ def personalize_program(
     if any(f"up_blocks.{b}" not in capturable for b in feature_blocks):
         raise ValueError(f"feature_blocks: only up blocks with cross-attention give matching features "
                          f"({', '.join(c.removeprefix('up_blocks.') for c in capturable)}), got {list(feature_blocks)}")
-    start = max(1, round(4 * steps / 50)) if ama_start is None else ama_start
-    end = steps if ama_end is None else ama_end
+    start = max(1, round(4 * steps / 50)) if ama_start is None else check_int_arg(ama_start, "ama_start")
+    end = steps if ama_end is None else check_int_arg(ama_end, "ama_end")
     if not (1 <= start <= end <= steps):
         raise ValueError(f"ama_start/ama_end: need 1 <= start <= end <= steps ({steps}), got [{start}, {end})")
     negatives = [None] * n if negative_prompt is None else as_prompt_list([negative_prompt], "negative_prompt",

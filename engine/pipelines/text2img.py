@@ -11,6 +11,7 @@ import torch
 
 from ..ip_adapter import check_ip_scale, prompt_tokens
 from ..samplers import DEFAULT_SAMPLER, check_sampler
+from ..validation import check_flag
 from .common import (
     as_prompt_list,
     cfg_combine,
@@ -81,6 +82,7 @@ def text2img_program(
     height, width = resolve_size(engine, height, width)
     seeds = resolve_seeds(seed, n)
     check_output_type(output_type)
+    check_flag(progress, "progress", optional=True)
     ip_scale = check_ip_scale(ip_scale)
     sampler = check_sampler(sampler)
     # None = no negative prompt (SDXL base: the zero embedding, as diffusers); "" is encoded as text

@@ -53,20 +53,27 @@ from pathlib import Path
 import torch
 
 from ..concurrency import changes_model
+from ..limits import DEFAULT_LIMITS
 from ..validation import is_int
 from .common import (
     MIXED_PRECISION,
     RESUMABLE_CHANGES,
+    check_against_trainer,
+    check_batch_size,
     check_choice,
     check_int,
     check_numbers,
     check_resolution_and_resume,
     check_resume_config,
+    check_training_state,
+    check_weight,
     checkpoint_world_size,
+    damaged,
     output_folder,
     read_checkpoint,
     resolve_amp,
     restore_training_state,
+    resume_path,
     shared_resume_path,
     write_checkpoint,
 )
@@ -76,6 +83,8 @@ SAVE_FORMATS = ("bin", "safetensors")
 CACHE_DIR = "quality_cache"
 RESUMABLE = RESUMABLE_CHANGES | {"save_format"}
 """Config fields a resumed run may change (``save_format`` only picks the output file's format)."""
+MAX_BATCH = DEFAULT_LIMITS.max_images // 2
+"""Largest ``batch_size``: the UNet sees ``[ref; gen]``, two rows per pair, in one call (``limits.max_images``)."""
 
 
 @dataclass
@@ -135,6 +144,7 @@ class PatchDPOConfig:
 
         for name in ("steps", "batch_size", "grad_accum"):
             check_int(getattr(self, name), name, low=1)
+        check_batch_size(self.batch_size, MAX_BATCH, "(ref, gen) pairs")
         check_int(self.checkpoint_every, "checkpoint_every", low=0)
         check_seed(self.seed)
         check_numbers(self, {"lr": {"low": 0, "low_open": True}, "weight_decay": {"low": 0},
@@ -239,6 +249,31 @@ class MicroBatch:
     """SDXL: pooled text embeddings ``(2B, P)``."""
     time_ids: torch.Tensor | None = None
     """SDXL: ``(2B, 6)``, each row from its own image's original size (see the module docstring)."""
+
+
+def check_checkpoint(state: dict, cfg: PatchDPOConfig, source: str, world_size: int = 1) -> None:
+    """Everything in a PatchDPO checkpoint that can be checked without a model, before any of it is used
+    (``ValueError`` naming ``resume``): ``params`` maps weight names to finite float tensors, the training state
+    is sound (:func:`~dreamfuse.engine.train.common.check_training_state`: step, loss history, an optimizer state
+    for those weights, gradient scaler, RNG states) and the settings are ``cfg``'s (``world_size``: the processes
+    resuming it). The weights' names and shapes are checked against the adapter on load."""
+    params = state.get("params")
+    if not isinstance(params, dict) or not params or not all(isinstance(k, str) for k in params):
+        raise damaged(source, f"params is {'missing' if params is None else repr(params)[:80]}, not a dict of "
+                              "named weights")
+    weights = [check_weight(v, f"params[{k[:80]!r}]", source) for k, v in params.items()]
+    check_training_state(state, source, weights, ("loss",))
+    check_resume_config(state["config"], cfg, source, ignore=RESUMABLE,
+                        world=(checkpoint_world_size(state), world_size))
+
+
+def check_resume(cfg: PatchDPOConfig, out, world_size: int = 1) -> None:
+    """The checkpoint ``cfg.resume`` names (``"latest"``: in ``OUT/checkpoints``), read and checked as :func:`train`
+    does (:func:`check_checkpoint`): for callers that load the model first, as the CLI, so that a bad checkpoint
+    fails before the model loads."""
+    path = resume_path(cfg.resume, output_folder(out))
+    if path is not None:
+        check_checkpoint(read_checkpoint(path, "PatchDPO", "params"), cfg, f"checkpoint {str(path)!r}", world_size)
 
 
 class _Trainer:
@@ -364,15 +399,16 @@ class _Trainer:
         returned for it); ``ValueError`` when it was trained with other settings (listed) or other weights."""
         source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, dict) else "the checkpoint"
         state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, "PatchDPO", "params")
-        check_resume_config(state["config"], self.cfg, source, ignore=RESUMABLE,
-                            world=(checkpoint_world_size(state), self.dist.world_size))
-        if set(state["params"]) != set(self.params):
+        check_checkpoint(state, self.cfg, source, self.dist.world_size)  # all of it, before any of it is used
+        if list(state["params"]) != list(self.params):  # same names, in the optimizer's order
             raise ValueError(f"resume: {source} trains other weights than this run (another adapter)")
+        for n, p in self.params.items():
+            if state["params"][n].shape != p.shape:
+                raise ValueError(f"resume: {n} has shape {tuple(state['params'][n].shape)} in {source}, "
+                                 f"this adapter needs {tuple(p.shape)}")
+        check_against_trainer(self, state, source)
         with torch.no_grad():
             for n, p in self.params.items():
-                if state["params"][n].shape != p.shape:
-                    raise ValueError(f"resume: {n} has shape {tuple(state['params'][n].shape)} in {source}, "
-                                     f"this adapter needs {tuple(p.shape)}")
                 p.copy_(state["params"][n].to(p.device, p.dtype))
         restore_training_state(self, state)
 
@@ -465,8 +501,7 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
     state = None
     if resume is not None:  # readable and trained with these settings: checked before any model loads
         state = read_checkpoint(resume, "PatchDPO", "params")
-        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}", ignore=RESUMABLE,
-                            world=(checkpoint_world_size(state), dist.world_size))
+        check_checkpoint(state, cfg, f"checkpoint {str(resume)!r}", dist.world_size)
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(
         model, EngineConfig(device=str(device), dtype="fp32", backend="torch",
                             progress=cfg.progress if dist.is_main else False))
@@ -504,5 +539,6 @@ def train(model="tiny", ip_adapter=None, image_encoder=None, data: str | Path = 
     return TrainResult(path=path, adapter=engine.ip_adapter, losses=trainer.losses)
 
 
-__all__ = ["MicroBatch", "PatchDPOConfig", "TrainResult", "check_dataset", "pair_batch", "pair_weights",
-           "patchdpo_loss", "shared_quality_maps", "train", "training_session"]
+__all__ = ["MAX_BATCH", "MicroBatch", "PatchDPOConfig", "TrainResult", "check_checkpoint", "check_dataset",
+           "check_resume", "pair_batch", "pair_weights", "patchdpo_loss", "shared_quality_maps", "train",
+           "training_session"]

@@ -61,18 +61,25 @@ import torch
 import torch.nn.functional as F
 
 from ..concurrency import changes_model
+from ..limits import DEFAULT_LIMITS
 from .common import (
     MIXED_PRECISION,
+    check_against_trainer,
+    check_batch_size,
     check_choice,
     check_int,
     check_numbers,
     check_resolution_and_resume,
     check_resume_config,
+    check_training_state,
+    check_weight,
     checkpoint_world_size,
+    damaged,
     output_folder,
     read_checkpoint,
     resolve_amp,
     restore_training_state,
+    resume_path,
     shared_resume_path,
     write_checkpoint,
 )
@@ -113,6 +120,8 @@ MAX_TEXT_JSON_BYTES = 4 * 2**20
 each), so 4 MiB leaves three orders of magnitude of room while a mistaken or hostile file never fills memory."""
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EMBEDS_FILE = "learned_embeds.bin"
+MAX_BATCH = DEFAULT_LIMITS.max_images
+"""Largest ``batch_size``: the images of a micro-batch go through the UNet in one call (``limits.max_images``)."""
 
 
 @dataclass
@@ -209,6 +218,7 @@ class ReVersionConfig:
             raise ValueError(f"token: must be non-empty, without spaces, got {self.token!r}")
         for name in ("steps", "batch_size", "grad_accum", "num_positives"):
             check_int(getattr(self, name), name, low=1)
+        check_batch_size(self.batch_size, MAX_BATCH, "images")
         if self.num_positives > len(BASIS_PREPOSITIONS):
             raise ValueError(f"num_positives: must be in 1..{len(BASIS_PREPOSITIONS)}, got {self.num_positives!r}")
         check_int(self.checkpoint_every, "checkpoint_every", low=0)
@@ -330,15 +340,14 @@ def load_exemplars(data_dir: str | Path) -> list[tuple[Path, list[str]]]:
     that is an absolute path or leads out of the folder (``..``, a symlink); an image that is listed but
     missing (or present but not listed); an empty template list; a template without ``{}``.
     """
-    from ..files import read_json
-    from ..limits import DEFAULT_LIMITS
+    from ..files import check_file, read_json
     from ..validation import check_text
 
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise ValueError(f"data: folder {str(root)!r} does not exist")
     text_path = root / TEXT_JSON
-    if not text_path.is_file():
+    if not text_path.exists():
         raise ValueError(f"data: {TEXT_JSON} is missing in {str(root)!r} (it maps each image file name to a "
                          "list of caption templates with {} where the relation token goes)")
     table = read_json(text_path, "data", "a caption file", MAX_TEXT_JSON_BYTES)
@@ -347,8 +356,9 @@ def load_exemplars(data_dir: str | Path) -> list[tuple[Path, list[str]]]:
     out, seen = [], {}
     for name, templates in table.items():
         image = _image_in_folder(root, name, text_path)
-        if not image.is_file():
+        if not image.exists():
             raise ValueError(f"data: image {name!r} listed in {TEXT_JSON} does not exist in {str(root)!r}")
+        check_file(image, "data", "image")
         key = image.resolve()
         if key in seen:
             raise ValueError(f"data: {TEXT_JSON} lists the image {name!r} twice (also as {seen[key]!r})")
@@ -377,6 +387,40 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
     from ..images import load_rgb, resize_whole
 
     return resize_whole(load_rgb(path, "data"), size)
+
+
+LOSS_KEYS = ("loss", "denoise", "steer")
+"""The numbers of a loss record (``TrainResult.losses``) besides ``step``."""
+
+
+def check_checkpoint(state: dict, cfg: ReVersionConfig, source: str, world_size: int = 1) -> None:
+    """Everything in a ReVersion checkpoint that can be checked without a model, before any of it is used
+    (``ValueError`` naming ``resume``): ``token`` is the run's token, ``embedding`` a finite ``(D,)`` float vector,
+    the training state is sound (:func:`~dreamfuse.engine.train.common.check_training_state`: step, loss history,
+    optimizer state of the embedding's shape, gradient scaler, RNG states) and the settings are ``cfg``'s
+    (``world_size``: the processes resuming it). The embedding's size is checked against the model on load."""
+    missing = [k for k in ("token", "embedding") if k not in state]
+    if missing:
+        raise damaged(source, f"it lacks {', '.join(missing)}")
+    token = state["token"]
+    if not isinstance(token, str):
+        raise damaged(source, f"token is {token!r}"[:100] + ", not a string")
+    embedding = check_weight(state["embedding"], "embedding", source)
+    if embedding.ndim != 1 or not len(embedding):
+        raise damaged(source, f"embedding has shape {tuple(embedding.shape)}, not (D,)")
+    check_training_state(state, source, [embedding], LOSS_KEYS)
+    check_resume_config(state["config"], cfg, source, world=(checkpoint_world_size(state), world_size))
+    if token != cfg.token:
+        raise ValueError(f"resume: {source} trains token {token[:100]!r}, not {cfg.token!r}")
+
+
+def check_resume(cfg: ReVersionConfig, out, world_size: int = 1) -> None:
+    """The checkpoint ``cfg.resume`` names (``"latest"``: in ``OUT/checkpoints``), read and checked as :func:`train`
+    does (:func:`check_checkpoint`): for callers that load the model first, as the CLI, so that a bad checkpoint
+    fails before the model loads."""
+    path = resume_path(cfg.resume, output_folder(out))
+    if path is not None:
+        check_checkpoint(read_checkpoint(path, "ReVersion", "embedding"), cfg, f"checkpoint {str(path)!r}", world_size)
 
 
 # ----------------------------------------------------------------------------------------------- the trainer
@@ -594,13 +638,11 @@ class _Trainer:
         returned for it); ``ValueError`` when it was trained with other settings (listed)."""
         source = f"checkpoint {str(checkpoint)!r}" if not isinstance(checkpoint, dict) else "the checkpoint"
         state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, "ReVersion", "embedding")
-        check_resume_config(state["config"], self.cfg, source, world=(checkpoint_world_size(state),
-                                                                       self.dist.world_size))
-        if state["token"] != self.cfg.token:
-            raise ValueError(f"resume: {source} trains token {state['token']!r}, not {self.cfg.token!r}")
+        check_checkpoint(state, self.cfg, source, self.dist.world_size)  # all of it, before any of it is used
         if state["embedding"].shape != self.param.shape:
             raise ValueError(f"resume: {source} holds a {tuple(state['embedding'].shape)} embedding; this "
                              f"model needs {tuple(self.param.shape)}")
+        check_against_trainer(self, state, source)
         with torch.no_grad():
             self.param.copy_(state["embedding"].to(self.device))
         restore_training_state(self, state)
@@ -677,8 +719,7 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
     state = None
     if resume is not None:
         state = read_checkpoint(resume, "ReVersion", "embedding")
-        check_resume_config(state["config"], cfg, f"checkpoint {str(resume)!r}",
-                            world=(checkpoint_world_size(state), dist.world_size))
+        check_checkpoint(state, cfg, f"checkpoint {str(resume)!r}", dist.world_size)
     engine = model if isinstance(model, Engine) else Engine.from_pretrained(
         model, EngineConfig(device=str(device), dtype="fp32", backend="torch",
                             progress=cfg.progress if dist.is_main else False))
@@ -714,7 +755,8 @@ def train(model="tiny", data: str | Path = ".", out: str | Path = "reversion-out
 
 
 __all__ = [
-    "BASIS_PREPOSITIONS", "NEGATIVE_MODES", "RECIPES", "STOP_WORDS", "MicroBatch", "ReVersionConfig", "TrainResult",
-    "excluded_token_ids", "load_exemplars", "negative_token_ids", "negative_words", "sample_timesteps",
-    "save_embeds", "steering_loss", "timestep_probabilities", "train", "training_session", "word_token_ids",
+    "BASIS_PREPOSITIONS", "MAX_BATCH", "NEGATIVE_MODES", "RECIPES", "STOP_WORDS", "MicroBatch", "ReVersionConfig",
+    "TrainResult", "check_checkpoint", "check_resume", "excluded_token_ids", "load_exemplars", "negative_token_ids",
+    "negative_words", "sample_timesteps", "save_embeds", "steering_loss", "timestep_probabilities", "train",
+    "training_session", "word_token_ids",
 ]

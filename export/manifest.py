@@ -31,7 +31,10 @@ loaded is exactly what the export wrote and that the manifest reaches nothing ou
   a link leading out) or not listed under ``files``, or names files that are absent;
 * :func:`verify_files` compares the sha256 of the files about to be loaded with the manifest's, and
   :func:`check_package` an AOTInductor package's members with the recorded ones, before any session is created, plan
-  deserialized, library or package loaded;
+  deserialized, library or package loaded. Files in a folder that its manifest does not name are never read (nothing
+  loads a folder's files by pattern: onnxruntime reads the external data the verified graph names, the TensorRT
+  backend loads the listed plugin libraries only) and are left alone; inside a package, whose loader extracts every
+  member and dlopens the library among them, an unlisted member is refused;
 * :func:`check_model` refuses an engine whose UNet (or IP-Adapter) is not the one exported;
 * :func:`check_request` refuses a UNet call outside the profile with a ``ValueError`` naming the field. Never run an
   off-profile shape: TensorRT gives NaN or black images there rather than an error.

@@ -386,7 +386,12 @@ class OnnxRuntimeUNet(GraphUNet):
                     # the graph and its external data, as exported (onnxruntime reads both by path, just below)
                     verify_files(self.folder, self.manifest, graph_files(self.manifest, graph), self.field)
                     path = self.folder / self.graphs[graph]["file"]
-                    sess = ort.InferenceSession(str(path), opts, providers=self.providers)
+                    try:
+                        sess = ort.InferenceSession(str(path), opts, providers=self.providers)
+                    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...)
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        raise ValueError(f"{self.field}: {str(path)!r} is what its manifest describes, but onnxruntime "
+                                         f"cannot load it ({first}); export again") from None
                     self._sessions[graph] = sess
         return sess
 

@@ -162,6 +162,21 @@ def test_a_tampered_graph_is_refused_before_onnxruntime_runs(tiny, engine, tmp_p
                              "describes") and "use only export folders you trust" in err[0]
 
 
+def test_a_consistent_hostile_folder_passes_the_hashes_and_is_still_one_line(tiny, tmp_path, capsys):
+    """The limit of the checks: whoever writes the files can write matching hashes (trust the folder like code).
+    A graph onnxruntime cannot parse is then onnxruntime's refusal, in one line; onnxruntime itself refuses external
+    data outside the model's folder."""
+    def garbage(m, d):
+        replace(d / "unet.onnx", b"root:x:0:0:root:/root:/bin/bash\n")
+        m["files"].update(file_entries(d, ["unet.onnx"]))
+    bad = clone(tiny[1], tmp_path / "consistent", garbage)
+    with pytest.raises(ValueError, match=r"^unet_path: '.*/unet.onnx' is what its manifest describes, but onnxruntime "
+                                         r"cannot load it \(.*\); export again$"):
+        OnnxRuntimeUNet(bad)
+    code, err = cli_generate(bad, tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and "onnxruntime cannot load it" in err[0]
+
+
 def test_the_personalize_graph_is_checked_before_its_session(tiny, tmp_path, monkeypatch):
     _, folder, _ = tiny
     bad = clone(folder, tmp_path / "bad")
@@ -170,6 +185,31 @@ def test_the_personalize_graph_is_checked_before_its_session(tiny, tmp_path, mon
     no_native_loading(monkeypatch)
     with pytest.raises(ValueError, match="unet_personalize.onnx' is not what its manifest describes"):
         backend._session("unet_personalize")
+
+
+def test_external_data_is_listed_and_checked_before_onnxruntime_reads_it(tiny, tmp_path, monkeypatch):
+    """A graph past 1 GB keeps its weights in ``unet.onnx.data`` (the random SD 1.5 test, slow): the same layout here
+    by converting the tiny graph."""
+    from dreamfuse.export.onnx import _external_files
+
+    _, folder, _ = tiny
+
+    def externalize(m, d):
+        model = onnx.load(str(folder / "unet.onnx"))
+        (d / "unet.onnx").unlink()
+        onnx.save_model(model, str(d / "unet.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="unet.onnx.data")
+        assert _external_files(d / "unet.onnx") == ["unet.onnx.data"]
+        m["graphs"]["unet"].update(data_files=["unet.onnx.data"], external_data=True)
+        m["files"].update(file_entries(d, ["unet.onnx", "unet.onnx.data"]))
+    bad = clone(folder, tmp_path / "external", externalize)
+    OnnxRuntimeUNet(bad, threads=1)  # as exported: loads
+    data = bytearray((bad / "unet.onnx.data").read_bytes())
+    data[-1] ^= 0x40  # one weight changed
+    replace(bad / "unet.onnx.data", bytes(data))
+    no_native_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"^unet_path: '.*/unet.onnx.data' is not what its manifest describes"):
+        OnnxRuntimeUNet(bad)
 
 
 def _file(value):

@@ -237,14 +237,15 @@ def read_manifest(folder: str | Path, field: str = "unet_path") -> dict:
     for at, (owner, name) in named.items():
         try:
             real = (folder / name).resolve()
-        except (OSError, RuntimeError):  # a link loop
-            raise ValueError(f"{field}: {at} {name!r} in {str(folder)!r} is not a regular file") from None
-        if not real.is_relative_to(root):
+            inside, exists, regular = real.is_relative_to(root), real.exists(), real.is_file()
+        except (OSError, RuntimeError):  # a link loop, a name the file system refuses
+            inside, exists, regular = True, True, False
+        if not inside:
             raise ValueError(f"{field}: {at} {name!r} in {str(folder)!r} is a link leading outside the export "
                              "folder, which holds every file its manifest names")
-        if not real.exists():
+        if not exists:
             raise FileNotFoundError(f"{field}: {str(folder)!r} lists {name!r} for {owner} but the file is missing")
-        if not real.is_file():
+        if not regular:
             raise ValueError(f"{field}: {at} {name!r} in {str(folder)!r} is not a regular file")
     return manifest
 
@@ -330,6 +331,8 @@ def _name(v, at: str) -> str:
     if (v.startswith("/") or PureWindowsPath(v).drive or PurePosixPath(v).is_absolute() or "\\" in v or "\0" in v
             or any(p in ("", ".", "..") for p in parts)):
         raise _Invalid(at, f"{v!r} leads outside the export folder, which holds every file its manifest names")
+    if len(v) > 1024 or any(len(p.encode()) > 255 for p in parts):
+        raise _Invalid(at, f"is a {len(v)}-character name, longer than file systems allow")
     return v
 
 

@@ -223,6 +223,12 @@ def _link_out(m, d):
     (d / "unet.onnx").symlink_to(d.parent / "other" / "unet.onnx")
 
 
+def _link_loop(m, d):
+    (d / "loop").symlink_to("loop")
+    m["graphs"]["unet"]["file"] = "loop"
+    m["files"]["loop"] = m["files"]["unet.onnx"]
+
+
 def _folder_link_out(m, d):
     (d / "sub").symlink_to(d.parent / "other")
     m["graphs"]["unet"]["file"] = "sub/unet.onnx"
@@ -240,7 +246,10 @@ def _folder_link_out(m, d):
     (lambda m, d: m["graphs"]["unet"].update(data_files=["../other/unet.onnx.data"]),
      r"graphs.unet.data_files\[0\] '../other/unet.onnx.data' leads outside"),
     (lambda m, d: m["files"].pop("unet.onnx"), "graphs.unet.file 'unet.onnx' is not listed under files"),
-], ids=["dotdot", "absolute", "etc-passwd", "backslashes", "link-out", "folder-link-out", "data-file", "unlisted"])
+    (_link_loop, "graphs.unet.file 'loop' in '.*' is not a regular file"),
+    (_file("a" * 5000), "graphs.unet.file is a 5000-character name, longer than file systems allow"),
+], ids=["dotdot", "absolute", "etc-passwd", "backslashes", "link-out", "folder-link-out", "data-file", "unlisted",
+        "link-loop", "long-name"])
 def test_files_outside_the_folder_or_unlisted_are_refused(tiny, tmp_path, monkeypatch, capsys, edit, message):
     clone(tiny[1], tmp_path / "other")  # a real export next door: what a path leading out would run
     bad = clone(tiny[1], tmp_path / "bad", edit)

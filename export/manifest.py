@@ -342,7 +342,9 @@ def _ascending(v, at: str, n: int, lo: int, hi: int) -> list[int]:
     if len(vals) != n or any(type(x) is not int for x in vals) or not lo <= vals[0] or vals[-1] > hi \
             or any(a > b for a, b in zip(vals, vals[1:])):
         shape = "[MIN, MAX]" if n == 2 else "[MIN, OPT, MAX]"
-        raise _Invalid(at, f"is {json.dumps(v)[:60]}, expected {shape} integers with {lo} <= MIN <= ... <= MAX <= {hi}")
+        items = [str(x) if type(x) is int else _what(x) for x in vals[:4]] + (["..."] if vals[4:] else [])
+        got = "[" + ", ".join(items) + "]"
+        raise _Invalid(at, f"is {got}, expected {shape} integers with {lo} <= MIN <= ... <= MAX <= {hi}")
     return vals
 
 
@@ -423,7 +425,7 @@ def _validate(m: dict) -> dict[str, tuple[str, str]]:
         for i, lib in enumerate(libs):
             name_of(lib, f"tensorrt.plugin_libraries[{i}]", "tensorrt.plugin_libraries")
     for name, entry in files.items():  # after the fields naming them: their names say more
-        at = f"files[{name!r}]"
+        at = f"files[{name[:80]!r}]"
         _name(name, at)
         _obj(entry, at)
         _hex(_get(entry, "sha256", at), f"{at}.sha256")

@@ -21,10 +21,13 @@ diffusers' ``Upsample2D``); the latent height/width are dynamic over ``--min-siz
 latent pixels) or fixed by ``--size`` (multiples of 64 px) / ``--static`` (any multiple of 8 px). ``static`` fixes
 the size only, unlike the ONNX export's: the batch stays dynamic, so one package serves every batch of its range.
 
-The manifest (:mod:`dreamfuse.export.manifest`) has the ONNX export's fields (model hash, profile, dtype, versions)
-plus ``kind: "aoti"``, the ``device`` the package was compiled for, and per graph its input list (name, dtype,
-shape with ``batch``/``latent_height``/``latent_width`` for the dynamic axes, whose ranges are under ``dims``) so
-that a C++ runner can build the inputs; :class:`dreamfuse.export.runtime.AotiUNet` checks it before every call.
+The manifest (:mod:`dreamfuse.export.manifest`) has the ONNX export's fields (model hash, profile, dtype, versions,
+the package's sha256 under ``files``) plus ``kind: "aoti"``, the ``device`` the package was compiled for, and per
+graph its input list (name, dtype, shape with ``batch``/``latent_height``/``latent_width`` for the dynamic axes, whose
+ranges are under ``dims``) so that a C++ runner can build the inputs, and the package's members (name, size,
+CRC-32). A package is a program: loading it dlopens the compiled shared library inside, whose code runs at once;
+:class:`dreamfuse.export.runtime.AotiUNet` checks the members and the sha256 before loading, and the manifest before
+every call.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .manifest import FORMAT, dreamfuse_version, write_manifest
+from .manifest import FORMAT, dreamfuse_version, file_entries, package_members, write_manifest
 from .onnx import (
     MAX_DYNAMIC_BATCH,
     UNetGraph,
@@ -231,11 +234,13 @@ def export_aoti(engine, out: str | Path, *, dtype=None, batch=(1, 16), size: int
         "graphs": {"unet": {"file": PACKAGE, "kind": KIND, "model_name": "model", "inputs": inputs,
                             "outputs": [{"name": "noise_pred", "dtype": inputs[0]["dtype"],
                                          "shape": inputs[0]["shape"]}],
+                            "members": package_members(out / PACKAGE),
                             "attention": attention, "inductor_configs": configs, "trace_s": round(t_trace, 1),
                             "lower_s": round(t_lower, 1), "compile_s": round(t_compile, 1),
                             "export_s": round(time.perf_counter() - t0, 1)}},
     }
     manifest["export_s"] = {"unet": manifest["graphs"]["unet"]["export_s"]}
+    manifest["files"] = file_entries(out, [PACKAGE])
     write_manifest(out, manifest)
     return manifest
 

@@ -50,7 +50,16 @@ import torch
 from dreamfuse.engine.processors import CallContext, LayerInfo
 from torch import nn
 
-from .manifest import FORMAT, LATENT_MULTIPLE, dreamfuse_version, plugins_entry, weights_hash, write_manifest
+from .manifest import (
+    FORMAT,
+    LATENT_MULTIPLE,
+    dreamfuse_version,
+    file_entries,
+    graph_files,
+    plugins_entry,
+    weights_hash,
+    write_manifest,
+)
 
 OPSETS = range(18, 24)
 DEFAULT_OPSET = 18
@@ -372,11 +381,36 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes, input_names, o
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weights > EXTERNAL_DATA_BYTES
     prog.save(str(path), external_data=external)
-    return {"file": path.name, "inputs": list(input_names), "outputs": list(output_names),
+    return {"file": path.name, "data_files": _external_files(path) if external else [],
+            "inputs": list(input_names), "outputs": list(output_names),
             "external_data": external, "plugins": _plugin_nodes(prog.model) if plugins else [],
             "trace_s": round(t_trace, 1),
             "lower_s": round(t_lower, 1),
             "export_s": round(time.perf_counter() - t0, 1)}
+
+
+def _external_files(path: Path) -> list[str]:
+    """The external-data files a saved graph reads (its tensors' ``location`` entries, relative to its folder),
+    from the graph alone (its weights stay on disk)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found: set[str] = set()
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            found.update(e.value for e in t.external_data if e.key == "location")
+    return sorted(found)
 
 
 def _plugin_nodes(model) -> list[str]:
@@ -572,6 +606,7 @@ def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=No
         manifest["graphs"]["vae_decoder"] = _export_vae(engine, out, profile, dtype, opset, say)
     manifest["export_s"] = {k: g["export_s"] for k, g in manifest["graphs"].items()}
     manifest["plugins"] = plugins_entry(manifest["graphs"])
+    manifest["files"] = file_entries(out, [f for g in manifest["graphs"] for f in graph_files(manifest, g)])
     write_manifest(out, manifest)
     return manifest
 

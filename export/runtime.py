@@ -27,8 +27,12 @@ layers other than the exported ones, a gradient through the UNet (personalize's 
 ``lambda_g > 0``), LoRAs or an IP-Adapter changed after binding: refused with a ``ValueError``, never silently run
 with the exported weights.
 
-Before use: the manifest (:mod:`dreamfuse.export.manifest`) is read and the engine's UNet weights must hash to the
-exported ones; every call is checked against the exported profile (batch rows, latent size, text length).
+Before use: the manifest (:mod:`dreamfuse.export.manifest`) is read and its whole structure checked; every file is
+checked against the sha256 the manifest records right before it is loaded (before any onnxruntime session is
+created, any plugin library loaded or plan deserialized, any package loaded: a package's shared library runs code
+as soon as it is loaded); the engine's UNet weights must hash to the exported ones; every call is checked against
+the exported profile (batch rows, latent size, text length). An export folder is a program: these checks catch a
+changed, swapped or damaged file and keep the manifest inside its folder, they cannot make a hostile folder safe.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import plugins
-from .manifest import check_model, check_request, read_manifest
+from .manifest import check_model, check_package, check_request, folder_kind, graph_files, read_manifest, verify_files
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "aoti")
 _CAK_KEYS = {"dreamfuse_ctx", "ip_tokens", "ip_scale"}
@@ -103,13 +107,23 @@ class GraphUNet(UNetBackend):
     """What every exported-graph backend shares: the manifest checks, the inputs of a UNet call, personalize's AMA
     inputs. Subclasses implement :meth:`_run`."""
 
-    def __init__(self, folder: str | Path, field: str = "unet_path"):
+    kind: str | None = None  # the export folder kind this backend reads (manifest.folder_kind); None: any
+    _KINDS = {"onnx": ("ONNX graphs", "onnxruntime"), "tensorrt": ("TensorRT plans", "tensorrt"),
+              "aoti": ("an AOTInductor package", "aoti")}
+
+    def __init__(self, folder: str | Path, field: str = "unet_path", named: str | None = None):
         self.folder = Path(folder).expanduser()
         self.field = field
         self.manifest = read_manifest(self.folder, field)
         self.graphs = self.manifest["graphs"]
-        if "unet" not in self.graphs:
-            raise ValueError(f"{field}: {str(self.folder)!r} has no UNet graph")
+        got = folder_kind(self.manifest)
+        if self.kind is not None and got != self.kind:
+            what, backend = self._KINDS[got]
+            raise ValueError(f"{field}: {str(self.folder)!r} holds {what}, not {self._KINDS[self.kind][0]} (use "
+                             f"unet_backend={backend!r})")
+        if named is not None and named not in {graph_files(self.manifest, g)[0] for g in self.graphs}:
+            raise ValueError(f"{field}: {str(self.folder / named)!r} is not a file its folder's manifest lists (give "
+                             "the export folder)")
         self._engine = None
         self._bound: tuple | None = None  # (lora snapshot, ip adapter) at bind time
 
@@ -329,6 +343,7 @@ class OnnxRuntimeUNet(GraphUNet):
     """
 
     name = "onnxruntime"
+    kind = "onnx"
 
     def __init__(self, folder: str | Path, providers=None, threads: int | None = None, field: str = "unet_path"):
         try:
@@ -337,9 +352,6 @@ class OnnxRuntimeUNet(GraphUNet):
             raise ValueError(f"{field}: the onnxruntime backend needs onnxruntime (pip install 'dreamfuse[export]')") \
                 from None
         super().__init__(folder, field)
-        if self.manifest.get("kind") == "aoti":
-            raise ValueError(f"{field}: {str(self.folder)!r} holds an AOTInductor package, not ONNX graphs (use "
-                             "unet_backend='aoti')")
         available = ort.get_available_providers()
         if providers is None:
             providers = ["cuda", "cpu"] if "CUDAExecutionProvider" in available and torch.cuda.is_available() \
@@ -371,8 +383,15 @@ class OnnxRuntimeUNet(GraphUNet):
                         opts.inter_op_num_threads = 1
                     opts.log_severity_level = 3
                     plugins.add_onnxruntime_ops(opts, self.graphs[graph], self.manifest["dtype"])  # plugin nodes
+                    # the graph and its external data, as exported (onnxruntime reads both by path, just below)
+                    verify_files(self.folder, self.manifest, graph_files(self.manifest, graph), self.field)
                     path = self.folder / self.graphs[graph]["file"]
-                    sess = ort.InferenceSession(str(path), opts, providers=self.providers)
+                    try:
+                        sess = ort.InferenceSession(str(path), opts, providers=self.providers)
+                    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...)
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        raise ValueError(f"{self.field}: {str(path)!r} is what its manifest describes, but onnxruntime "
+                                         f"cannot load it ({first}); export again") from None
                     self._sessions[graph] = sess
         return sess
 
@@ -436,16 +455,19 @@ class TensorRTUNet(GraphUNet):
     """
 
     name = "tensorrt"
+    kind = "tensorrt"
 
     def __init__(self, path: str | Path, device: str | torch.device = "cuda", warmup: bool = True,
                  field: str = "unet_path"):
         p = Path(path).expanduser()
-        folder = p.parent if p.suffix == ".plan" else p
-        super().__init__(folder, field)
-        trt_info = self.manifest.get("tensorrt")
-        if not trt_info:
-            raise ValueError(f"{field}: {str(folder)!r} holds ONNX graphs, not TensorRT plans (build them with "
-                             "`dreamfuse export tensorrt`, or use unet_backend='onnxruntime')")
+        plan = p.suffix == ".plan" and not p.is_dir()
+        folder = p.parent if plan else p
+        super().__init__(folder, field, named=p.name if plan else None)
+        trt_info = self.manifest["tensorrt"]
+        libraries = trt_info["plugin_libraries"]
+        plans = [g["plan"] for name, g in self.graphs.items() if name in ("unet", "unet_personalize")]
+        # plugin libraries are native code that runs when loaded, plans are deserialized: both as built, or neither
+        verify_files(folder, self.manifest, [*libraries, *plans], field)
         if not torch.cuda.is_available():
             raise ValueError(f"{field}: TensorRT engines run on a CUDA GPU; none is available here")
         from .tensorrt import import_tensorrt
@@ -454,17 +476,15 @@ class TensorRTUNet(GraphUNet):
             self.trt = import_tensorrt(trt_info.get("module"))
         except ImportError as e:
             raise ValueError(f"{field}: {e}") from None
-        plugins.load_tensorrt_plugins(self.trt, trt_info.get("plugin_libraries"))  # before deserializing
+        plugins.load_tensorrt_plugins(self.trt, [folder / lib for lib in libraries])  # before deserializing
         self.device = torch.device(device)
         self.static = bool(trt_info.get("static"))
         self._engines: dict[str, _TrtGraph] = {}
         self._lock = threading.Lock()
         for graph in ("unet", "unet_personalize"):
-            if self.graphs.get(graph, {}).get("plan"):
+            if graph in self.graphs:
                 self._engines[graph] = _TrtGraph(self.trt, folder / self.graphs[graph]["plan"],
                                                  self.graphs[graph]["profiles"], self.device, self.static)
-        if "unet" not in self._engines:
-            raise ValueError(f"{field}: {str(folder)!r} lists no unet.plan")
         if warmup:
             for g in self._engines.values():
                 g.warmup()
@@ -600,15 +620,14 @@ class AotiUNet(GraphUNet):
     """
 
     name = "aoti"
+    kind = "aoti"
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None, field: str = "unet_path"):
         p = Path(path).expanduser()
-        folder = p.parent if p.suffix == ".pt2" else p
-        super().__init__(folder, field)
-        if self.manifest.get("kind") != "aoti":
-            raise ValueError(f"{field}: {str(folder)!r} holds no AOTInductor package (make one with `dreamfuse "
-                             "export aoti`, or use the backend its files are for)")
-        compiled_for = self.manifest.get("device")
+        package = p.suffix == ".pt2" and not p.is_dir()
+        folder = p.parent if package else p
+        super().__init__(folder, field, named=p.name if package else None)
+        compiled_for = self.manifest["device"]
         self.device = torch.device(compiled_for if device is None else device)
         if self.device.type != compiled_for:
             raise ValueError(f"device: the package was compiled for {compiled_for}, not {self.device.type} (export "
@@ -619,12 +638,11 @@ class AotiUNet(GraphUNet):
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
         graph = self.graphs["unet"]
-        try:
-            self.inputs = [(spec["name"], _AOTI_DTYPES[spec["dtype"]]) for spec in graph["inputs"]]
-        except (KeyError, TypeError):
-            raise ValueError(f"{field}: {str(folder)!r} has a manifest without the package's input list (export "
-                             "again)") from None
+        self.inputs = [(spec["name"], _AOTI_DTYPES[spec["dtype"]]) for spec in graph["inputs"]]
         file = folder / graph["file"]
+        # loading dlopens the package's shared library, whose constructors run at once: the members and the bytes
+        # must be the exported ones before that
+        check_package(folder, self.manifest, field)
         try:
             self._model = torch._inductor.aoti_load_package(str(file), device_index=self.device.index
                                                             if self.device.type == "cuda" else -1)

@@ -9,8 +9,10 @@ refittable, serializes ``unet.plan`` and writes the folder's ``dreamfuse.json`` 
 ``tensorrt`` section). A graph exported with ``--plugins`` holds ``dreamfuse::*`` plugin nodes: the plugin library
 built from ``native/trt_plugins/`` (``plugins=LIB``, ``--plugins LIB``) is loaded into TensorRT's plugin registry
 before parsing, where the ONNX parser finds each node's plugin by op type, ``plugin_namespace`` and
-``plugin_version``; its absolute path goes into the manifest (``tensorrt.plugin_libraries``) so that
-``TensorRTUNet`` and :func:`refit_tensorrt` load it before deserializing. No library and plugin nodes: a
+``plugin_version``; it is copied into the plan folder (``plugins/``) and named in the manifest
+(``tensorrt.plugin_libraries``, with its sha256 under ``files`` like the plans') so that ``TensorRTUNet`` and
+:func:`refit_tensorrt` load that copy, once verified, before deserializing. A plan folder is a program: its plugin
+libraries are native code that runs when loaded. No library and plugin nodes: a
 ``ValueError`` naming ``plugins`` before anything is built. Built engines are cached under a key of the model
 hash, the TensorRT module and version, the compute capability, the profiles, the build options and the plugin
 libraries' contents (:func:`cache_key`).
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from dreamfuse.engine.files import atomic_path
 
-from .manifest import MANIFEST, graph_plugins, read_manifest, write_manifest
+from .manifest import MANIFEST, file_entries, graph_files, graph_plugins, read_manifest, verify_files, write_manifest
 from .plugins import load_tensorrt_plugins
 
 MODULES = ("tensorrt", "tensorrt_rtx")
@@ -232,8 +234,9 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
     trt = import_tensorrt(module)
     onnx_dir, out = Path(onnx_dir).expanduser(), Path(out).expanduser()
     manifest = read_manifest(onnx_dir, "onnx")
-    if manifest.get("tensorrt"):
-        raise ValueError(f"onnx: {str(onnx_dir)!r} holds TensorRT plans already; give the ONNX export folder")
+    if manifest.get("tensorrt") or manifest.get("kind") == "aoti":
+        what = "TensorRT plans" if manifest.get("tensorrt") else "an AOTInductor package"
+        raise ValueError(f"onnx: {str(onnx_dir)!r} holds {what}; give the ONNX export folder")
     if dtype is not None:
         from dreamfuse.engine.config import parse_dtype
 
@@ -265,18 +268,23 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
                              f"({', '.join(ops)}); give the TensorRT plugin library built from native/trt_plugins/ "
                              "with --plugins LIB (or export the ONNX without --plugins)")
         libraries = load_tensorrt_plugins(trt, plugins, sorted({op for ops in needed.values() for op in ops}))
+    # the parser reads the graphs (and their external data) as the manifest describes them, or not at all
+    verify_files(onnx_dir, manifest, [f for g in graphs if g in manifest["graphs"] for f in graph_files(manifest, g)],
+                 "onnx")
     out.mkdir(parents=True, exist_ok=True)
+    copies = _copy_plugin_libraries(libraries, out)
     say = progress or (lambda line: None)
     built = dict(manifest)
     built["graphs"] = {}
     rtx = module_name(trt) == "tensorrt_rtx"
     info = {"module": module_name(trt), "version": trt.__version__, "static": bool(static), "refit": bool(refit),
             "profiles": profiles, "build_s": {}, "timing_cache": None if timing_cache is None or rtx
-            else str(timing_cache), "plugin_libraries": libraries}
+            else str(timing_cache), "plugin_libraries": copies}
     for graph in graphs:
         if graph not in manifest["graphs"]:
             continue
         g = dict(manifest["graphs"][graph])
+        g.pop("data_files", None)
         onnx_path = onnx_dir / g.pop("file")
         logger = _Logger(trt, verbose).logger
         builder = trt.Builder(logger)
@@ -333,8 +341,26 @@ def build_tensorrt(onnx_dir: str | Path, out: str | Path, *, profiles: list[dict
     if "unet" not in built["graphs"]:
         raise ValueError(f"onnx: {str(onnx_dir)!r} has no unet.onnx to build")
     built["tensorrt"] = info
+    built["files"] = file_entries(out, [*(g["plan"] for g in built["graphs"].values()), *copies])
     write_manifest(out, built)
     return built
+
+
+PLUGIN_DIR = "plugins"
+
+
+def _copy_plugin_libraries(libraries: list[str], out: Path) -> list[str]:
+    """Copy the plugin libraries into ``out/plugins/`` (the plan folder carries what its plans need, and names
+    nothing outside itself); returns their names relative to ``out``."""
+    names = [f"{PLUGIN_DIR}/{Path(lib).name}" for lib in libraries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"plugins: two libraries share a file name ({', '.join(libraries)}); rename one")
+    for lib, name in zip(libraries, names):
+        (out / PLUGIN_DIR).mkdir(exist_ok=True)
+        if Path(lib).resolve() != (out / name).resolve():
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(lib, tmp)
+    return names
 
 
 def _raise_build_error(errors: list[str], workspace_gb) -> None:
@@ -362,9 +388,12 @@ def refit_tensorrt(plan_dir: str | Path, onnx_dir: str | Path, module: str | Non
     info = manifest.get("tensorrt")
     if not info:
         raise ValueError(f"engine: {str(plan_dir)!r} holds no TensorRT plans")
+    libraries = info["plugin_libraries"]
     if not info.get("refit"):
         raise ValueError(f"engine: {str(plan_dir)!r} was not built refittable (build with --refit)")
     new = read_manifest(onnx_dir, "onnx")
+    if new.get("tensorrt") or new.get("kind") == "aoti":
+        raise ValueError(f"onnx: {str(onnx_dir)!r} is not an ONNX export folder")
     for key in ("dtype", "opset"):
         if new[key] != manifest[key]:
             raise ValueError(f"onnx: {key} {new[key]!r} differs from the engine's {manifest[key]!r}")
@@ -377,12 +406,19 @@ def refit_tensorrt(plan_dir: str | Path, onnx_dir: str | Path, module: str | Non
 
     if not torch.cuda.is_available():
         raise ValueError("engine: refitting deserializes the engine, which needs its GPU; none is available here")
-    load_tensorrt_plugins(trt, info.get("plugin_libraries"))  # the plugin nodes' library, before deserializing
+    graphs = list(manifest["graphs"])
+    missing = [g for g in graphs if g not in new["graphs"]]
+    if missing:  # its plan would keep the old weights under the new model hash
+        raise ValueError(f"onnx: {str(onnx_dir)!r} has no {missing[0]} graph, which the engine folder holds (export "
+                         "the same graphs)")
+    verify_files(plan_dir, manifest, [*libraries, *(manifest["graphs"][g]["plan"] for g in graphs)], "engine")
+    verify_files(onnx_dir, new, [f for g in graphs for f in graph_files(new, g)], "onnx")
+    # the plugin nodes' library (the folder's verified copy), before deserializing
+    load_tensorrt_plugins(trt, [plan_dir / lib for lib in libraries])
     logger = _Logger(trt).logger
     runtime = trt.Runtime(logger)
-    for graph, g in manifest["graphs"].items():
-        if not g.get("plan") or graph not in new["graphs"]:
-            continue
+    for graph in graphs:
+        g = manifest["graphs"][graph]
         engine = runtime.deserialize_cuda_engine((plan_dir / g["plan"]).read_bytes())
         refitter = trt.Refitter(engine, logger)
         parser = trt.OnnxParserRefitter(refitter, logger)
@@ -393,6 +429,7 @@ def refit_tensorrt(plan_dir: str | Path, onnx_dir: str | Path, module: str | Non
         _write_atomic(plan_dir / g["plan"], memoryview(engine.serialize()))
     manifest["model"] = new["model"]
     manifest["ip_adapter"] = new.get("ip_adapter")
+    manifest["files"].update(file_entries(plan_dir, [manifest["graphs"][g]["plan"] for g in graphs]))
     write_manifest(plan_dir, manifest)
     return manifest
 

@@ -12,6 +12,7 @@ tensors, that the ops trace to the Triton kernels (what inductor then compiles a
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -103,6 +104,12 @@ def test_cli_writes_the_package_and_a_manifest_listing_its_inputs(aoti):
     graph = m["graphs"]["unet"]
     assert graph["file"] == "unet.pt2" and graph["model_name"] == "model" and graph["attention"] == "aten"
     assert graph["inductor_configs"] == {"freezing": True}
+    data = (folder / "unet.pt2").read_bytes()  # what the runtime checks before loading it
+    assert m["format"] == 2 and m["files"] == {"unet.pt2": {"sha256": hashlib.sha256(data).hexdigest(),
+                                                            "bytes": len(data)}}
+    with zipfile.ZipFile(folder / "unet.pt2") as z:
+        assert graph["members"] == [{"name": i.filename, "bytes": i.file_size, "crc32": i.CRC} for i in z.infolist()]
+    assert any(mem["name"].endswith(".so") for mem in graph["members"])
     assert graph["inputs"] == [
         {"name": "sample", "dtype": "float32", "shape": ["batch", 4, "latent_height", "latent_width"]},
         {"name": "timestep", "dtype": "float32", "shape": ["batch"]},
@@ -303,7 +310,7 @@ def test_off_profile_calls_gradients_and_handlers_are_refused_naming_the_field(a
         engine.text2img("a cat", steps=2, height=256, width=64)
 
 
-def test_packages_for_another_model_device_or_dtype_are_refused(aoti, backend, tmp_path):
+def test_packages_for_another_model_device_or_dtype_are_refused(aoti, backend, tmp_path, monkeypatch):
     engine, folder, _ = aoti
     xl = tiny_engine("tiny-xl", ip=False)
     with pytest.raises(ValueError, match="export is of an SD 1.x/2.x UNet, the engine's is SDXL"):
@@ -332,14 +339,83 @@ def test_packages_for_another_model_device_or_dtype_are_refused(aoti, backend, t
     with pytest.raises(ValueError, match="^unet_path: .* was compiled for cuda and no CUDA GPU is available"):
         AotiUNet(bad)
     (bad / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="^unet_path: .*unet.pt2' could not be loaded"):
+    with pytest.raises(ValueError, match=r"^unet_path: .*unet.pt2' is not what its manifest describes \(not a "
+                                         "readable package"):
         AotiUNet(bad)
+    shutil.copyfile(folder / "unet.pt2", bad / "unet.pt2")
+
+    def another_torch(*args, **kwargs):
+        raise RuntimeError("Error in dlopen: undefined symbol (a package of another torch build)")
+    with monkeypatch.context() as mp:  # intact and as exported, but this torch cannot load it
+        mp.setattr(torch._inductor, "aoti_load_package", another_torch)
+        with pytest.raises(ValueError, match="^unet_path: .*unet.pt2' could not be loaded .*export it again with "
+                                             "this torch"):
+            AotiUNet(bad)
     with pytest.raises(ValueError, match="holds an AOTInductor package, not ONNX graphs"):
         OnnxRuntimeUNet(folder)
     (bad / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "kind"}))
-    with pytest.raises(ValueError, match="holds no AOTInductor package"):
+    with pytest.raises(ValueError, match="is malformed: opset is missing"):  # without its kind: a broken ONNX one
         AotiUNet(bad)
     shutil.rmtree(bad)
+
+
+def _rezip(src, dst, change) -> None:
+    """Copy the package ``src`` to ``dst`` member by member, ``change(name, data)`` giving each one's replacements."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            for name, data in change(info.filename, zin.read(info.filename)):
+                zout.writestr(name, data)
+
+
+def _flip_library(name, data):
+    if name.endswith(".so"):
+        data = bytearray(data)
+        data[len(data) // 2] ^= 0xFF
+    return [(name, bytes(data))]
+
+
+def _add_library(name, data):
+    extra = [("archive/data/aotinductor/model/extra.so", b"\x7fELF")] if name.endswith(".so") else []
+    return [(name, data), *extra]
+
+
+@pytest.mark.parametrize("change, refresh, message", [
+    (_flip_library, (), r"its member 'archive/data/aotinductor/model/\w+.wrapper.so' differs from the recorded one"),
+    (_flip_library, ("files",), r"its member '.*wrapper.so' differs from the recorded one"),
+    (_flip_library, ("members",), r"\d+ bytes, the manifest records \d+|sha256 \w+\.\.\., the manifest records"),
+    (_add_library, ("files",), r"it holds 'archive/data/aotinductor/model/extra.so', which the manifest does not list"),
+], ids=["library-changed", "library-changed-hash-updated", "library-changed-members-updated", "library-added"])
+def test_a_package_not_as_its_manifest_describes_is_refused_before_it_loads(aoti, tmp_path, monkeypatch, capsys,
+                                                                           change, refresh, message):
+    """Loading a package dlopens its shared library, whose constructors run at once: its members and bytes are
+    checked first. No malicious library is built here: the library's bytes change, and reaching the loader fails."""
+    from dreamfuse.export.manifest import file_entries, package_members
+
+    _, folder, _ = aoti
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _rezip(folder / "unet.pt2", bad / "unet.pt2", change)
+    m = json.loads((folder / MANIFEST).read_text())
+    if "files" in refresh:  # a manifest edited to the new file's hash
+        m["files"] = file_entries(bad, ["unet.pt2"])
+    if "members" in refresh:
+        m["graphs"]["unet"]["members"] = package_members(bad / "unet.pt2")
+    (bad / MANIFEST).write_text(json.dumps(m))
+    loaded = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match=f"^unet_path: '.*/bad/unet.pt2' is not what its manifest describes "
+                                         f"\\(({message})\\)"):
+        AotiUNet(bad)
+    with pytest.raises(ValueError, match="is not what its manifest describes"):
+        Engine.from_pretrained("tiny", EngineConfig(device="cpu", backend="torch", progress=False),
+                               unet_backend="aoti", unet_path=bad)
+    assert main(["generate", "--unet", str(bad), "--prompt", "a cat", "--steps", "1", "--height", "64", "--width",
+                 "64", "--out", str(tmp_path / "cat.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dreamfuse: error: --unet: {str(bad / 'unet.pt2')!r} is not what "
+                                               "its manifest describes")
+    assert "another torch" not in err[0] and "export it again with this torch" not in err[0]
+    assert not loaded
 
 
 @pytest.mark.parametrize("args, message", [

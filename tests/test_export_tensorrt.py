@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from dreamfuse.engine.cli import main
-from dreamfuse.export.manifest import MANIFEST
+from dreamfuse.export.manifest import MANIFEST, file_entries, read_manifest
 from export_models import shared_export
 
 HAS_TRT = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
@@ -51,6 +51,9 @@ def test_build_tiny_unet_engines(built, tiny):
         assert (root / "cache" / graph["cache_key"] / graph["plan"]).is_file()
     on_disk = json.loads((root / "plans" / MANIFEST).read_text())
     assert on_disk["model"]["hash"] == tiny[2]["model"]["hash"]  # the runtime checks the engine's weights too
+    assert on_disk["files"] == file_entries(root / "plans", ["unet.plan", "unet_personalize.plan"])  # and the plans'
+    assert info["plugin_libraries"] == [] and all("file" not in g for g in on_disk["graphs"].values())
+    read_manifest(root / "plans")  # what TensorRTUNet reads
     assert on_disk["profile"] == tiny[2]["profile"]
     if info["module"] == "tensorrt":  # TensorRT-RTX has no timing cache (no-ops since 1.2): not written there
         assert info["timing_cache"] and (root / "timing.cache").stat().st_size > 0
@@ -69,7 +72,6 @@ def test_cached_engine_is_reused_and_the_key_covers_the_profile(built, tiny, tmp
     assert again["graphs"]["unet"]["cache_key"] == first["graphs"]["unet"]["cache_key"]
     assert again["tensorrt"]["build_s"]["unet"] < 5  # copied, not built
     assert (tmp_path / "again" / "unet.plan").read_bytes() == (root / "plans" / "unet.plan").read_bytes()
-    from dreamfuse.export.manifest import read_manifest
     from dreamfuse.export.tensorrt import cache_key, import_tensorrt
 
     other = [parse_profile("1,64,64:1,64,64:2,64,64")]

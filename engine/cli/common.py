@@ -151,8 +151,12 @@ def add_model_args(p: argparse.ArgumentParser, *, compile_option: bool = True, d
         g.add_argument("--unet", default=None, metavar="DIR|FILE.plan",
                        help="run the UNet from an export instead of PyTorch: a `dreamfuse export onnx` folder "
                             "(onnxruntime), a `dreamfuse export tensorrt` folder / .plan file (TensorRT) or a "
-                            "`dreamfuse export aoti` folder (AOTInductor package); checked "
-                            "against --model's weights, and calls outside its exported sizes are refused")
+                            "`dreamfuse export aoti` folder (AOTInductor package). An export folder is a program: "
+                            "a package's compiled library and a plan folder's plugin libraries run with your "
+                            "permissions, and any graph decides the image; use only folders you trust, as you would "
+                            "run a script. Before anything loads, every file must match the sha256 its manifest "
+                            "records (this catches changed or swapped files, not a hostile folder); the export must "
+                            "be of --model's weights, and calls outside its exported sizes are refused")
     if lora_option:
         g.add_argument("--lora", action="append", type=lora_spec, default=None, metavar="FILE[:SCALE]",
                        help="a LoRA .safetensors (diffusers or kohya format; UNet and text encoder layers) applied "

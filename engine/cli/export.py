@@ -50,7 +50,10 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     p = sub.add_parser(name, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Export the pipeline's graphs to ONNX, build TensorRT engines from them, refit an "
                                    "engine, compile the UNet into an AOTInductor package. `--unet DIR` on "
-                                   "generate/personalize/compose runs the result.",
+                                   "generate/personalize/compose/serve runs the result. An export folder is a "
+                                   "program (a package's library and a plan folder's plugin libraries are native "
+                                   "code): share and load only folders you trust; dreamfuse.json records the sha256 "
+                                   "of every file, checked before anything loads.",
                        epilog=EXAMPLES_ONNX + "\n" + EXAMPLES_TRT + "\n" + EXAMPLES_AOTI)
     targets = p.add_subparsers(dest="target", metavar="TARGET")
     targets.required = True
@@ -201,7 +204,8 @@ def _register_tensorrt(sub, name: str, help_: str) -> None:
                    help="which TensorRT to use (default: tensorrt if importable, else tensorrt_rtx)")
     p.add_argument("--plugins", default=None, metavar="LIB",
                    help="the TensorRT plugin library (built from native/trt_plugins/) for an export made with "
-                        "--plugins; loaded before parsing, its path recorded for the runtime")
+                        "--plugins: native code loaded into this process (a program: use only a library you trust); "
+                        "loaded before parsing, copied into the plan folder with its sha256 for the runtime")
     p.add_argument("--verbose", action="store_true", help="TensorRT's informational log")
     p.set_defaults(func=run_tensorrt)
 
@@ -242,7 +246,7 @@ def run_tensorrt(args) -> None:
                                verbose=args.verbose, progress=print)
     except ValueError as e:
         raise CLIError(_as_flag(e, ("profile", "static", "dtype", "compute_capability", "workspace", "refit",
-                                    "plugins"))) \
+                                    "plugins", "onnx"))) \
             from None
     except MemoryError as e:
         raise CLIError(str(e)) from None
@@ -272,7 +276,10 @@ def run_refit(args) -> None:
         import_tensorrt()
     except ImportError as e:
         raise CLIError(str(e)) from None
-    refit_tensorrt(plan_dir, onnx_dir)
+    try:
+        refit_tensorrt(plan_dir, onnx_dir)
+    except ValueError as e:
+        raise CLIError(_as_flag(e, ("engine", "onnx"))) from None
     print(f"refitted {plan_dir} with the weights of {onnx_dir}")
 
 

@@ -59,6 +59,7 @@ def gpu_steps(out: Path) -> list[Step]:
         _bench("ama_attention", "ama_attention", "--dtype", "fp16", timeout=45),
         _bench("match_argmax", "match_argmax", "--dtype", "fp16", timeout=60),
         _bench("composite_blend", "composite_blend", "--dtype", "fp16", timeout=45),
+        _bench("multi_lora_kernel", "multi_lora_kernel", "--dtype", "fp16", timeout=120),  # autotunes ~10 keys first
         _pytest_benchmark(out, 60),
         _bench("personalize_step", "personalize_step", *sd15, "--size", "512", "--targets", "1", "4",
                "--steps", "10", "--iters", "3", timeout=90),

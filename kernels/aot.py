@@ -179,9 +179,10 @@ def _lora_variants(dtypes) -> list[Variant]:
     idx = dict(RANKS="i32", SEG_STARTS="i32", SEG_ADAPTER="i32", SEG_SCALE="fp32")
     for dt in dtypes:
         for br in (16, 32, 64, 128):
-            # shrink: a 64 x BLOCK_R fp32 accumulator (8-64 registers a thread at 4 warps), x and A tiles pipelined
-            # over d_in (lora._shrink_prune's rule); 2 stages at BLOCK_R = 128 keep it under 48 KiB of smem
+            # shrink: 64 tokens, x and A tiles pipelined over d_in; 8 warps from BLOCK_R = 64 on (lora._shrink_prune:
+            # at most 32 accumulator registers a thread), 2 stages at 128 (48 KiB of smem on sm_90)
             cx = dict(BLOCK_R=br, DOT_PRECISION=None, INTERP_BF16=False)
+            w = 4 if br <= 32 else 8
             out.append(
                 _v(
                     "lora_shrink",
@@ -190,12 +191,13 @@ def _lora_variants(dtypes) -> list[Variant]:
                     dict(X=dt, A=dt, V=dt, **idx),
                     cx,
                     ("cdiv(T, BLOCK_M)", "K", "1"),
-                    [(4, 3 if br <= 64 else 2, dict(BLOCK_M=64, BLOCK_K=64)), (4, 2, dict(BLOCK_M=32, BLOCK_K=64))],
+                    [(w, 3 if br <= 64 else 2, dict(BLOCK_M=64, BLOCK_K=64)), (w, 2, dict(BLOCK_M=64, BLOCK_K=32))],
                     divisible=("stride_xt", "stride_an", "stride_ar", "stride_vk", "D_IN"),
                 )
             )
             for base in (False, True):
-                # expand: 64 x 64 outputs a program, a 32-register accumulator (lora._expand_keep)
+                # expand: 64 x 64 outputs a program; 8 warps from BLOCK_R = 64 on (lora._expand_prune: at most 64
+                # operand elements a thread)
                 out.append(
                     _v(
                         "lora_expand",
@@ -204,7 +206,7 @@ def _lora_variants(dtypes) -> list[Variant]:
                         dict(V=dt, B=dt, BASE=dt, OUT=dt, **idx),
                         dict(cx, HAS_BASE=base),
                         ("cdiv(T, BLOCK_M)", "cdiv(D_OUT, BLOCK_N)", "1"),
-                        [(4, 1, dict(BLOCK_M=64, BLOCK_N=64))],
+                        [(w, 1, dict(BLOCK_M=64, BLOCK_N=64))],
                         divisible=("stride_vk", "stride_bn", "stride_bo", "stride_baset", "stride_ot", "D_OUT",
                                    "R_MAX"),
                     )

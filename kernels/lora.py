@@ -12,7 +12,8 @@ over the segment's adapter slots ``k`` that hold an adapter (``a >= 0``) with a 
 Two Triton kernels, SGMV-style (Punica's "shrink" then "expand"):
 
 * shrink: ``v[k, t] = scale[s, k] · A[a] @ x[t]``, grid (token tiles, slots), each program reducing over d_in
-  with a fp32 ``BLOCK_M × r`` accumulator; ``v`` is stored in x's dtype, ``K · T · r_max`` elements;
+  with a fp32 ``BLOCK_M × BLOCK_R`` accumulator (BLOCK_R: r_max rounded up to a power of two >= 16); ``v`` is
+  stored in x's dtype, ``K · T · BLOCK_R`` elements;
 * expand: ``out[t] = Σ_k B[a] @ v[k, t] (+ base[t])``, grid (token tiles, d_out tiles), fp32 accumulator, every
   output element written exactly once (no atomics, no zero-fill: ``out`` starts as ``torch.empty``).
 
@@ -20,16 +21,17 @@ Why two kernels rather than one fused kernel. A fused program that owns a (token
 whole d_in reduction for every d_out tile: x is re-read ``d_out / BLOCK_N`` times -- 10x at d_out = 1280 and
 80x for SD's GEGLU projection (d_out = 10240) -- and a fused program that instead loops over all of d_out leaves
 ``T / BLOCK_M`` programs, 16 for the 8×8 mid block at batch 16, on a 132-SM H100. The price of two kernels is the
-round trip of ``v``: ``2 · K · T · r_max`` elements against the ``T · (d_in + d_out)`` of x and out that any
+round trip of ``v``: ``2 · K · T · BLOCK_R`` elements against the ``T · (d_in + d_out)`` of x and out that any
 version moves -- for rank 16 at d_in = d_out = 320 (SD 1.5's outermost blocks, the worst case) that is 5 % more
 bytes, 1.3 % at 1280 (byte counts, not a GPU timing: this module was written without a GPU; the figures to
 compare are bench/multi_lora_kernel.py's). Both kernels keep their grids fixed by ``T`` and ``d_out`` alone: the
 segment layout is data, read on the device, so a new batch composition needs no recompilation, no host
 synchronization, and replays in a CUDA graph.
 
-Per-adapter ranks: lanes ``r >= ranks[a]`` of A and B are masked loads, never read, so a pool slot reused by a
-lower-rank adapter needs no zeroing and may hold anything there. A slot with scale 0, an adapter of rank 0 and a
-segment without tokens read nothing either.
+Per-adapter ranks: lanes ``r >= ranks[a]`` are never used -- A's are not loaded, B's are loaded with their row
+(a mask by a loaded rank would break the 16-byte loads) and dropped by a select -- so a pool slot reused by a
+lower-rank adapter needs no zeroing and may hold anything there, NaN included. A slot with scale 0, an adapter of
+rank 0 and a segment without tokens cost a few scalar loads; x rows outside every live segment are not read.
 
 Reading order: the Triton kernels, the launcher, the ``torch.library`` op with its fake, the public functions, then
 the PyTorch references (the CPU path and the tests' oracle).
@@ -54,25 +56,37 @@ _MAX_RANK = 128  # a 64 x 128 fp32 shrink accumulator is 64 registers a thread a
 
 
 # --------------------------------------------------------------------------------------------- autotuning
+# Register figures below: cuobjdump --dump-resource-usage of this file's fp16 cubins (sm_80 / sm_90, Triton 3.9),
+# 64-token tiles; none spills.
 def _acc_regs(c: triton.Config, rows: int, cols: int) -> int:
     return rows * cols // (32 * c.num_warps)  # fp32 accumulator registers per thread
 
 
 def _shrink_prune(configs, named_args, **kwargs):
-    """At this BLOCK_R: keep configs whose ``BLOCK_M × BLOCK_R`` fp32 accumulator is 4-64 registers a thread (4:
-    one m16n8 MMA tile a warp; past 64 the x/A operand tiles start to spill) and whose pipelined x and A tiles fit
-    96 KiB of shared memory (any sm_80+ GPU; two programs an SM on sm_90)."""
+    """At this BLOCK_R: keep configs whose ``BLOCK_M × BLOCK_R`` fp32 accumulator is 4-32 registers a thread (4:
+    one m16n8 MMA tile a warp) and whose pipelined x and A tiles fit 96 KiB of shared memory (any sm_80+ GPU; two
+    programs an SM on sm_90). 32, not 64: the operand fragments come on top -- BLOCK_R = 128 on 4 warps (64
+    accumulator registers) uses 255 / 191 registers, on 8 warps (32) 128 / 108."""
     br, es = kwargs["BLOCK_R"], named_args["X"].element_size()
     regs = lambda c: _acc_regs(c, c.kwargs["BLOCK_M"], br)
     smem = lambda c: c.num_stages * (c.kwargs["BLOCK_M"] + br) * c.kwargs["BLOCK_K"] * es
-    fits = [c for c in configs if 4 <= regs(c) <= 64 and smem(c) <= 96 * 1024]
+    fits = [c for c in configs if 4 <= regs(c) <= 32 and smem(c) <= 96 * 1024]
     return fits or [min(configs, key=lambda c: (regs(c), smem(c)))]
 
 
 def _expand_keep(c: triton.Config) -> bool:
-    # a BLOCK_M x BLOCK_N fp32 accumulator of 32-64 registers a thread: larger tiles gain nothing on a kernel
-    # that reads BLOCK_R (<= 128) values per output element and starves occupancy
+    # a BLOCK_M x BLOCK_N fp32 accumulator of 16-64 registers a thread: larger tiles gain nothing on a kernel
+    # that reads BLOCK_R (<= 128) values per output element, and they cost occupancy
     return 16 <= _acc_regs(c, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64
+
+
+def _expand_prune(configs, named_args, **kwargs):
+    """At this BLOCK_R: the v and B operand tiles (``(BLOCK_M + BLOCK_N) × BLOCK_R``, one dot) at most 64 elements a
+    thread. 64 x 64 outputs at BLOCK_R = 128 (128 a thread on 4 warps) use 254 / 244 registers, on 8 warps (64)
+    128 / 110."""
+    br = kwargs["BLOCK_R"]
+    ops = lambda c: (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * br // (32 * c.num_warps)
+    return [c for c in configs if ops(c) <= 64] or [min(configs, key=ops)]
 
 
 if pin_configs():
@@ -85,15 +99,15 @@ if pin_configs():
         _SHRINK_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)]
         _EXPAND_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
 else:
-    # Small spaces (16 and 13 configs before pruning): each (d, BLOCK_R) key tunes once per process, at the first
-    # call of a layer shape, and the UNet has ~10 such keys. 8 warps only for 128-token tiles.
+    # Small spaces (20 and 13 configs before pruning): each (d, BLOCK_R) key tunes once per process, at the first
+    # call of a layer shape, and the UNet has ~10 such keys. 8 warps not for 32-token tiles (one MMA row each).
     _SHRINK_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm in (32, 64, 128)
         for bk in (32, 64)
         for w in (4, 8)
         for s in (2, 3)
-        if w == 4 or bm == 128
+        if w == 4 or bm >= 64
     ]
     _EXPAND_CONFIGS = [
         c
@@ -112,7 +126,7 @@ else:
 def _first_segment(SEG_STARTS, S, m0):
     """The first segment ``s`` whose end ``seg_starts[s + 1]`` lies past token ``m0`` (``S`` if none): a binary
     search over the nondecreasing offsets, ~log2(S) scalar loads a program."""
-    lo = S * 0
+    lo = 0
     hi = S
     while lo < hi:
         mid = (lo + hi) // 2
@@ -156,7 +170,8 @@ def _lora_shrink_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    # int64: token * stride passes 2**31 on large batches (32 rows x 4096 tokens x GEGLU's 10240 channels)
+    # int64: token * row stride passes 2**31 once x holds 2**31 elements (1.7 M tokens at 1280 channels), or in a
+    # view into a larger buffer
     rows64 = rows.to(tl.int64)
     x_rows = X + rows64[:, None] * stride_xt
     v_rows = V + k.to(tl.int64) * stride_vk + rows64[:, None] * BLOCK_R  # v: (K, T, BLOCK_R), see the launcher
@@ -165,7 +180,7 @@ def _lora_shrink_kernel(
     while (s < S) & (lo < m0 + BLOCK_M):
         hi = tl.load(SEG_STARTS + s + 1)
         a, scale, rank, live = _slot(SEG_ADAPTER, SEG_SCALE, RANKS, s, k, K, N, R_MAX)
-        if live:
+        if live & (hi > lo):  # an empty segment would cost a whole d_in loop of MMAs on zeros
             in_seg = (rows >= lo) & (rows < hi) & (rows < T)
             r_ok = offs_r < rank
             a_rows = A + a.to(tl.int64) * stride_an + offs_r[:, None] * stride_ar
@@ -190,7 +205,8 @@ def _lora_shrink_kernel(
         lo = hi
 
 
-@triton.autotune(configs=_EXPAND_CONFIGS, key=["D_OUT", "BLOCK_R", "HAS_BASE"])
+@triton.autotune(configs=_EXPAND_CONFIGS, key=["D_OUT", "BLOCK_R", "HAS_BASE"],
+                 prune_configs_by={"early_config_prune": _expand_prune})
 @triton.jit
 def _lora_expand_kernel(
     V, B, RANKS, SEG_STARTS, SEG_ADAPTER, SEG_SCALE, BASE, OUT,

@@ -2,7 +2,8 @@
 
 Oracle: :func:`lora_delta_reference` in fp64 on the same (rounded) inputs; a precision passes when
 ``err(kernel) <= 2 * err(the per-segment torch matmuls at that precision) + atol``. The adapter pools hold NaN past
-each adapter's rank and in unused slots: the kernels must never let what lies there reach the output.
+each adapter's rank (and, in one test, inf there and NaN in a whole unused slot): the kernels must never let what
+lies there reach the output.
 """
 
 import math

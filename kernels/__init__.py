@@ -4,9 +4,9 @@ On CUDA tensors the ops run Triton; on CPU tensors they run their ``*_reference`
 the interpreter when ``TRITON_INTERPRET=1`` is set before import). ``DREAMFUSE_DISABLE_KERNELS=1`` forces the
 references everywhere.
 
-``dreamfuse.kernels.attention``, ``.composite`` and ``.matching`` are the kernel modules; the ops are exported here
-by name (``match_argmax``, ``composite_blend``, ...), except that the fused attention op is ``fused_attention``
-here (``attention.attention`` in its module): the name ``attention`` belongs to the module.
+``dreamfuse.kernels.attention``, ``.composite``, ``.matching`` and ``.lora`` are the kernel modules; the ops are
+exported here by name (``match_argmax``, ``composite_blend``, ``lora_delta``, ...), except that the fused attention op
+is ``fused_attention`` here (``attention.attention`` in its module): the name ``attention`` belongs to the module.
 """
 
 if __name__ != "dreamfuse.kernels":
@@ -64,7 +64,7 @@ else:
     # The submodules stay modules: `import dreamfuse.kernels.attention as m` must give the module, so no function
     # is re-exported under a submodule's name. The fused attention op is `attention.attention` (also exported here
     # as `fused_attention`); every other op keeps its own name, which no submodule has.
-    from . import attention, composite, matching, sampler
+    from . import attention, composite, lora, matching, sampler
     from .attention import ama_attention, ama_attention_reference, attention_reference
     from .attention import attention as fused_attention
     from .composite import (
@@ -75,13 +75,16 @@ else:
         segment_fill,
         segment_fill_reference,
     )
+    from .lora import lora_delta, lora_delta_reference, lora_segments
     from .matching import cycle_mask, cycle_mask_reference, match_argmax, match_argmax_reference
     from .sampler import cfg_ddim_step, cfg_ddim_step_reference
 
     __all__ = [
-        "attention", "composite", "matching",
+        "attention", "composite", "lora", "matching",
         "fused_attention", "attention_reference", "ama_attention", "ama_attention_reference",
         "match_argmax", "match_argmax_reference", "cycle_mask", "cycle_mask_reference",
         "composite_blend", "composite_blend_reference", "composite_latents", "composite_latents_reference",
-        "segment_fill", "segment_fill_reference", "sampler", "cfg_ddim_step", "cfg_ddim_step_reference",
+        "segment_fill", "segment_fill_reference",
+        "lora_delta", "lora_delta_reference", "lora_segments",
+        "sampler", "cfg_ddim_step", "cfg_ddim_step_reference",
     ]

@@ -4,7 +4,8 @@
 
 compiles every kernel variant the engine launches -- fused attention at head dims 40/64/80/160 x fp16/bf16 x
 plain/AMA (AMA also in fp32, the TensorRT plugin's float32 T; int32 and int64 flows), the matching kernel and the
-cycle-consistency mask (fp16/bf16/fp32), the composite blend, and the small glue kernels below -- with
+cycle-consistency mask (fp16/bf16/fp32), the composite blend, the multi-LoRA shrink and expand (fp16/bf16 x
+BLOCK_R 16/32/64/128, expand with and without base), and the small glue kernels below -- with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", SM, 32))``. No GPU is needed: Triton lowers to PTX and
 runs its bundled ptxas. The output directory then holds
 
@@ -27,7 +28,9 @@ per-block limit falls back to the next. Untuned on hardware: the choices are the
 argue for.
 
 Integer arguments are compiled as i32 and pointers with 16-byte divisibility hints; the C launchers check both
-(values that do not fit int32 and misaligned pointers are refused, not silently mis-launched).
+(values that do not fit int32 and misaligned pointers are refused, not silently mis-launched). A variant may also
+compile named integer arguments (``Variant.divisible``) with a divisible-by-16 hint, as Triton's JIT does for such
+values, so that masked rows load as 16-byte vectors; its C launcher refuses other values.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ __all__ = ["Variant", "variants", "kernel_function", "signature", "compile_varia
 ARCH_SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 HEAD_DIMS = (40, 64, 80, 160)
 DTYPES = ("fp16", "bf16")
-OPS = ("attention", "ama_attention", "match_argmax", "cycle_mask", "composite_blend")
+OPS = ("attention", "ama_attention", "match_argmax", "cycle_mask", "composite_blend", "lora_delta")
 _PTX_TYPES = {"p": "u64", "i32": "u32", "fp32": "f32"}
 
 
@@ -128,6 +131,7 @@ class Variant:
     candidates: tuple  # ((num_warps, num_stages, {constexpr overrides}), ...) tried in order
     floats: tuple = ()  # fp32 scalar arguments; every other non-pointer, non-constexpr argument is i32
     name: str = field(default="")
+    divisible: tuple = ()  # i32 arguments compiled as multiples of 16 (the C launcher refuses other values)
 
     @property
     def key_string(self) -> str:
@@ -138,8 +142,9 @@ def _name(op: str, key: dict) -> str:
     return op + "".join(f"_{k}{v}" for k, v in sorted(key.items()))
 
 
-def _v(op, module, key, pointers, constexprs, grid, candidates, floats=()) -> Variant:
-    return Variant(op, module, key, pointers, constexprs, grid, tuple(candidates), tuple(floats), _name(op, key))
+def _v(op, module, key, pointers, constexprs, grid, candidates, floats=(), divisible=()) -> Variant:
+    return Variant(op, module, key, pointers, constexprs, grid, tuple(candidates), tuple(floats), _name(op, key),
+                   tuple(divisible))
 
 
 def _attention_candidates(block_d: int, dtype: str):
@@ -164,6 +169,49 @@ def _attention_candidates(block_d: int, dtype: str):
         (4, 2, dict(BLOCK_M=64, BLOCK_N=32)),
         (4, 1, dict(BLOCK_M=64, BLOCK_N=32)),
     ]
+
+
+def _lora_variants(dtypes) -> list[Variant]:
+    """``dfk_lora_delta``'s two kernels (lora._lora_shrink_kernel then lora._lora_expand_kernel) per dtype and
+    BLOCK_R (the pool's r_max rounded up to a power of two >= 16). Sizes and row strides are compiled as multiples
+    of 16 (``divisible``): every SD / SDXL width is one, and a pool's r_max is padded to one at no cost."""
+    out = []
+    idx = dict(RANKS="i32", SEG_STARTS="i32", SEG_ADAPTER="i32", SEG_SCALE="fp32")
+    for dt in dtypes:
+        for br in (16, 32, 64, 128):
+            # shrink: 64 tokens, x and A tiles pipelined over d_in; 8 warps from BLOCK_R = 64 on (lora._shrink_prune:
+            # at most 32 accumulator registers a thread), 2 stages at 128 (48 KiB of smem on sm_90)
+            cx = dict(BLOCK_R=br, DOT_PRECISION=None, INTERP_BF16=False)
+            w = 4 if br <= 32 else 8
+            out.append(
+                _v(
+                    "lora_shrink",
+                    "lora._lora_shrink_kernel",
+                    dict(block_r=br, dtype=dt),
+                    dict(X=dt, A=dt, V=dt, **idx),
+                    cx,
+                    ("cdiv(T, BLOCK_M)", "K", "1"),
+                    [(w, 3 if br <= 64 else 2, dict(BLOCK_M=64, BLOCK_K=64)), (w, 2, dict(BLOCK_M=64, BLOCK_K=32))],
+                    divisible=("stride_xt", "stride_an", "stride_ar", "stride_vk", "D_IN"),
+                )
+            )
+            for base in (False, True):
+                # expand: 64 x 64 outputs a program; 8 warps from BLOCK_R = 64 on (lora._expand_prune: at most 64
+                # operand elements a thread)
+                out.append(
+                    _v(
+                        "lora_expand",
+                        "lora._lora_expand_kernel",
+                        dict(base=int(base), block_r=br, dtype=dt),
+                        dict(V=dt, B=dt, BASE=dt, OUT=dt, **idx),
+                        dict(cx, HAS_BASE=base),
+                        ("cdiv(T, BLOCK_M)", "cdiv(D_OUT, BLOCK_N)", "1"),
+                        [(w, 1, dict(BLOCK_M=64, BLOCK_N=64))],
+                        divisible=("stride_vk", "stride_bn", "stride_bo", "stride_baset", "stride_ot", "D_OUT",
+                                   "R_MAX"),
+                    )
+                )
+    return out
 
 
 def variants(ops=OPS, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[Variant]:
@@ -308,6 +356,8 @@ def variants(ops=OPS, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[Variant]:
                                 floats=("g_scale",),
                             )
                         )
+        elif op == "lora_delta":
+            out += _lora_variants(dtypes)
         else:
             raise ValueError(f"ops: unknown op {op!r} (known: {', '.join(OPS)})")
     return out
@@ -316,11 +366,11 @@ def variants(ops=OPS, head_dims=HEAD_DIMS, dtypes=DTYPES) -> list[Variant]:
 # --------------------------------------------------------------------------------------------- compiling
 def kernel_function(v: Variant):
     """The ``@triton.jit`` function of ``v`` (an ``InterpretedFunction`` under ``TRITON_INTERPRET=1``)."""
-    from . import attention, composite, matching
+    from . import attention, composite, lora, matching
 
     mod_name, attr = v.module.split(".")
     # "aot" is this module (also when run as __main__, where sys.modules has no dreamfuse.kernels.aot)
-    mods = dict(attention=attention, composite=composite, matching=matching)
+    mods = dict(attention=attention, composite=composite, lora=lora, matching=matching)
     fn = globals()[attr] if mod_name == "aot" else getattr(mods[mod_name], attr)
     while isinstance(fn, (Autotuner, Heuristics)):
         fn = fn.fn  # the autotuner (or heuristics) wrapping the kernel
@@ -391,7 +441,7 @@ def compile_variant(v: Variant, arch: int) -> dict:
     for num_warps, num_stages, tile in v.candidates:
         constexprs = {**v.constexprs, **tile}
         sig, params = signature(v, fn, constexprs)
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in v.pointers}
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in (*v.pointers, *v.divisible)}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
         opts = dict(num_warps=num_warps, num_stages=num_stages, num_ctas=1, enable_fp_fusion=True)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
@@ -423,6 +473,7 @@ def compile_variant(v: Variant, arch: int) -> dict:
             shared=md.shared,
             static_shared=static,
             constexprs={k2: _const_value(x) for k2, x in constexprs.items()},
+            divisible=list(v.divisible),
             triton=triton.__version__,
             cubin=k.asm["cubin"],
         )

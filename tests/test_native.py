@@ -213,6 +213,48 @@ def _blend_cases(w: _Writer, g: torch.Generator):
         )
 
 
+def _lora_cases(w: _Writer, g: torch.Generator):
+    from dreamfuse.kernels.lora import lora_delta_reference, lora_segments
+
+    # (rows, tokens a row, d_in, d_out, r_max, ranks, dtype, with base): rows with one adapter, none, and two; lanes
+    # past each rank and the unused pool slot hold NaN (the kernels must never use them)
+    for rows, L, d_in, d_out, r_max, ranks, dt, with_base in (
+        (6, 77, 320, 640, 16, [16, 4, 1, 9], torch.float16, True),
+        (5, 64, 640, 320, 64, [64, 8, 33, 16], torch.bfloat16, False),
+        (3, 100, 768, 1280, 128, [128, 2, 16, 128], torch.float16, False),
+    ):
+        N = len(ranks)
+        A = torch.randn(N, r_max, d_in, generator=g) / math.sqrt(d_in)
+        B = torch.randn(N, d_out, r_max, generator=g) / math.sqrt(r_max)
+        for n, r in enumerate(ranks):
+            A[n, r:], B[n, :, r:] = float("nan"), float("nan")
+        A[N - 1], B[N - 1] = float("nan"), float("nan")  # never referenced below
+        A, B = A.to(dt), B.to(dt)
+        pairs = [[(i % (N - 1), 0.5 + 0.25 * i)] if i % 3 != 1 else [] for i in range(rows)]
+        pairs[-1] = [(0, 1.0), (1, -0.75)]
+        st, ad, sc = lora_segments(pairs, L)
+        rk = torch.tensor(ranks, dtype=torch.int32)
+        T = rows * L
+        x = torch.randn(T, d_in, generator=g).to(dt)
+        base = torch.randn(T, d_out, generator=g).to(dt) if with_base else None
+        oracle = lora_delta_reference(x.double(), A.double(), B.double(), rk, st, ad, sc,
+                                      None if base is None else base.double())
+        same = torch.zeros(T, d_out, dtype=dt) if base is None else base.clone()  # torch at the inputs' precision
+        for s, (lo, hi) in enumerate(zip(st.tolist(), st.tolist()[1:])):
+            for a, scale in zip(ad[s].tolist(), sc[s].tolist()):
+                if a >= 0:
+                    r = ranks[a]
+                    same[lo:hi] += scale * ((x[lo:hi] @ A[a, :r].T) @ B[a, :, :r].T)
+        tol = 2 * _err(same, oracle) + _ATOL[dt]
+        inputs = dict(x=x, lora_a=A, lora_b=B, ranks=rk, seg_starts=st, seg_adapter=ad, seg_scale=sc)
+        w.case(
+            f"lora_{rows}x{L}_{d_in}to{d_out}_r{r_max}_{_DT[dt]}{'_base' if with_base else ''}",
+            "lora_delta",
+            inputs | ({} if base is None else dict(base=base)),
+            dict(out=(oracle, tol)),
+        )
+
+
 def write_gpu_data(out: Path) -> Path:
     """Write the GPU test's cases into ``out`` (seeded, CPU only); returns ``out``."""
     out = Path(out)
@@ -223,6 +265,7 @@ def write_gpu_data(out: Path) -> Path:
     _matching_cases(w, g)
     _cycle_cases(w, g)
     _blend_cases(w, g)
+    _lora_cases(w, g)
     w.close()
     return out
 
@@ -344,6 +387,9 @@ def test_variants_cover_what_the_engine_launches():
         | {f"dtype=fp32;flow=i32;head_dim={h}" for h in dims}
     )
     assert by_op["match_argmax"] == {f"dtype={d}" for d in (*half, "fp32")}
+    blocks = (16, 32, 64, 128)
+    assert by_op["lora_shrink"] == {f"block_r={r};dtype={d}" for d in half for r in blocks}
+    assert by_op["lora_expand"] == {f"base={b};block_r={r};dtype={d}" for d in half for r in blocks for b in (0, 1)}
     assert len({v.name for v in vs}) == len(vs)
     for v in vs:  # every kernel argument is typed, and every name aot.py types is one of the kernel's
         fn = aot.kernel_function(v)
@@ -696,11 +742,66 @@ def test_c_matching_launchers_pass_what_python_passes(dfk, monkeypatch):
     assert set(cp) - set(py) == {"global_scratch", "profile_scratch"}  # nothing the kernel lacks
 
 
+def _c_launch_all(lib, fn: str, *args) -> list[dict]:
+    """Call launcher ``fn`` (dry run) and return every launch's parameters, oldest first."""
+    ref = lambda a: ctypes.byref(a) if isinstance(a, _DfkTensor) else a  # noqa: E731
+    st = getattr(lib, fn)(*[ref(a) for a in args])
+    assert st == 0, lib.dfk_last_error().decode()
+    recs = (_DfkLaunch * 8)()
+    out = []
+    for i in range(lib.dfk_last_launches(recs, 8)):
+        size = lib.dfk_last_launch_params(i, None, 0)
+        buf = ctypes.create_string_buffer(size + 1)
+        lib.dfk_last_launch_params(i, buf, size + 1)
+        params = dict(item.split("=") for item in buf.value.decode().split(","))
+        out.append((params, tuple(recs[i].grid), recs[i].kernel))
+    return out
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["delta", "base"])
+def test_c_lora_launcher_passes_what_python_passes(dfk, monkeypatch, with_base):
+    from dreamfuse.kernels import lora
+
+    g = torch.Generator().manual_seed(4)
+    T, d_in, d_out, r_max = 3 * 77, 320, 640, 48  # BLOCK_R 64
+    x = torch.randn(T, d_in + 16, generator=g).half()[:, 16:]  # a row stride of 336
+    A, B = torch.randn(5, r_max, d_in).half(), torch.randn(5, d_out, r_max).half()
+    ranks = torch.tensor([48, 4, 16, 1, 33], dtype=torch.int32)
+    st, ad, sc = lora.lora_segments([[(0, 1.0)], [], [(1, 0.5), (4, 2.0)]], 77)
+    base = torch.randn(T, d_out, generator=g).half() if with_base else None
+    recs = {name: _Recorder(getattr(lora, name)) for name in ("_lora_shrink_kernel", "_lora_expand_kernel")}
+    for name, rec in recs.items():
+        monkeypatch.setattr(lora, name, rec)
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: k)
+    lora._lora_delta_fwd(x, A, B, ranks, st, ad, sc, base)
+    (s_grid, s_py, s_kw), (e_grid, e_py, e_kw) = (rec.calls[0] for rec in recs.values())
+    out = torch.empty(T, d_out).half()
+    ws = torch.empty(dfk.dfk_lora_delta_workspace_size(ctypes.c_int64(T), ctypes.c_int64(2), ctypes.c_int64(r_max),
+                                                       ctypes.c_int(0)), dtype=torch.uint8)
+    assert ws.numel() == 2 * T * 64 * 2  # K * T * BLOCK_R fp16
+    (sc_p, sc_grid, si), (ec_p, ec_grid, ei) = _c_launch_all(
+        dfk, "dfk_lora_delta", _dt(x), _dt(A), _dt(B), _dt(ranks), _dt(st), _dt(ad), _dt(sc),
+        None if base is None else _dt(base), _dt(out), ctypes.c_void_p(ws.data_ptr()), ctypes.c_size_t(ws.numel()),
+        None,
+    )
+    idx = ("RANKS", "SEG_STARTS", "SEG_ADAPTER", "SEG_SCALE")
+    _same(sc_p, s_py, pointers=("X", "A", *idx))
+    _same(ec_p, e_py, pointers=("B", *idx) + (("BASE",) if base is not None else ()))
+    assert set(sc_p) - set(s_py) == set(ec_p) - set(e_py) == {"global_scratch", "profile_scratch"}
+    assert int(sc_p["V"], 16) == int(ec_p["V"], 16) == ws.data_ptr()
+    for kw, i in ((s_kw, si), (e_kw, ei)):
+        assert kw["BLOCK_R"] == dfk.dfk_kernel_constexpr(i, b"BLOCK_R") == 64
+    assert e_kw["HAS_BASE"] == (base is not None) == bool(dfk.dfk_kernel_constexpr(ei, b"HAS_BASE"))
+    meta = lambda i, *names: {n: dfk.dfk_kernel_constexpr(i, n.encode()) for n in names}  # noqa: E731
+    assert sc_grid == (*s_grid(meta(si, "BLOCK_M")), 1)
+    assert ec_grid == (*e_grid(meta(ei, "BLOCK_M", "BLOCK_N")), 1)
+
+
 # --------------------------------------------------------------------------------------------- GPU data
 def test_gpu_data_is_complete_and_well_formed(tmp_path):
     cases = _read_cases(write_gpu_data(tmp_path))
     ops = {c["op"] for c in cases}
-    assert ops == {"attention", "ama_attention", "match_argmax", "cycle_mask", "composite_blend"}
+    assert ops == {"attention", "ama_attention", "match_argmax", "cycle_mask", "composite_blend", "lora_delta"}
     attn = {c["name"] for c in cases if c["op"] == "attention"}
     assert attn == {f"attention_d{d}_{t}" for d in (40, 64, 80, 160) for t in ("fp16", "bf16")}
     for c in cases:

@@ -1,7 +1,7 @@
 /* dreamfuse_kernels: the C ABI of dreamfuse's Triton kernels, compiled ahead of time to cubins.
  *
  * One launcher per op, with the shapes/strides contract of the Python op (kernels/attention.py, matching.py,
- * composite.py): tensors are described by dfk_tensor (device pointer, dtype, shape, strides in elements, as
+ * composite.py, lora.py): tensors are described by dfk_tensor (device pointer, dtype, shape, strides in elements, as
  * torch.Tensor.stride()), outputs are preallocated by the caller, work is enqueued on `stream` and never
  * synchronized. Every launcher checks its arguments on the host first and returns a dfk_status; on failure
  * dfk_last_error() holds one line naming the bad argument ("attention: q must be rank 4 (B, H, L, D), got 3").
@@ -18,6 +18,8 @@
  *  - match_argmax: unit stride along D; t2r/r2t int32 or int64, contiguous; needs a workspace.
  *  - cycle_mask: contiguous (B, N) tensors; t2r and r2t of one dtype; out in fg's dtype; needs a workspace.
  *  - composite_blend: masks (and the per-segment guidance) in the predictions' dtype; dense (h, w) planes.
+ *  - lora_delta: fp16/bf16; d_in, d_out, r_max and the row strides multiples of 16 (pad a pool's r_max to one);
+ *    unit stride along the last dim; index tensors contiguous; needs a workspace.
  * Integer sizes and strides must fit in int32 and data pointers must be 16-byte aligned (the kernels are compiled
  * with those assumptions); both are checked.
  */
@@ -119,6 +121,23 @@ DFK_API dfk_status dfk_cycle_mask(const dfk_tensor* t2r, const dfk_tensor* r2t, 
 DFK_API dfk_status dfk_composite_blend(const dfk_tensor* eps_uncond, const dfk_tensor* eps_cond,
                                        const dfk_tensor* masks, const dfk_tensor* guidance, double guidance_scale,
                                        const dfk_tensor* out, dfk_stream stream);
+
+/* Bytes of workspace dfk_lora_delta needs: the shrink's (K, T, BLOCK_R) buffer in x's dtype, BLOCK_R = r_max
+ * rounded up to a power of two >= 16. */
+DFK_API size_t dfk_lora_delta_workspace_size(int64_t T, int64_t K, int64_t r_max, dfk_dtype dtype);
+
+/* Grouped multi-LoRA delta (kernels/lora.py): for token t of segment s,
+ *   out[t] = base[t] + sum_k seg_scale[s,k] * lora_b[a][:, :r] @ (lora_a[a][:r] @ x[t]),  a = seg_adapter[s,k],
+ * r = ranks[a], over the slots with 0 <= a < N, a nonzero scale and r > 0 (others, and tokens outside
+ * [seg_starts[0], seg_starts[S]), add nothing). x (T, d_in) fp16/bf16; lora_a (N, r_max, d_in), lora_b
+ * (N, d_out, r_max) in x's dtype, 1 <= r_max <= 128 (lanes past a rank are never used); ranks (N,) int32 (clamped to
+ * [0, r_max]); seg_starts (S + 1,) int32 nondecreasing within [0, T]; seg_adapter (S, K) int32 (-1: empty slot);
+ * seg_scale (S, K) fp32; base (T, d_out) in x's dtype or NULL (then out = delta); out (T, d_out) contiguous. The
+ * segment values are read on the device only. Two launches (shrink, expand) on `stream`. */
+DFK_API dfk_status dfk_lora_delta(const dfk_tensor* x, const dfk_tensor* lora_a, const dfk_tensor* lora_b,
+                                  const dfk_tensor* ranks, const dfk_tensor* seg_starts, const dfk_tensor* seg_adapter,
+                                  const dfk_tensor* seg_scale, const dfk_tensor* base, const dfk_tensor* out,
+                                  void* workspace, size_t workspace_size, dfk_stream stream);
 
 /* ------------------------------------------------------------------------------------------------- introspection */
 

@@ -315,6 +315,19 @@ bool run_case(Case& c) {
             CUDA_OK(cudaDeviceSynchronize());
             ok = download(c, &out) && compare(c, "out", out);
         }
+    } else if (c.op == "lora_delta") {
+        dfk_tensor x = in("x"), a = in("lora_a"), b = in("lora_b"), rk = in("ranks"), s0 = in("seg_starts");
+        dfk_tensor ad = in("seg_adapter"), sc = in("seg_scale"), base{};
+        const bool has_base = c.inputs.count("base") > 0;
+        if (has_base) base = in("base");
+        Out out;
+        if (!alloc_out(c, &out, x.dtype, {x.shape[0], b.shape[1]})) return false;
+        if (dfk_lora_delta_workspace_size(x.shape[0], ad.shape[1], a.shape[1], x.dtype) > ws_size) return false;
+        st = dfk_lora_delta(&x, &a, &b, &rk, &s0, &ad, &sc, has_base ? &base : nullptr, &out.t, ws, ws_size, nullptr);
+        if (st == DFK_OK) {
+            CUDA_OK(cudaDeviceSynchronize());
+            ok = download(c, &out) && compare(c, "out", out);
+        }
     } else {
         std::printf("%s: unknown op %s\n", c.name.c_str(), c.op.c_str());
         return false;
@@ -409,6 +422,8 @@ bool self_check(const Case& c) {
         ok &= compare(c, "out", rounded(c.expect.at("out").first, dt("fg")));
     } else if (c.op == "composite_blend") {
         ok &= compare(c, "out", rounded(c.expect.at("out").first, dt("eps_uncond")));
+    } else if (c.op == "lora_delta") {
+        ok &= compare(c, "out", rounded(c.expect.at("out").first, dt("x")));
     } else {
         std::printf("%s: unknown op %s\n", c.name.c_str(), c.op.c_str());
         return false;

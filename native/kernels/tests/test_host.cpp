@@ -129,6 +129,13 @@ std::vector<std::pair<std::string, std::string>> expected_variants() {
                                                     ";per_segment_guidance=" + std::to_string(g)});
     }
     for (const char* i : idx) v.push_back({"match_finish", std::string("index=") + i});
+    for (const char* dt : half)
+        for (int br : {16, 32, 64, 128}) {
+            const std::string k = "block_r=" + std::to_string(br) + ";dtype=" + dt;
+            v.push_back({"lora_shrink", k});
+            v.push_back({"lora_expand", "base=0;" + k});
+            v.push_back({"lora_expand", "base=1;" + k});
+        }
     return v;
 }
 
@@ -294,6 +301,46 @@ void dry_blend(int arch) {
     expect_ok(dfk_composite_blend(&u, &u, &m, nullptr, 1.0, &out, nullptr), "blend expanded");
 }
 
+dfk_status lora(const dfk_tensor& x, const dfk_tensor& a, const dfk_tensor& b, const dfk_tensor& ranks,
+                const dfk_tensor& starts, const dfk_tensor& adapter, const dfk_tensor& scale, const dfk_tensor* base,
+                const dfk_tensor& out, size_t ws) {
+    return dfk_lora_delta(&x, &a, &b, &ranks, &starts, &adapter, &scale, base, &out, fake(9), ws, nullptr);
+}
+
+void dry_lora(int arch) {
+    const dfk_dtype dts[] = {DFK_FLOAT16, DFK_BFLOAT16};
+    const char* names[] = {"fp16", "bf16"};
+    const dfk_dtype I = DFK_INT32;
+    for (int di = 0; di < 2; ++di) {
+        // r_max -> BLOCK_R: 16 -> 16, 32 -> 32, 48 -> 64, 128 -> 128; T = 16 rows x 77 tokens, 3 slots
+        for (int64_t r : {16, 32, 48, 128}) {
+            const int64_t br = r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128;
+            const int64_t Tn = 16 * 77, N = 5, S = 9, K = 3, d_in = 768, d_out = 1280;
+            dfk_dtype dt = dts[di];
+            dfk_tensor x = T(dt, {Tn, d_in}, 0), a = T(dt, {N, r, d_in}, 1), b = T(dt, {N, d_out, r}, 2);
+            dfk_tensor rk = T(I, {N}, 3), st = T(I, {S + 1}, 4), ad = T(I, {S, K}, 5), sc = T(DFK_FLOAT32, {S, K}, 6);
+            dfk_tensor base = T(dt, {Tn, d_out}, 7), out = T(dt, {Tn, d_out}, 8);
+            const size_t ws = dfk_lora_delta_workspace_size(Tn, K, r, dt);
+            CHECK(ws == static_cast<size_t>(K * Tn * br * 2), "lora workspace %zu", ws);
+            const std::string k = "block_r=" + std::to_string(br) + ";dtype=" + names[di];
+            const dfk_tensor* bases[] = {nullptr, &base};
+            for (const dfk_tensor* bp : bases) {
+                expect_ok(lora(x, a, b, rk, st, ad, sc, bp, out, ws), "lora_delta");
+                CHECK(launches().size() == 2, "lora_delta: %zu launches, want 2", launches().size());
+                expect_launch(0, "lora_shrink", k, arch, cdiv(Tn, kconst(0, "BLOCK_M")), K, 1, "lora shrink grid");
+                expect_launch(1, "lora_expand", std::string("base=") + (bp ? "1;" : "0;") + k, arch,
+                              cdiv(Tn, kconst(1, "BLOCK_M")), cdiv(d_out, kconst(1, "BLOCK_N")), 1, "lora expand grid");
+                CHECK(kconst(0, "BLOCK_R") == br && kconst(1, "HAS_BASE") == (bp ? 1 : 0), "lora consts");
+            }
+        }
+    }
+    // nothing to compute: no launch
+    dfk_tensor x0 = T(DFK_FLOAT16, {0, 320}, 0), a = T(DFK_FLOAT16, {2, 16, 320}, 1), b = T(DFK_FLOAT16, {2, 320, 16}, 2);
+    dfk_tensor rk = T(I, {2}, 3), st = T(I, {1}, 4), ad = T(I, {0, 1}, 5), sc = T(DFK_FLOAT32, {0, 1}, 6);
+    expect_ok(lora(x0, a, b, rk, st, ad, sc, nullptr, T(DFK_FLOAT16, {0, 320}, 8), 0), "lora empty");
+    CHECK(launches().empty(), "empty lora launched %zu kernels", launches().size());
+}
+
 void test_dry_runs(const std::vector<int>& archs) {
     for (int arch : archs) {
         const int num_sms = arch == 90 ? 132 : 108;
@@ -303,6 +350,7 @@ void test_dry_runs(const std::vector<int>& archs) {
         dry_matching(arch, num_sms);
         dry_cycle(arch);
         dry_blend(arch);
+        dry_lora(arch);
         for (int i = 0; i < dfk_kernel_count(); ++i) {
             dfk_kernel_info k = info(i);
             if (k.arch == arch)
@@ -461,6 +509,53 @@ void test_argument_checks() {
     uc.strides[3] = 10;  // a crop along w: (h, w) plane no longer dense
     expect_fail(blend(uc, c, m, nullptr, bo), DFK_ERR_NO_VARIANT, "eps_uncond: the (h, w) plane is not dense",
                 "blend crop");
+    // lora_delta
+    {
+        const dfk_dtype I = DFK_INT32;
+        dfk_tensor x = T(H, {100, 320}, 0), a = T(H, {4, 16, 320}, 1), b = T(H, {4, 640, 16}, 2), rk = T(I, {4}, 3);
+        dfk_tensor st = T(I, {4}, 4), ad = T(I, {3, 2}, 5), sc = T(F, {3, 2}, 6), lo = T(H, {100, 640}, 8);
+        const size_t lws = dfk_lora_delta_workspace_size(100, 2, 16, H);
+        expect_ok(lora(x, a, b, rk, st, ad, sc, nullptr, lo, lws), "lora ok");
+        expect_fail(lora(T(F, {100, 320}, 0), a, b, rk, st, ad, sc, nullptr, lo, lws), DFK_ERR_NO_VARIANT,
+                    "x dtype fp32 not supported", "lora fp32");
+        expect_fail(lora(x, T(H, {4, 16, 321}, 1), b, rk, st, ad, sc, nullptr, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "does not match x's d_in = 320", "lora d_in");
+        expect_fail(lora(x, T(H, {4, 129, 320}, 1), T(H, {4, 640, 129}, 2), rk, st, ad, sc, nullptr, lo, lws),
+                    DFK_ERR_INVALID_ARGUMENT, "r_max = 129", "lora r_max");
+        expect_fail(lora(x, a, T(H, {4, 640, 8}, 2), rk, st, ad, sc, nullptr, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "lora_b must be (N, d_out, r_max) = (4, d_out, 16)", "lora b shape");
+        expect_fail(lora(x, a, T(DFK_BFLOAT16, {4, 640, 16}, 2), rk, st, ad, sc, nullptr, lo, lws),
+                    DFK_ERR_INVALID_ARGUMENT, "lora_b dtype bf16 must equal x's fp16", "lora b dtype");
+        expect_fail(lora(x, a, b, T(DFK_INT64, {4}, 3), st, ad, sc, nullptr, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "ranks must be a contiguous i32", "lora ranks dtype");
+        expect_fail(lora(x, a, b, T(I, {3}, 3), st, ad, sc, nullptr, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "ranks must be (N,) = (4,)", "lora ranks shape");
+        expect_fail(lora(x, a, b, rk, T(I, {5}, 4), ad, sc, nullptr, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "seg_adapter must be (S, K) = (4, K >= 1)", "lora segments");
+        expect_fail(lora(x, a, b, rk, st, ad, T(F, {3, 1}, 6), nullptr, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "seg_scale shape (3, 1) must equal", "lora scale shape");
+        dfk_tensor bad_base = T(H, {100, 320}, 7);
+        expect_fail(lora(x, a, b, rk, st, ad, sc, &bad_base, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "base must be a fp16 (T, d_out) = (100, 640)", "lora base");
+        dfk_tensor los = lo;
+        los.strides[0] = 700;
+        expect_fail(lora(x, a, b, rk, st, ad, sc, nullptr, los, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "out must be a contiguous fp16", "lora out");
+        dfk_tensor xs = x;
+        xs.strides[1] = 2;
+        expect_fail(lora(xs, a, b, rk, st, ad, sc, nullptr, lo, lws), DFK_ERR_INVALID_ARGUMENT,
+                    "x must have unit stride along its last dim", "lora x stride");
+        expect_fail(lora(T(H, {100, 40}, 0), T(H, {4, 16, 40}, 1), b, rk, st, ad, sc, nullptr, lo, lws),
+                    DFK_ERR_NO_VARIANT, "d_in = 40 is not a multiple of 16", "lora d_in 40");
+        expect_fail(lora(x, T(H, {4, 8, 320}, 1), T(H, {4, 640, 8}, 2), rk, st, ad, sc, nullptr, lo, lws),
+                    DFK_ERR_NO_VARIANT, "r_max = 8 is not a multiple of 16", "lora r_max 8");
+        xs = x;
+        xs.strides[0] = 328;
+        expect_fail(lora(xs, a, b, rk, st, ad, sc, nullptr, lo, lws), DFK_ERR_NO_VARIANT,
+                    "x row stride = 328 is not a multiple of 16", "lora x row stride");
+        expect_fail(lora(x, a, b, rk, st, ad, sc, nullptr, lo, lws - 2), DFK_ERR_INVALID_ARGUMENT,
+                    "workspace of", "lora workspace");
+    }
     // a success clears the previous error
     expect_ok(blend(u, c, m, nullptr, bo), "error cleared");
 }

@@ -54,9 +54,9 @@ MAX_VECTORS = 75
 
 
 def _read_file(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"relation: file {str(path)!r} does not exist" if not path.exists() else
-                                f"relation: {str(path)!r} is not a regular file")
+    from .files import check_file
+
+    check_file(path, "relation")  # a folder or a FIFO is refused by name, never opened (a FIFO would block)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

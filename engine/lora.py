@@ -286,6 +286,64 @@ def _check_loaded(engine, adapter: str, fits: dict, path: Path, field: str) -> N
         raise ValueError(f"{field}: {len(bad)} layers of {str(path)!r} did not load (e.g. {bad[0]!r})")
 
 
+def read_lora(engine, path, field: str = "lora"):
+    """Read a LoRA file as ``load_lora`` does and check it against the engine's model, changing nothing:
+    ``(state dict, network alphas, peft metadata, fits)`` -- diffusers' ``lora_state_dict`` output (kohya files
+    converted, SGM block names mapped with the UNet's config) and :func:`_check_fits`' ``{component: {layer path:
+    (A, B)}}``. Every check of :func:`check_lora_file` and :func:`_check_fits` runs first; ``ValueError`` naming
+    ``field``. Shared by ``load_lora`` and the per-request adapters (:mod:`~dreamfuse.engine.adapters`)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    p = check_lora_file(path, field)
+    cls = StableDiffusionXLPipeline if engine.is_xl else StableDiffusionPipeline
+    try:
+        sd, alphas, metadata = cls.lora_state_dict(str(p), use_safetensors=True, return_lora_metadata=True,
+                                                   unet_config=engine.unet.config)
+    except Exception as e:  # noqa: BLE001 - reading only (nothing changed yet): the converters', safetensors' errors
+        raise _reading_error(field, p, e) from None
+    return sd, alphas, metadata, _check_fits(engine, sd, p, field)
+
+
+def layer_scalings(engine, component: str, sd: dict, alphas, metadata, layers) -> dict[str, tuple[float, int]]:
+    """``{layer: (scaling, r)}``: peft's ``scaling`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) and rank
+    ``r`` of each of ``layers`` (layer paths of ``component``) for the file :func:`read_lora` read, at adapter weight
+    1. The ``LoraConfig`` is built from the same inputs diffusers gives it (the peft metadata in the file's header,
+    else its ranks and kohya's network alphas, through ``get_peft_kwargs``) and each layer's ``r`` / ``alpha``
+    resolved through the config's rank and alpha patterns with peft's own ``get_pattern_key``: what ``load_lora``
+    makes peft compute. The tests compare the figures with the loaded peft layers' ``scaling``."""
+    import math
+
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    prefix = f"{component}."
+    part = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    meta = None if metadata is None else {k.removeprefix(prefix): v for k, v in metadata.items()
+                                           if k.startswith(prefix)} or None
+    nets = None if not alphas else {k.removeprefix(prefix): v for k, v in alphas.items()
+                                    if k.startswith(prefix) and k.split(".")[0] == component} or None
+    peft_sd = _peft_keys(engine, component, part)
+    if component == "unet":  # diffusers' load_lora_adapter
+        rank = {f"^{k}": v.shape[1] for k, v in peft_sd.items() if "lora_B" in k and v.ndim > 1}
+    else:  # diffusers' _load_lora_into_text_encoder: the attention and MLP projections only
+        model = getattr(engine, component)
+        rank = {f"{n}.lora_B.weight": peft_sd[f"{n}.lora_B.weight"].shape[1] for n, _ in model.named_modules()
+                if n.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2"))
+                and f"{n}.lora_B.weight" in peft_sd}
+    try:
+        kwargs = meta if meta is not None else get_peft_kwargs(rank, nets, peft_sd, is_unet=component == "unet")
+        config = LoraConfig(**kwargs)
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise ValueError(f"cannot build the {component} LoRA config ({type(e).__name__}: {e})") from None
+    out = {}
+    for name in layers:
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        out[name] = (alpha / math.sqrt(r) if config.use_rslora else alpha / r, int(r))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ diffusers
 def _pipeline(engine):
     """A diffusers pipeline around the engine's modules (no copies), for its LoRA loader methods. Rebuilt per
@@ -450,12 +508,7 @@ def load_lora(engine, path, scale: float = 1.0, name: str | None = None, *, fiel
     # SGM block names (input_blocks_4_1 ...) in kohya files are mapped with the UNet's config; the SDXL loader
     # passes it itself, SD's takes it from us (SD 1.x LoRAs from LDM-layout trainers use those names too).
     extra = {} if engine.is_xl else {"unet_config": engine.unet.config}
-    try:
-        sd, _, _ = type(pipe).lora_state_dict(str(p), use_safetensors=True, return_lora_metadata=True,
-                                              unet_config=engine.unet.config)
-    except Exception as e:  # noqa: BLE001 - reading only (nothing changed yet): the converters', safetensors' errors
-        raise _reading_error(field, p, e) from None
-    fits = _check_fits(engine, sd, p, field)
+    sd, _, _, fits = read_lora(engine, p, field)
     components = tuple(fits)
     del sd
     state.counter += 1

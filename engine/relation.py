@@ -21,6 +21,7 @@ with a ``ValueError`` naming the file, instead of silently changing every prompt
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -188,21 +189,10 @@ def add_tokens(engine, token: str, embeddings: torch.Tensor, *, source: str = "t
     if rows.shape[1] != dim:
         raise ValueError(f"relation: the embedding of {token!r} has size {rows.shape[1]} but this text "
                          f"encoder's hidden size is {dim} (a file trained for another model?)")
-    names = [token] + [f"{token}_{i}" for i in range(1, len(rows))]
+    names = token_names(token, len(rows))
     learned = _learned(engine)
-    mine = {n for ns in learned.values() for n in ns}
+    check_token_names(engine, names)
     tok = engine.tokenizer
-    vocab = tok.get_vocab()
-    for name in names:
-        if name in mine:
-            continue
-        special = {str(t) for t in getattr(tok, "all_special_tokens", ())}
-        if name in special or name in tok.get_added_vocab():
-            raise ValueError(f"relation: {name!r} is a special or added token of this tokenizer; choose another "
-                             "token name (e.g. '<R>')")
-        if name in vocab or len(tok(name, add_special_tokens=False).input_ids) == 1:
-            raise ValueError(f"relation: {name!r} is already a word of the model's vocabulary; choose another "
-                             "token name (e.g. '<R>')")
     new = [n for n in names if n not in tok.get_added_vocab()]
     if new:
         tok.add_tokens(new)
@@ -216,6 +206,32 @@ def add_tokens(engine, token: str, embeddings: torch.Tensor, *, source: str = "t
     learned[token] = names
     engine.clear_prompt_cache()
     return ids
+
+
+def token_names(token: str, n: int) -> list[str]:
+    """The names of a learned token's ``n`` vectors: ``token``, ``token_1``, ..., ``token_{n-1}`` (diffusers')."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def check_token_names(engine, names) -> None:
+    """``ValueError`` when one of ``names`` is something the engine's tokenizer already knows -- a word of its
+    vocabulary, a special token, or a token added elsewhere -- and not a token this engine learned (those may be
+    loaded again): a learned token under such a name would change every prompt that uses the word."""
+    mine = {n for ns in _learned(engine).values() for n in ns}
+    tok = engine.tokenizer
+    vocab = tok.get_vocab()
+    special = {str(t) for t in getattr(tok, "all_special_tokens", ())}
+    for name in names:
+        if name in mine:
+            continue
+        if name in special or name in tok.get_added_vocab():
+            raise ValueError(f"relation: {name!r} is a special or added token of this tokenizer; choose another "
+                             "token name (e.g. '<R>')")
+        with getattr(engine, "_tokenizer_lock", None) or contextlib.nullcontext():  # padding state is shared
+            pieces = len(tok(name, add_special_tokens=False).input_ids)
+        if name in vocab or pieces == 1:
+            raise ValueError(f"relation: {name!r} is already a word of the model's vocabulary; choose another "
+                             "token name (e.g. '<R>')")
 
 
 def expand_tokens(engine, text):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import warnings
@@ -107,6 +108,8 @@ class Engine:
         """DDIM inversions of reference images (personalize), LRU (thread-safe), keyed by image content, size,
         steps, dtype."""
         self.ip_adapter = None  # the loaded IPAdapter (see load_ip_adapter), owner of the IP layers' weights
+        self._adapters = None
+        self._adapters_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "tiny", config: EngineConfig | None = None, *,
@@ -196,31 +199,40 @@ class Engine:
         with self._tokenizer_lock:
             return (tokenizer or self.tokenizer)(text, **kwargs)
 
-    def _warn_truncated(self, prompts: list[str | None]) -> None:
+    def _warn_truncated(self, prompts: list[str | None], tokenizer=None) -> None:
         prompts = ["" if p is None else p for p in prompts]
-        tok = self.tokenizer
+        tok = tokenizer or self.tokenizer
         limit = tok.model_max_length
-        for p, ids in zip(prompts, self.tokenize(prompts, truncation=False, verbose=False).input_ids):
+        for p, ids in zip(prompts, self.tokenize(prompts, tok, truncation=False, verbose=False).input_ids):
             if len(ids) > limit:
                 dropped = tok.decode(ids[limit - 1:-1]).strip()
                 head = p if len(p) <= 40 else p[:37] + "..."
                 warnings.warn(f"prompt {head!r}: {len(ids)} tokens, the text encoder reads {limit}; dropped "
                               f"{dropped!r}", PromptTruncatedWarning, stacklevel=4)
 
-    def _encode(self, prompts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(self, prompts: list[str | None], adapters=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         texts = ["" if p is None else p for p in prompts]
+        tokenizer = self.tokenizer
+        binding = contextlib.nullcontext()
+        if adapters is not None:  # a request's LoRAs and learned tokens, for these rows only (see adapters.py)
+            if adapters.tokens:
+                texts, tokenizer = self.adapters.rewrite(adapters, texts)
+            binding = self.adapters.bind(adapters, len(texts), components=("text_encoder", "text_encoder_2"),
+                                         tokens=True) or binding
 
-        def ids(tokenizer):
-            return self.tokenize(texts, tokenizer, padding="max_length", max_length=tokenizer.model_max_length,
+        def ids(tok):
+            return self.tokenize(texts, tok, padding="max_length", max_length=tok.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
 
-        self._warn_truncated(prompts)
+        self._warn_truncated(texts, tokenizer)
 
         if not self.is_xl:
-            return self.text_encoder(ids(self.tokenizer))[0].to(self.dtype), None
+            with binding:
+                return self.text_encoder(ids(tokenizer))[0].to(self.dtype), None
         # SDXL: the penultimate hidden states of both encoders, concatenated; pooled = encoder 2's projection.
-        out1 = self.text_encoder(ids(self.tokenizer), output_hidden_states=True)
-        out2 = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
+        with binding:
+            out1 = self.text_encoder(ids(tokenizer), output_hidden_states=True)
+            out2 = self.text_encoder_2(ids(self.tokenizer_2), output_hidden_states=True)
         hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1).to(self.dtype)
         pooled = out2.text_embeds.to(self.dtype)
         if self.force_zeros_for_empty_prompt:  # diffusers: zeros for an absent negative prompt only
@@ -230,25 +242,34 @@ class Engine:
         return hidden, pooled
 
     @torch.no_grad()
-    def _lookup(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        found = {p: self._prompt_cache.get(p) for p in dict.fromkeys(prompts)}
+    def _lookup(self, prompts: Sequence[str], adapters=None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        text_key = None if adapters is None else adapters.text_key
+        if text_key is None:
+            adapters = None  # nothing of them reaches the text encoder (UNet-only LoRAs)
+
+        def key(p):
+            return p if text_key is None else (p, text_key)
+
+        found = {p: self._prompt_cache.get(key(p)) for p in dict.fromkeys(prompts)}
         missing = [p for p, v in found.items() if v is None]
         if missing:  # encoded outside the cache's lock; another thread may encode the same prompt meanwhile
-            hidden, pooled = self._encode(missing)
+            hidden, pooled = self._encode(missing, adapters)
             for i, p in enumerate(missing):
                 found[p] = (hidden[i], None if pooled is None else pooled[i])
-                self._prompt_cache.put(p, found[p])
+                self._prompt_cache.put(key(p), found[p])
         return [found[p] for p in prompts]
 
     def clear_prompt_cache(self) -> None:
         """Forget every cached prompt embedding (after the tokenizer or text encoder changed)."""
         self._prompt_cache.clear()
 
-    def encode_text(self, prompts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_text(self, prompts: Sequence[str | None], adapters=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(encode_prompts(prompts), encode_pooled(prompts))`` from one cache lookup: what a pipeline passes to
         :meth:`unet_call` as ``embeddings`` and ``pooled``. ``None`` is an absent negative prompt: the zero
-        embedding on SDXL base (``force_zeros_for_empty_prompt``), ``""`` encoded everywhere else, as diffusers."""
-        found = self._lookup(prompts)
+        embedding on SDXL base (``force_zeros_for_empty_prompt``), ``""`` encoded everywhere else, as diffusers.
+        ``adapters``: one request's :class:`~dreamfuse.engine.adapters.AdapterSet`, applied to these prompts only
+        (its text-encoder LoRA layers and learned tokens; cached apart from the plain prompts)."""
+        found = self._lookup(prompts, adapters)
         hidden = torch.stack([h for h, _ in found])
         return hidden, (torch.stack([p for _, p in found]) if self.is_xl else None)
 
@@ -297,7 +318,8 @@ class Engine:
 
     def unet_call(self, latents: torch.Tensor, t: torch.Tensor | int, embeddings: torch.Tensor,
                   ip_tokens: torch.Tensor | None = None, ip_scale: float = 1.0, *, pooled: torch.Tensor | None = None,
-                  time_ids: torch.Tensor | None = None, ctx: CallContext | None = None) -> torch.Tensor:
+                  time_ids: torch.Tensor | None = None, ctx: CallContext | None = None,
+                  adapters=None) -> torch.Tensor:
         """One UNet evaluation for the whole batch. With ``compile``, rows are padded to the next batch bucket
         so a few compiled graphs serve all request sizes. ``ip_tokens`` ``(rows, T, cross_dim)``: IP-Adapter
         image tokens, one row per batch row, read by the IP layers for this call only (with ``ip_scale``).
@@ -307,7 +329,12 @@ class Engine:
         steps this way).
 
         SDXL only: ``pooled`` ``(rows, P)`` (:meth:`encode_pooled` of each row's prompt; required) and
-        ``time_ids`` ``(rows, 6)`` or ``(6,)`` for all rows (default: :meth:`time_ids` of the latents' size)."""
+        ``time_ids`` ``(rows, 6)`` or ``(6,)`` for all rows (default: :meth:`time_ids` of the latents' size).
+
+        ``adapters``: per-request LoRAs of the rows: one :class:`~dreamfuse.engine.adapters.AdapterSet` for every
+        row, or one entry (an AdapterSet or None) per row; each row gets its own adapters' deltas in this call only
+        (``dreamfuse::lora_delta`` over the rows; see :mod:`~dreamfuse.engine.adapters`). Such a call runs the
+        eager UNet (a compiled graph would recompile for every batch composition); an exported backend refuses it."""
         rows = latents.shape[0]
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 1 and t.shape[0] != rows:
@@ -330,6 +357,14 @@ class Engine:
                     t = grow(t)
                 if added is not None:
                     added = {k: grow(v) for k, v in added.items()}
+        binding, fn = contextlib.nullcontext(), self._unet_fn
+        if adapters is not None:
+            found = self.adapters.bind(adapters, rows, latents.shape[0])
+            if found is not None:
+                if self.unet_backend != "torch":
+                    raise ValueError(f"loras: per-request adapters need the PyTorch UNet; this engine runs an exported "
+                                     f"{self.unet_backend} UNet")
+                binding, fn = found, self.unet
         kwargs = {}  # nothing for a plain call: the (compiled) UNet then sees exactly the stock call
         if ctx is not None:
             ctx.latent_hw = (latents.shape[-2], latents.shape[-1])
@@ -337,8 +372,9 @@ class Engine:
         if ip_tokens is not None:
             kwargs["ip_tokens"], kwargs["ip_scale"] = ip_tokens, float(ip_scale)
         extra = {"cross_attention_kwargs": kwargs} if kwargs else {}
-        eps = self._unet_fn(latents, t, encoder_hidden_states=embeddings, added_cond_kwargs=added,
-                            return_dict=False, **extra)[0]
+        with binding:
+            eps = fn(latents, t, encoder_hidden_states=embeddings, added_cond_kwargs=added, return_dict=False,
+                     **extra)[0]
         return eps[:rows]
 
     def stock_attention(self):
@@ -390,6 +426,24 @@ class Engine:
     def to_pil(images: torch.Tensor) -> list[Image.Image]:
         arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(a) for a in arr]
+
+    # ----------------------------------------------------------------------------------------- adapters
+    @property
+    def adapters(self):
+        """The per-request adapter registry (:class:`~dreamfuse.engine.adapters.AdapterRegistry`), made on first use:
+        ``engine.adapters.register("sks-dog.safetensors")``, ``.set_folder(dir)``, ``.list()``; then
+        ``engine.text2img(..., loras=[("sks-dog", 0.8)])``. Making it hooks the model's layers once (a model change:
+        it waits for running calls)."""
+        registry = self._adapters
+        if registry is None:
+            from .adapters import AdapterRegistry
+
+            with self._adapters_lock:
+                if self._adapters is None:
+                    with self.model_lock.changing("adapters"):
+                        self._adapters = AdapterRegistry(self)
+                registry = self._adapters
+        return registry
 
     # ----------------------------------------------------------------------------------------- pipelines
     def text2img(self, prompts: str | Sequence[str], **kwargs):

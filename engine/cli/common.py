@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -309,6 +310,80 @@ def lora_spec(s: str) -> tuple[str, float]:
     if not math.isfinite(scale) or scale < 0:
         raise argparse.ArgumentTypeError(f"--lora scale must be a finite number >= 0, got {tail!r} in {s!r}")
     return head, scale
+
+
+def adapter_spec(s: str) -> tuple[str, float | None]:
+    """``--adapter NAME[:SCALE]`` (or ``PATH[:SCALE]``) -> ``(NAME or PATH, SCALE or None)``, read as
+    :func:`lora_spec` reads ``--lora``."""
+    head, sep, tail = s.rpartition(":")
+    if not sep or Path(s).expanduser().is_file():
+        return s, None
+    try:
+        scale = float(tail)
+    except ValueError:
+        return s, None
+    if not head:
+        raise argparse.ArgumentTypeError(f"{s!r} has a scale but no adapter (NAME[:SCALE])")
+    if not math.isfinite(scale) or scale < 0:
+        raise argparse.ArgumentTypeError(f"--adapter scale must be a finite number >= 0, got {tail!r} in {s!r}")
+    return head, scale
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    """``--adapters DIR`` and ``--adapter NAME[:SCALE]``: per-request adapters (the model itself stays as it is)."""
+    g = p.add_argument_group("per-request adapters (applied to this call's rows; the model is left unchanged)")
+    g.add_argument("--adapters", default=None, metavar="DIR",
+                   help="a folder of adapters: LoRA .safetensors and learned-token files (.bin/.pt/.safetensors), "
+                        "each named by its file stem")
+    g.add_argument("--adapter", action="append", type=adapter_spec, default=None, metavar="NAME[:SCALE]",
+                   help="an adapter of --adapters by name, or a file's path (named by its stem): a LoRA at SCALE "
+                        ">= 0 (default 1.0), or a learned token (no scale; prompts use its token); repeat for several")
+
+
+def check_adapter_cli(args) -> None:
+    """``--adapters`` / ``--adapter`` before any model work: the folder exists; every ``--adapter`` is a file of it
+    or an existing file."""
+    folder = check_dir("--adapters", getattr(args, "adapters", None))
+    for name, _ in getattr(args, "adapter", None) or ():
+        in_folder = folder is not None and "/" not in name and any(
+            (folder / f"{name}{s}").exists() for s in (".safetensors", ".bin", ".pt"))
+        if not in_folder:
+            path = Path(name).expanduser()
+            if not path.exists():
+                where = f"in {str(folder)!r} nor " if folder is not None else ""
+                raise CLIError(f"--adapter: {name!r} is no adapter {where}an existing file"
+                               + ("" if folder is not None else " (name adapters of a folder with --adapters DIR)"))
+            check_file("--adapter", name)
+
+
+def adapter_kwargs(engine, args) -> dict:
+    """The pipeline arguments ``--adapters`` / ``--adapter`` ask for (``loras=``, already resolved and checked);
+    ``{}`` without them. Adapters given by path are registered under their file stems."""
+    specs = getattr(args, "adapter", None) or []
+    if not specs:
+        return {}
+    registry = engine.adapters
+    try:
+        if getattr(args, "adapters", None):
+            registry.set_folder(args.adapters)
+        names = set(registry.names())
+        loras, tokens = [], []
+        for name, scale in specs:
+            if name not in names:
+                name = registry.register(name, replace=True)
+                names.add(name)
+            if registry.info(name)["kind"] == "token":
+                if scale is not None:
+                    raise CLIError(f"--adapter: {name!r} is a learned token; it takes no scale")
+                tokens.append(name)
+            else:
+                loras.append((name, 1.0 if scale is None else scale))
+        return {"loras": registry.request(loras, tokens)}
+    except ValueError as e:
+        message = str(e)
+        for field in ("loras", "learned_tokens", "adapter", "name"):
+            message = re.sub(rf"^{field}(\[\d+\])?: ", "", message)
+        raise CLIError(f"--adapter: {message}") from None
 
 
 def token_file_spec(s: str) -> tuple[str, str | None]:

@@ -7,8 +7,11 @@ import argparse
 from ..samplers import STATELESS_SAMPLERS
 from .common import (
     CLIError,
+    adapter_kwargs,
+    add_adapter_args,
     add_model_args,
     add_sampling_args,
+    check_adapter_cli,
     check_call_limits,
     check_file,
     check_prompt_args,
@@ -78,6 +81,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     add_sampling_args(p, steps=80, guidance=7.5, size_default="the layout's; it must match",
                       samplers=STATELESS_SAMPLERS,
                       sampler_note=" (multistep and second-order samplers cannot follow segments merging)")
+    add_adapter_args(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -97,6 +101,7 @@ def run(args) -> None:
         raise CLIError("--sal-model: needed with --sal-scale > 0")
     check_file("--sal-model", args.sal_model)
     seed = seed_for(args, 1)
+    check_adapter_cli(args)
     engine = load_engine(args)
     sal_model = None
     if args.sal_model is not None and args.sal_scale > 0:
@@ -108,5 +113,5 @@ def run(args) -> None:
         scaffold_image=args.scaffold_image, steps=args.steps, guidance_scale=args.guidance, height=args.height,
         width=args.width, seed=seed, global_steps=args.global_steps, scaffold_fraction=args.scaffold_fraction,
         harmonize=args.harmonize, tolerance=args.tolerance, blur=args.blur, sal_model=sal_model,
-        sal_scale=args.sal_scale, sampler=args.sampler)
+        sal_scale=args.sal_scale, sampler=args.sampler, **adapter_kwargs(engine, args))
     save_images(images, args.out)

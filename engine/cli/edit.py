@@ -6,8 +6,11 @@ import argparse
 
 from .common import (
     CLIError,
+    adapter_kwargs,
+    add_adapter_args,
     add_model_args,
     add_sampling_args,
+    check_adapter_cli,
     check_file,
     check_prompt_args,
     finite_float,
@@ -63,6 +66,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     ipa.add_argument("--ip-scale", type=finite_float("--ip-scale", low=0), default=0.6,
                      help="weight of the image prompt's attention (default 0.6)")
     add_sampling_args(p, size_default="the input image's size; the input is resized to it")
+    add_adapter_args(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -90,13 +94,14 @@ def run(args) -> None:
         check_adapter_args(args.ip_adapter, args.image_encoder)
         check_file("--ip-image", args.ip_image)
     seed = seed_for(args, len(prompts))
+    check_adapter_cli(args)
     engine = load_engine(args)
     ip = {}
     if args.ip_adapter:
         load_adapter(engine, args.ip_adapter, args.image_encoder)
         ip = {"ip_image": args.ip_image, "ip_scale": args.ip_scale}
     kw = dict(strength=strength, negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance,
-              height=height, width=width, seed=seed, sampler=args.sampler, **ip)
+              height=height, width=width, seed=seed, sampler=args.sampler, **ip, **adapter_kwargs(engine, args))
     if inpaint:
         out = engine.inpaint(prompts, images[0], masks[0], **kw)
     else:

@@ -6,8 +6,11 @@ import argparse
 
 from .common import (
     CLIError,
+    adapter_kwargs,
+    add_adapter_args,
     add_model_args,
     add_sampling_args,
+    check_adapter_cli,
     check_call_limits,
     check_file,
     check_prompt_args,
@@ -71,6 +74,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
     ipa.add_argument("--ip-scale", type=finite_float("--ip-scale", low=0), default=0.6,
                      help="weight of the image prompt's attention (default 0.6; 0 = text only)")
     add_sampling_args(p)
+    add_adapter_args(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -130,6 +134,7 @@ def run(args) -> None:
     for path, _ in args.textual_inversion or ():
         check_file("--textual-inversion", path)
     seed = seed_for(args, len(prompts))
+    check_adapter_cli(args)
     engine = load_engine(args)
     if args.relation:
         engine.load_relation(args.relation)
@@ -144,5 +149,5 @@ def run(args) -> None:
         ip = {"ip_image": args.image, "ip_scale": args.ip_scale}
     images = engine.text2img(prompts, negative_prompt=args.negative_prompt, steps=args.steps,
                              guidance_scale=args.guidance, height=args.height, width=args.width, seed=seed,
-                             sampler=args.sampler, **ip)
+                             sampler=args.sampler, **ip, **adapter_kwargs(engine, args))
     save_images(images, args.out)

@@ -6,8 +6,11 @@ import argparse
 
 from .common import (
     CLIError,
+    adapter_kwargs,
+    add_adapter_args,
     add_model_args,
     add_sampling_args,
+    check_adapter_cli,
     check_call_limits,
     check_file,
     check_prompt_args,
@@ -61,6 +64,7 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
                    help="semantic matching guidance strength (default 0 = off; the paper uses 50-75; costs a UNet "
                         "backward per step)")
     add_sampling_args(p, steps=50, guidance=10.0, samplers=("ddim",))
+    add_adapter_args(p)
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -76,10 +80,12 @@ def run(args) -> None:
     output_paths(args.out, len(args.prompt))
     check_file("--reference", args.reference)
     seed = seed_for(args, len(args.prompt))
+    check_adapter_cli(args)
     engine = load_engine(args)
     images = engine.personalize(
         args.prompt, args.reference, subject_token=args.subject_token, reference_prompt=args.reference_prompt,
         negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance, height=args.height,
         width=args.width, seed=seed, ama=not args.no_ama, ama_start=args.ama_start, ama_end=args.ama_end,
-        ama_blocks=args.ama_blocks, lambda_c=args.lambda_c, lambda_g=args.lambda_g, ama_mask=args.ama_mask)
+        ama_blocks=args.ama_blocks, lambda_c=args.lambda_c, lambda_g=args.lambda_g, ama_mask=args.ama_mask,
+        **adapter_kwargs(engine, args))
     save_images(images, args.out)

@@ -10,7 +10,7 @@ import re
 import sys
 import warnings
 
-from .common import CLIError, add_model_args, check_file, finite_float, int_at_least, positive_int
+from .common import CLIError, add_model_args, check_dir, check_file, finite_float, int_at_least, positive_int
 from .generate import check_adapter_args, load_adapter
 
 API_KEY_ENV = "DREAMFUSE_API_KEY"
@@ -21,6 +21,7 @@ examples:
   dreamfuse serve --model ./stable-diffusion-v1-5 --max-batch-rows 16 --max-queue 128
   dreamfuse serve --model ./sd15 --ip-adapter ip-adapter-plus_sd15.safetensors --image-encoder ./image_encoder
   dreamfuse serve --model ./sd15 --preload-relation ./out/learned_embeds.bin      # prompts may use <R>
+  dreamfuse serve --model ./sd15 --adapters ./loras --adapter-cache-mb 2048       # per-request LoRAs by name
   dreamfuse serve --model ./sd15 --unet ./sd15-trt          # an exported UNet (dreamfuse export tensorrt)
   DREAMFUSE_API_KEY=secret dreamfuse serve --model ./sd15 --host 0.0.0.0          # bearer token required
   dreamfuse serve --model ./sd15 --ray --replicas 4              # Ray Serve: one replica per GPU
@@ -113,6 +114,15 @@ def register(sub, name: str, help_: str, rest: list[str]) -> None:
                         "requests may then send ip_image")
     g.add_argument("--image-encoder", default=None, metavar="DIR",
                    help="the IP-Adapter's CLIP image encoder folder ('tiny' with a tiny adapter)")
+    g.add_argument("--adapters", default=None, metavar="DIR",
+                   help="per-request adapters: a folder of LoRA .safetensors and learned-token files, named by their "
+                        "file stems; requests name them in 'loras': [{\"name\": ..., \"scale\": ...}] and "
+                        "'learned_tokens': [...], each applied to its own rows only (files added later are found by "
+                        "name; GET /v1/adapters lists them)")
+    g.add_argument("--adapter-cache-mb", type=finite_float("--adapter-cache-mb", low=0, low_open=True),
+                   default=1024.0, metavar="MB",
+                   help="device memory for loaded adapters (default 1024): least recently used ones no running "
+                        "request holds are evicted to stay within it")
     g = p.add_argument_group("Ray Serve (many GPUs or machines; pip install 'dreamfuse[ray]')")
     g.add_argument("--ray", action="store_true",
                    help="serve through Ray Serve: one replica per GPU, each with its own step scheduler")
@@ -145,6 +155,7 @@ def check_serve_args(args) -> None:
         raise CLIError("--replicas / --autoscale / --ray-address go with --ray")
     for path in args.preload_relation or ():
         check_file("--preload-relation", path)
+    check_dir("--adapters", args.adapters)
     check_adapter_args(args.ip_adapter, args.image_encoder)
     if not args.api_key and os.environ.get(API_KEY_ENV):
         args.api_key = os.environ[API_KEY_ENV]
@@ -173,13 +184,19 @@ def prepare_engine(args):
         print(f"relation token {token} from {path}", file=sys.stderr)
     if args.ip_adapter:
         load_adapter(engine, args.ip_adapter, args.image_encoder)
+    if args.adapters:
+        registry = engine.adapters
+        registry.set_budget(args.adapter_cache_mb)
+        registry.set_folder(args.adapters)
+        print(f"adapters: {len(registry.names())} in {args.adapters}", file=sys.stderr)
     return engine
 
 
 def model_fingerprint(args) -> str:
     """What the server serves, as the journal records it: a job accepted for another model is not run again."""
     parts = [f"model={args.model}"]
-    for key in ("variant", "config", "unet", "lora", "preload_relation", "ip_adapter", "image_encoder", "dtype"):
+    for key in ("variant", "config", "unet", "lora", "preload_relation", "ip_adapter", "image_encoder", "dtype",
+                "adapters"):
         value = getattr(args, key, None)
         if value:
             parts.append(f"{key}={value}")

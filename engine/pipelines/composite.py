@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..adapters import holding, request_adapters
 from ..images import image_tensor
 from ..layout import DEFAULT_TOLERANCE, SegmentLayout, parse_layout
 from ..limits import DEFAULT_LIMITS, Limits, check_size
@@ -325,6 +326,8 @@ def compose_batch_program(
     output_type: str = "pil",
     callback: Callable[[dict], None] | None = None,
     sampler: str = DEFAULT_SAMPLER,
+    loras=None,
+    learned_tokens=None,
 ):
     """Composite generation of several requests in one batch (one UNet call per step for all of them).
 
@@ -361,6 +364,8 @@ def compose_batch_program(
             request's rows change from S segment latents to one shared latent between stages, and their history
             of earlier outputs has no row to follow. A stochastic sampler (``euler-a``, ``lcm``) draws each
             request's noise from its own seed, for all of its rows.
+        loras, learned_tokens: per-request adapters for every row of every request of the batch, as
+            :func:`~dreamfuse.engine.pipelines.text2img.text2img`.
     """
     if not isinstance(requests, Sequence) or isinstance(requests, (str, dict)) or not requests:
         raise ValueError("requests: give a non-empty list of ComposeRequest")
@@ -392,14 +397,15 @@ def compose_batch_program(
     if not (0 <= sal_lo <= sal_hi <= steps):
         raise ValueError(f"sal_steps: need 0 <= start <= end <= steps ({steps}), got {sal_steps!r}")
     guide_model = _check_sal_model(sal_model, engine.device) if sal_scale > 0 else None
-
-    return _compose_steps(engine, reqs, steps, guidance_scale, height, width, harmonize, guide_model, sal_scale,
-                          sal_lo, sal_hi, progress, output_type, callback, sampler)
+    adapters = request_adapters(engine, loras, learned_tokens)
+    return holding(adapters, _compose_steps(engine, reqs, steps, guidance_scale, height, width, harmonize,
+                                            guide_model, sal_scale, sal_lo, sal_hi, progress, output_type, callback,
+                                            sampler, adapters))
 
 
 @torch.no_grad()
 def _compose_steps(engine, reqs, steps, guidance_scale, height, width, harmonize, guide_model, sal_scale, sal_lo,
-                   sal_hi, progress, output_type, callback, sampler):
+                   sal_hi, progress, output_type, callback, sampler, adapters=None):
     ops = ops_for(engine.config.backend)
     dev, dt = engine.device, engine.dtype
     s_max = max(r.s for r in reqs)
@@ -409,7 +415,7 @@ def _compose_steps(engine, reqs, steps, guidance_scale, height, width, harmonize
     # Every distinct prompt once; rows index into the table.
     table = list(dict.fromkeys(p for r in reqs for p in (r.global_negative, r.prompt, *r.negatives, *r.prompts)))
     index = {p: i for i, p in enumerate(table)}
-    emb_table, pooled_table = engine.encode_text(table)
+    emb_table, pooled_table = engine.encode_text(table, adapters)
 
     sched = engine.new_sampler(sampler, steps, [r.seed for r in reqs])
     latents = sched.initial_latents(engine.latent_shape(height, width), dev, dt)  # (B, C, h, w), the shared latents
@@ -468,7 +474,7 @@ def _compose_steps(engine, reqs, steps, guidance_scale, height, width, harmonize
             pick = [rows.uncond[k] for k in has_u] + rows.cond
             pooled = None if pooled_table is None else pooled_table[pick]
             eps = yield UNetCall(model_in, t, emb_table[pick], pooled=pooled, step=i, steps=steps,
-                                 preview=(slice(len(has_u), len(has_u) + 1), sched.alpha_bar(t)))
+                                 preview=(slice(len(has_u), len(has_u) + 1), sched.alpha_bar(t)), adapters=adapters)
             eps_c = eps[len(has_u):]
             if all_u:
                 eps_u = eps[: len(has_u)]

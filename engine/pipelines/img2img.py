@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..adapters import AdapterSet, holding, request_adapters
 from ..images import image_tensor, load_image_tensor, mask_tensor
 from ..ip_adapter import check_ip_scale, prompt_tokens
 from ..limits import DEFAULT_LIMITS, Limits, check_size
@@ -76,6 +77,8 @@ class EditRequest:
     masks: list[torch.Tensor] | None = None
     """Inpainting: the distinct masks, ``(1, 1, height, width)`` in {0, 1} (1 = repaint) on CPU."""
     mask_of: list[int] | None = None
+    adapters: AdapterSet | None = None
+    """The request's per-request LoRAs and learned tokens (:mod:`~dreamfuse.engine.adapters`)."""
 
     @property
     def n(self) -> int:
@@ -88,6 +91,9 @@ class EditRequest:
         if self.ip_image is not None:
             for info in infos:
                 info["ip_scale"] = self.ip_scale
+        if self.adapters is not None:
+            for info in infos:
+                info["adapters"] = self.adapters.describe()
         return infos
 
 
@@ -157,7 +163,8 @@ def read_edit_inputs(image, mask, n: int, height: int | None, width: int | None,
 
 
 def check_edit(engine: Engine, prompts, image, *, strength, negative_prompt, steps, guidance_scale, height, width,
-               seed, output_type, ip_image, ip_scale, sampler, mask=None, inpaint: bool = False) -> EditRequest:
+               seed, output_type, ip_image, ip_scale, sampler, mask=None, inpaint: bool = False, loras=None,
+               learned_tokens=None) -> EditRequest:
     """Check every argument of an img2img or inpainting call (``ValueError`` naming the field) and read the input
     images and masks (:func:`read_edit_inputs`), before any model work."""
     limits = engine.config.limits
@@ -187,8 +194,9 @@ def check_edit(engine: Engine, prompts, image, *, strength, negative_prompt, ste
                          "inpainting UNet?): use inpaint")
     images, image_of, masks, mask_of, height, width = read_edit_inputs(
         image, mask, n, height, width, engine.vae_scale_factor, limits, inpaint=inpaint)
+    adapters = request_adapters(engine, loras, learned_tokens)
     return EditRequest(prompts, negatives, seeds, steps, strength, guidance_scale, height, width, sampler,
-                       output_type, ip_image, ip_scale, images, image_of, masks, mask_of)
+                       output_type, ip_image, ip_scale, images, image_of, masks, mask_of, adapters)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -219,11 +227,12 @@ def encode_inputs(engine: Engine, r: EditRequest, sched: Sampler) -> torch.Tenso
 
 
 def denoise(engine: Engine, sched: Sampler, latents: torch.Tensor, embeddings, pooled, ip_tokens, ip_scale: float,
-            n: int, guidance_scale: float, progress, desc: str, *, extra=None, after_step=None):
+            n: int, guidance_scale: float, progress, desc: str, *, extra=None, after_step=None, adapters=None):
     """The sampling loop over ``sched.timesteps`` as a program (``yield from`` it; returns the final latents): one
     UNet call per evaluation with CFG folded in, as text2img. ``extra`` ``(rows, c, h, w)``: channels appended to
     the scaled model input (an inpainting UNet's mask and masked-image latents); ``after_step(i, latents)``: what
-    replaces the latents after step i (inpainting's known-region blend)."""
+    replaces the latents after step i (inpainting's known-region blend); ``adapters``: the rows' per-request
+    adapters."""
     use_cfg = guidance_scale > 1.0
     cond = slice(n, n + 1) if use_cfg else slice(0, 1)
     timesteps = sched.timesteps
@@ -234,7 +243,7 @@ def denoise(engine: Engine, sched: Sampler, latents: torch.Tensor, embeddings, p
             if extra is not None:
                 model_in = torch.cat([model_in, extra], dim=1)
             eps = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
-                                 steps=sched.evaluations, preview=(cond, sched.alpha_bar(t)))
+                                 steps=sched.evaluations, preview=(cond, sched.alpha_bar(t)), adapters=adapters)
             if use_cfg:
                 eps = cfg_combine(eps, n, guidance_scale)
             latents = sched.step(eps, t, latents)
@@ -248,7 +257,7 @@ def conditioning(engine: Engine, r: EditRequest):
     """``(embeddings, pooled, ip_tokens)`` of the request's UNet rows (``[negatives; prompts]`` with CFG)."""
     use_cfg = r.guidance_scale > 1.0
     ip_tokens = prompt_tokens(engine, r.ip_image, r.n, use_cfg) if r.ip_image is not None else None
-    embeddings, pooled = engine.encode_text(r.negatives + r.prompts if use_cfg else r.prompts)
+    embeddings, pooled = engine.encode_text(r.negatives + r.prompts if use_cfg else r.prompts, r.adapters)
     return embeddings, pooled, ip_tokens
 
 
@@ -275,6 +284,8 @@ def img2img_program(
     ip_image=None,
     ip_scale: float = 0.6,
     sampler: str = DEFAULT_SAMPLER,
+    loras=None,
+    learned_tokens=None,
 ):
     """Image-to-image: one image per prompt, each started from ``image`` noised by ``strength``.
 
@@ -295,11 +306,12 @@ def img2img_program(
             draws its VAE sample, then its start noise, then its step noise).
         steps: the schedule's length before ``strength`` cuts it (diffusers' ``num_inference_steps``).
         height, width: the output size (default: the input's); the input is resized to it (aspect ratio kept).
+        loras, learned_tokens: per-request adapters, as :func:`~dreamfuse.engine.pipelines.text2img.text2img`.
     """
     r = check_edit(engine, prompts, image, strength=strength, negative_prompt=negative_prompt, steps=steps,
                    guidance_scale=guidance_scale, height=height, width=width, seed=seed, output_type=output_type,
-                   ip_image=ip_image, ip_scale=ip_scale, sampler=sampler)
-    return _img2img_steps(engine, r, progress)
+                   ip_image=ip_image, ip_scale=ip_scale, sampler=sampler, loras=loras, learned_tokens=learned_tokens)
+    return holding(r.adapters, _img2img_steps(engine, r, progress))
 
 
 @torch.no_grad()
@@ -311,7 +323,7 @@ def _img2img_steps(engine: Engine, r: EditRequest, progress):
     noise = row_noise(sched, latent_shape(engine, r), engine.device, engine.dtype)
     latents = sched.add_noise(x0, noise, sched.timesteps[0])
     latents = yield from denoise(engine, sched, latents, embeddings, pooled, ip_tokens, r.ip_scale, r.n,
-                                 r.guidance_scale, progress, "img2img")
+                                 r.guidance_scale, progress, "img2img", adapters=r.adapters)
     return (yield from finish_program(engine, latents, r.output_type, r.infos()))
 
 

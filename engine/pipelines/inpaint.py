@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..adapters import holding
 from ..samplers import DEFAULT_SAMPLER
 from .common import finish_program
 from .img2img import (
@@ -63,6 +64,8 @@ def inpaint_program(
     ip_image=None,
     ip_scale: float = 0.6,
     sampler: str = DEFAULT_SAMPLER,
+    loras=None,
+    learned_tokens=None,
 ):
     """Inpainting: one image per prompt, the white region of ``mask`` repainted, the rest kept.
 
@@ -79,11 +82,13 @@ def inpaint_program(
             the input noised, keeping some of what was there.
         negative_prompt, steps, guidance_scale, height, width, seed, progress, output_type, ip_image, ip_scale,
             sampler: as :func:`~dreamfuse.engine.pipelines.img2img.img2img` (every sampler works).
+        loras, learned_tokens: per-request adapters, as :func:`~dreamfuse.engine.pipelines.text2img.text2img`.
     """
     r = check_edit(engine, prompts, image, strength=strength, negative_prompt=negative_prompt, steps=steps,
                    guidance_scale=guidance_scale, height=height, width=width, seed=seed, output_type=output_type,
-                   ip_image=ip_image, ip_scale=ip_scale, sampler=sampler, mask=mask, inpaint=True)
-    return _inpaint_steps(engine, r, progress)
+                   ip_image=ip_image, ip_scale=ip_scale, sampler=sampler, mask=mask, inpaint=True, loras=loras,
+                   learned_tokens=learned_tokens)
+    return holding(r.adapters, _inpaint_steps(engine, r, progress))
 
 
 @torch.no_grad()
@@ -123,7 +128,8 @@ def _inpaint_steps(engine: Engine, r, progress):
             extra = torch.cat([extra, extra])
         after_step = None
     latents = yield from denoise(engine, sched, latents, embeddings, pooled, ip_tokens, r.ip_scale, r.n,
-                                 r.guidance_scale, progress, "inpaint", extra=extra, after_step=after_step)
+                                 r.guidance_scale, progress, "inpaint", extra=extra, after_step=after_step,
+                                 adapters=r.adapters)
     return (yield from finish_program(engine, latents, r.output_type, r.infos()))
 
 

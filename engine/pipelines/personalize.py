@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..adapters import holding, request_adapters
 from ..images import image_tensor
 from ..limits import DEFAULT_LIMITS, Limits
 from ..ops import ops_for
@@ -87,7 +88,8 @@ def subject_token_indices(tokenizer, prompt: str, word: str, tokenize=None) -> l
 # --------------------------------------------------------------------------------------------- inversion
 @torch.no_grad()
 def ddim_invert_program(engine: Engine, latent0: torch.Tensor, steps: int, embedding: torch.Tensor,
-                        progress: bool | None = None, pooled: torch.Tensor | None = None) -> list[torch.Tensor]:
+                        progress: bool | None = None, pooled: torch.Tensor | None = None,
+                        adapters=None) -> list[torch.Tensor]:
     """DDIM inversion of a clean latent: returns ``traj`` with ``traj[i]`` the latent at the ``i``-th denoising
     timestep (``traj[0]`` is the noisiest), so that denoising step ``i`` sees the reference at ``traj[i]``.
 
@@ -109,7 +111,7 @@ def ddim_invert_program(engine: Engine, latent0: torch.Tensor, steps: int, embed
             t = timesteps[j]
             a_prev = ac[timesteps[j + 1]] if j + 1 < steps else final
             a_t = ac[t]
-            out = yield UNetCall(z, t, embedding, pooled=pooled)
+            out = yield UNetCall(z, t, embedding, pooled=pooled, adapters=adapters)
             eps, _ = to_eps_x0(out, z, a_t, kind)  # the model was told timestep t: its ᾱ converts the output
             x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
@@ -121,16 +123,18 @@ def ddim_invert_program(engine: Engine, latent0: torch.Tensor, steps: int, embed
 ddim_invert = driven(ddim_invert_program, "ddim_invert")
 
 
-def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress):
-    """Program: (clean reference latent, inverted trajectory), cached per reference image, size, dtype and step
-    count."""
+def _inversion(engine: Engine, reference: torch.Tensor, steps: int, progress, adapters=None):
+    """Program: (clean reference latent, inverted trajectory), cached per reference image, size, dtype, step count
+    and the request's adapters (an inversion made with a LoRA is that LoRA's)."""
     digest = hashlib.sha1(reference.numpy().tobytes()).hexdigest()
     key = (digest, tuple(reference.shape), steps, str(engine.dtype))
+    if adapters is not None and (adapters.text_key or adapters.unet_key):
+        key += (adapters.text_key, adapters.unet_key)
     found = engine.inversion_cache.get(key)
     if found is None:  # computed outside the cache's lock (two threads may both invert a new image: same result)
         z0 = engine.encode_image(reference)
-        emb, pooled = engine.encode_text([""])
-        found = (z0, (yield from ddim_invert_program(engine, z0, steps, emb, progress, pooled)))
+        emb, pooled = engine.encode_text([""], adapters)
+        found = (z0, (yield from ddim_invert_program(engine, z0, steps, emb, progress, pooled, adapters)))
         engine.inversion_cache.put(key, found)
     return found
 
@@ -372,6 +376,8 @@ def personalize_program(
     output_type: str = "pil",
     callback: Callable[[dict], None] | None = None,
     sampler: str = "ddim",
+    loras=None,
+    learned_tokens=None,
 ):
     """Generate the subject of ``reference_image`` in the scenes of ``prompts`` (one reference, n targets).
 
@@ -418,6 +424,9 @@ def personalize_program(
             guidance pair the reference and target rows of one step. Other samplers evaluate at other timesteps
             (DPM-Solver++, UniPC's own spacing; Heun's intermediate ones) or in σ space (the Euler family), and
             multistep solvers would step the reference's history too: they are refused rather than approximated.
+        loras, learned_tokens: per-request adapters (a DreamBooth-LoRA of the subject, its learned token), as
+            :func:`~dreamfuse.engine.pipelines.text2img.text2img`; every row, the reference's inversion included,
+            runs with them (as with ``engine.load_lora``).
     """
     limits = engine.config.limits
     if check_sampler(sampler) != "ddim":
@@ -446,8 +455,9 @@ def personalize_program(
     if subject_token is not None and not isinstance(subject_token, str):
         raise ValueError("subject_token: must be a string")
     reference_prompt = check_text(reference_prompt, "reference_prompt", limits.max_prompt_chars)
-    token_idx = (torch.tensor([subject_token_indices(engine.tokenizer, p, subject_token, engine.tokenize)
-                               for p in prompts]) if matching else None)
+    adapters = request_adapters(engine, loras, learned_tokens)
+    token_idx = (torch.tensor([_subject_indices(engine, p, subject_token, adapters) for p in prompts])
+                 if matching else None)
     n_up = len(engine.unet.up_blocks)
     for name, blocks in (("ama_blocks", ama_blocks), ("feature_blocks", feature_blocks)):
         if blocks is not None and not isinstance(blocks, (list, tuple, range)):
@@ -473,20 +483,32 @@ def personalize_program(
     negatives = [None] * n if negative_prompt is None else as_prompt_list([negative_prompt], "negative_prompt",
                                                                           limits) * n
     reference = load_reference(reference_image, height, width, limits)
-    return _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width, seeds, output_type,
-                              progress, callback, subject_token, reference_prompt, negatives, reference, matching,
-                              token_idx, ama, ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g,
-                              ama_mask)
+    return holding(adapters, _personalize_steps(
+        engine, prompts, n, steps, guidance_scale, height, width, seeds, output_type, progress, callback,
+        subject_token, reference_prompt, negatives, reference, matching, token_idx, ama, ama_blocks, feature_blocks,
+        start, end, pca_dim, lambda_c, lambda_g, ama_mask, adapters))
+
+
+def _subject_indices(engine: Engine, prompt: str, word: str, adapters) -> list[int]:
+    """:func:`subject_token_indices` of the prompt as the text encoder will read it (a request's learned tokens
+    become placeholder tokens of the adapters' tokenizer)."""
+    if adapters is None or not adapters.tokens:
+        return subject_token_indices(engine.tokenizer, prompt, word, engine.tokenize)
+    (text, word_text), tok = engine.adapters.rewrite(adapters, [prompt, word or ""])
+    try:
+        return subject_token_indices(tok, text, word_text, lambda t, **kw: engine.tokenize(t, tok, **kw))
+    except ValueError:
+        raise ValueError(f"subject_token: {word!r} does not occur in the prompt {prompt!r}") from None
 
 
 def _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width, seeds, output_type, progress,
                        callback, subject_token, reference_prompt, negatives, reference, matching, token_idx, ama,
-                       ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g, ama_mask):
+                       ama_blocks, feature_blocks, start, end, pca_dim, lambda_c, lambda_g, ama_mask, adapters=None):
     ops = ops_for(engine.config.backend)
     lay = _Layout(n)
-    z0_ref, traj = yield from _inversion(engine, reference, steps, progress)
+    z0_ref, traj = yield from _inversion(engine, reference, steps, progress, adapters)
     texts = [None, *negatives, reference_prompt, *prompts]  # None: the unconditional (absent negative) row
-    emb, pooled = engine.encode_text(texts)
+    emb, pooled = engine.encode_text(texts, adapters)
     latents = engine.initial_latents(seeds, height, width)
     sched = engine.new_scheduler(steps)
     ac = sched.alphas_cumprod.to(engine.device)
@@ -501,7 +523,7 @@ def _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width,
 
     def run(x: torch.Tensor, i: int, t: torch.Tensor, ctx: CallContext, features: bool) -> torch.Tensor:
         """The step's one UNet call made here (the guided steps, which need its graph); see :func:`after`."""
-        return after(engine.unet_call(x, t, emb, pooled=pooled, ctx=ctx), i, t, ctx, features)
+        return after(engine.unet_call(x, t, emb, pooled=pooled, ctx=ctx, adapters=adapters), i, t, ctx, features)
 
     def after(out: torch.Tensor, i: int, t: torch.Tensor, ctx: CallContext, features: bool) -> torch.Tensor:
         """After the step's UNet call: its features (for guidance now and AMA at the next step) and foreground
@@ -536,7 +558,7 @@ def _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width,
                 out = _apply_guidance(out, grad, ac[t], lambda_g, t_idx, kind)
             else:
                 out = yield UNetCall(model_in, t, emb, pooled=pooled, ctx=ctx, step=i, steps=steps,
-                                     preview=(slice(n + 2, n + 3), ac[t]))
+                                     preview=(slice(n + 2, n + 3), ac[t]), adapters=adapters)
                 out = after(out, i, t, ctx, features)
             out_t = out[t_idx]  # (2n, ...): [uncond x n, cond x n]
             out_t = cfg_combine(out_t, n, guidance_scale) if guidance_scale > 1.0 else out_t[n:]
@@ -545,6 +567,9 @@ def _personalize_steps(engine, prompts, n, steps, guidance_scale, height, width,
 
     infos = [{"prompt": p, "seed": s, "steps": steps, "subject_token": subject_token or ""}
              for p, s in zip(prompts, seeds)]
+    if adapters is not None:
+        for info in infos:
+            info["adapters"] = adapters.describe()
     return (yield from finish_program(engine, latents, output_type, infos))
 
 

@@ -5,9 +5,9 @@ pipeline's output. :func:`drive` runs one program alone, each request through th
 ``engine.text2img(...)`` and the other pipeline calls do, so a program alone is exactly the pipeline. The server's
 step scheduler (:mod:`dreamfuse.engine.server`) drives many programs at once instead: it merges the UNet calls of
 programs whose rows fit together (same latent size and conditioning kind, no per-call layer handlers) into one
-batched call with a per-row timestep, and gives each program its own rows of the output. Nothing in a program
-depends on which rows it shared a call with, so a request's image is the one it gets alone, within the rounding of
-batched matrix products.
+batched call with a per-row timestep (and per-row adapters), and gives each program its own rows of the output.
+Nothing in a program depends on which rows it shared a call with, so a request's image is the one it gets alone,
+within the rounding of batched matrix products.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class UNetCall:
     update: StepUpdate | None = None
     """CFG and the sampler's update, when the program leaves them to whoever runs the call (:mod:`.stepping`):
     then the program is sent the new latents instead of the UNet's output."""
+    adapters: Any = None
+    """The rows' per-request LoRAs: an :class:`~dreamfuse.engine.adapters.AdapterSet` for every row, one entry per
+    row (a merged call), or None. Calls merge whatever their adapters: each row keeps its own."""
 
     @property
     def rows(self) -> int:
@@ -60,7 +63,7 @@ class UNetCall:
     def run(self, engine: Engine) -> torch.Tensor:
         with torch.no_grad():
             return engine.unet_call(self.latents, self.t, self.embeddings, self.ip_tokens, self.ip_scale,
-                                    pooled=self.pooled, time_ids=self.time_ids, ctx=self.ctx)
+                                    pooled=self.pooled, time_ids=self.time_ids, ctx=self.ctx, adapters=self.adapters)
 
 
 @dataclass

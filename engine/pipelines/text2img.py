@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..adapters import holding, request_adapters
 from ..ip_adapter import check_ip_scale, prompt_tokens
 from ..samplers import DEFAULT_SAMPLER, check_sampler
 from ..validation import check_flag
@@ -46,6 +47,8 @@ def text2img_program(
     ip_image=None,
     ip_scale: float = 0.6,
     sampler: str = DEFAULT_SAMPLER,
+    loras=None,
+    learned_tokens=None,
 ):
     """Generate one image per prompt.
 
@@ -73,6 +76,11 @@ def text2img_program(
         sampler: a name of :data:`~dreamfuse.engine.samplers.SAMPLERS` (default ``"ddim"``, eta = 0). Stochastic
             samplers draw each image's step noise from its own seed's generator, so batch invariance holds for
             them too.
+        loras: per-request LoRAs from ``engine.adapters``: ``[("sks-dog", 0.8), "style"]`` (a name alone: scale 1),
+            applied to this call's rows only (the shared model never changes; concurrent calls may use others). The
+            image equals the one ``engine.load_lora`` of the same file at the same scale gives.
+        learned_tokens: learned-token adapters (textual inversions, ReVersion relations) by name; their tokens
+            (``<cat-toy>``) read as learned in this call's prompts only (SD 1.x/2.x).
     """
     limits = engine.config.limits
     prompts = as_prompt_list(prompts, limits=limits)
@@ -94,17 +102,18 @@ def text2img_program(
 
     if ip_image is not None and engine.ip_adapter is None:
         raise ValueError("ip_image: no IP-Adapter is loaded (call engine.load_ip_adapter first)")
-    return _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height, width, seeds, progress,
-                           output_type, ip_image, ip_scale, sampler)
+    adapters = request_adapters(engine, loras, learned_tokens)
+    return holding(adapters, _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height, width,
+                                             seeds, progress, output_type, ip_image, ip_scale, sampler, adapters))
 
 
 @torch.no_grad()
 def _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height, width, seeds, progress,
-                    output_type, ip_image, ip_scale, sampler):
+                    output_type, ip_image, ip_scale, sampler, adapters=None):
     use_cfg = guidance_scale > 1.0
     ip_tokens = prompt_tokens(engine, ip_image, n, use_cfg) if ip_image is not None else None
     rows = negatives + prompts if use_cfg else prompts
-    embeddings, pooled = engine.encode_text(rows)
+    embeddings, pooled = engine.encode_text(rows, adapters)
     sched = engine.new_sampler(sampler, steps, seeds)
     latents = sched.initial_latents(engine.latent_shape(height, width), engine.device, engine.dtype)
     cond = slice(n, n + 1) if use_cfg else slice(0, 1)
@@ -116,7 +125,7 @@ def _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height
             update = ddim_update(sched, t, latents, guidance_scale if use_cfg else None, coeff_cache)  # None: not DDIM
             out = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
                                  steps=sched.evaluations, preview=(cond, partial(sched.alpha_bar, t)),
-                                 update=update)
+                                 update=update, adapters=adapters)
             if update is not None:  # CFG and the DDIM step were applied by whoever ran the call (batched)
                 latents = out
             else:
@@ -128,6 +137,9 @@ def _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height
     if ip_tokens is not None:
         for info in infos:
             info["ip_scale"] = ip_scale
+    if adapters is not None:
+        for info in infos:
+            info["adapters"] = adapters.describe()
     return (yield from finish_program(engine, latents, output_type, infos))
 
 

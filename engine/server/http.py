@@ -10,6 +10,8 @@ Serve's ingress. Endpoints (``/openapi.json`` and ``/docs`` describe every field
 - ``GET /v1/jobs/{id}`` (state, progress, and the images once done), ``GET /v1/jobs/{id}/images/{i}`` (PNG),
   ``GET /v1/jobs/{id}/events`` (Server-Sent Events: queued, started, step, preview, then exactly one of done /
   cancelled / timed_out / failed; ``Last-Event-ID`` resumes), ``DELETE /v1/jobs/{id}`` (cancel).
+- ``GET /v1/adapters``: the per-request adapters (``dreamfuse serve --adapters DIR``) that requests name in
+  ``loras: [{"name", "scale"}]`` and ``learned_tokens: [name]``: name, kind, rank, size, loaded or not.
 - ``/healthz`` (the process answers), ``/readyz`` (model loaded and warmed up: 200, else 503), ``/metrics``
   (Prometheus text format, or OpenMetrics when asked: :mod:`~dreamfuse.engine.server.metrics`), ``/`` (a one-page
   UI).
@@ -22,7 +24,8 @@ neither JSON nor a form, 429 with ``Retry-After`` when the admission queue is fu
 it, 500 when it failed (the reason in ``detail``). A client that disconnects from a synchronous request or from
 an event stream cancels its job (``?cancel_on_disconnect=false`` on the stream keeps it).
 
-Model files are never taken from a request: the model, adapters and relation tokens come from the command line.
+Model files are never taken from a request: the model, adapters and relation tokens come from the command line
+(requests name adapters of the server's folder; a name is a plain file stem and never reaches outside it).
 """
 
 from __future__ import annotations
@@ -723,7 +726,8 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
         job = await state.submit(
             "personalize", PersonalizeRequest.model_fields, raw=raw, prompt=req.prompt, reference_image=reference,
             subject_token=req.subject_token, n=req.n, steps=req.steps, guidance_scale=req.guidance_scale,
-            seed=req.seed, width=req.width, height=req.height, priority=req.priority, deadline_s=req.deadline_s)
+            seed=req.seed, width=req.width, height=req.height, priority=req.priority, deadline_s=req.deadline_s,
+            **req.adapter_fields())
         return await state.answer(request, job, req)
 
     comp_files = ("layout", "segments")
@@ -742,8 +746,16 @@ def create_app(scheduler, *, api_key: str | None = None, max_upload_bytes: int =
         job = await state.submit(
             "compose", ComposeRequest.model_fields, raw=raw, layout=layout, segments=segments, prompt=req.prompt,
             negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.guidance_scale, seed=req.seed,
-            sampler=req.sampler, priority=req.priority, deadline_s=req.deadline_s)
+            sampler=req.sampler, priority=req.priority, deadline_s=req.deadline_s, **req.adapter_fields())
         return await state.answer(request, job, req)
+
+    @v1.get("/adapters", summary="the per-request adapters requests may name (loras, learned_tokens)")
+    async def adapters():
+        registry = getattr(getattr(scheduler, "engine", None), "_adapters", None)
+        if registry is None:
+            return {"object": "list", "data": [], "pool": None}
+        data = await run_in_threadpool(registry.list)
+        return {"object": "list", "data": [{"object": "adapter", **d} for d in data], "pool": registry.pool_info()}
 
     @v1.get("/jobs/{job_id}", summary="a job's state and progress; its images (base64) once done")
     async def get_job(job_id: str):

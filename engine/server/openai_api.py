@@ -31,8 +31,10 @@ OpenAI's fields are honoured or accepted and documented as ignored:
 =====================  ============================================================================================
 
 dreamfuse's own fields stay (``seed``, ``steps``, ``negative_prompt``, ``guidance_scale``, ``sampler``, ``width`` /
-``height``, ``strength``, ``ip_image``, ``ip_scale``, ``priority``, ``deadline_s``, ``wait``): the ``openai`` client
-sends them with ``extra_body={...}``. Unknown fields are a 400 naming them.
+``height``, ``strength``, ``ip_image``, ``ip_scale``, ``priority``, ``deadline_s``, ``wait``, and the per-request
+adapters ``loras: [{"name", "scale"}]`` / ``learned_tokens: [name]``): the ``openai`` client sends them with
+``extra_body={...}``; a bad adapter is a 400 with ``param`` ``loras`` / ``learned_tokens``. Unknown fields are a
+400 naming them.
 
 Errors are OpenAI's objects ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's status codes (400 for
 a bad field, ``param`` naming it), so ``except openai.BadRequestError as e: e.param`` works. Answers a retry cannot
@@ -448,7 +450,8 @@ def add_openai_routes(app, state, dependencies, model_name: str) -> None:
                            negative_prompt=req.negative_prompt, n=req.n, width=req.width, height=req.height,
                            steps=req.steps_for(50), guidance_scale=req.guidance_scale, seed=req.seed,
                            sampler=req.sampler, ip_image=ip_image, ip_scale=req.ip_scale, priority=req.priority,
-                           deadline_s=req.deadline_s, partial_images=(req.partial_images or 0) if req.stream else 0)
+                           deadline_s=req.deadline_s, partial_images=(req.partial_images or 0) if req.stream else 0,
+                           **req.adapter_fields())
         return await images_response(request, job, req, "image_generation")
 
     # ---------------------------------------------------------------------------------------- edits
@@ -481,7 +484,7 @@ def add_openai_routes(app, state, dependencies, model_name: str) -> None:
                       width=width, height=height, steps=req.steps_for(50), guidance_scale=req.guidance_scale,
                       seed=req.seed, sampler=req.sampler, ip_image=ip_image, ip_scale=req.ip_scale,
                       priority=req.priority, deadline_s=req.deadline_s,
-                      partial_images=(req.partial_images or 0) if req.stream else 0)
+                      partial_images=(req.partial_images or 0) if req.stream else 0, **req.adapter_fields())
         if mask is not None:
             fields["mask"] = mask
         job = await submit(request, req, uploads, kind, raw, **fields)
@@ -497,7 +500,7 @@ def add_openai_routes(app, state, dependencies, model_name: str) -> None:
         engine = getattr(state.scheduler, "engine", None)
         common = dict(negative_prompt=None, n=req.n, steps=req.steps_for(50), guidance_scale=req.guidance_scale,
                       seed=req.seed, sampler=req.sampler, priority=req.priority, deadline_s=req.deadline_s,
-                      partial_images=(req.partial_images or 0) if req.stream else 0)
+                      partial_images=(req.partial_images or 0) if req.stream else 0, **req.adapter_fields())
         if engine is not None and getattr(engine, "ip_adapter", None) is not None:
             raw["ip_image"] = raw.pop("image")
             job = await submit(request, req, uploads, "text2img", raw, prompt=req.prompt, ip_image=image,

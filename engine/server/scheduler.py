@@ -6,7 +6,8 @@ making them. The worker thread keeps a set of running programs; each *tick* it c
 one of them and
 
 - merges the UNet calls that fit together — same latent size, dtype, text width, IP-Adapter scale, no per-call
-  layer handlers — into batched calls of at most ``max_batch_rows`` rows, each row with its own timestep
+  layer handlers; whatever their per-request LoRAs, each row keeps its own — into batched calls of at most
+  ``max_batch_rows`` rows, each row with its own timestep
   (``timestep (B,)``: diffusers' UNet embeds each row's own), and hands every program its rows of the output;
 - runs the calls that carry layer handlers (personalize's AMA steps) on their own, in the same tick;
 - decodes the latents of the programs that finished in batched VAE calls per image size.
@@ -51,6 +52,7 @@ from typing import Any
 
 import torch
 
+from ..adapters import row_adapters, rows_slice
 from ..pipelines.common import resolve_seeds
 from ..pipelines.program import Decode, UNetCall
 from ..prediction import prediction_type_of, to_eps_x0
@@ -201,7 +203,7 @@ def _piece(call: UNetCall, a: int, b: int) -> UNetCall:
         return call
     return UNetCall(call.latents[a:b], _rows_of(call.t, a, b, rows), call.embeddings[a:b],
                     _rows_of(call.ip_tokens, a, b, rows), call.ip_scale, pooled=_rows_of(call.pooled, a, b, rows),
-                    time_ids=_rows_of(call.time_ids, a, b, rows))
+                    time_ids=_rows_of(call.time_ids, a, b, rows), adapters=rows_slice(call.adapters, a, b))
 
 
 def _merge_key(call: UNetCall):
@@ -769,7 +771,8 @@ class StepScheduler:
                                   .to(e.device, e.dtype).reshape(-1, 6).expand(c.rows, -1) for c in calls])
         embeddings, ip_tokens, pooled = self._conditioning(pieces, calls)
         merged = UNetCall(torch.cat([c.latents for c in calls]), _cat_timesteps(calls, e.device), embeddings, ip_tokens,
-                          first.ip_scale, pooled=pooled, time_ids=time_ids)
+                          first.ip_scale, pooled=pooled, time_ids=time_ids,
+                          adapters=row_adapters([(c.adapters, c.rows) for c in calls]))  # each row keeps its own
         return merged.run(e)
 
     def _conditioning(self, pieces, calls):

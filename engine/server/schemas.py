@@ -74,6 +74,36 @@ Seed = Annotated[Annotated[int, BeforeValidator(_no_bool), AfterValidator(_seed_
                  BeforeValidator(_blank_is_none), Field(default=None)]
 Deadline = Annotated[Annotated[float, BeforeValidator(_no_bool), Field(gt=0, allow_inf_nan=False)] | None,
                      BeforeValidator(_blank_is_none), Field(default=None)]
+MAX_ADAPTERS = 8
+"""Most LoRAs (and learned tokens) one request names: ``dreamfuse.engine.adapters.MAX_PER_REQUEST`` (not imported:
+this module imports no torch)."""
+_ADAPTER_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$"
+
+
+class LoraRef(BaseModel):
+    """One per-request LoRA: an adapter of the server's ``--adapters`` folder by name, and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_ADAPTER_NAME, description="the adapter's name (its file stem); GET /v1/adapters")
+    scale: Number = Field(default=1.0, ge=0, description="its weight (default 1; 0 = off)")
+
+
+def _json_text(v):
+    # a form field carries a list as JSON text; one name or object stands for a list of one
+    if isinstance(v, str) and v.strip().startswith("["):
+        return files_loads_json(v, "loras", max_bytes=64 * 1024, max_depth=4)
+    return [v] if isinstance(v, (str, dict)) else v
+
+
+def _lora_refs(v):
+    v = _json_text(v)
+    return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
+
+
+Loras = Annotated[list[LoraRef] | None, BeforeValidator(_lora_refs), Field(default=None, max_length=MAX_ADAPTERS)]
+TokenNames = Annotated[list[Annotated[str, Field(pattern=_ADAPTER_NAME)]] | None, BeforeValidator(_json_text),
+                       Field(default=None, max_length=MAX_ADAPTERS)]
 _TEXT_FIELDS = frozenset({"prompt", "negative_prompt"})
 """Fields where an empty string is a value (the other fields read "" -- a cleared form input -- as not given)."""
 ResponseFormat = Literal["b64_json", "png"]
@@ -94,6 +124,19 @@ class _Request(BaseModel):
                                             description="b64_json: JSON with base64 PNGs; png: the PNG bytes (n=1)")
     model: str | None = Field(default=None, description="ignored (the model is chosen on the command line)")
     user: str | None = Field(default=None, description="ignored (OpenAI clients send it)")
+    loras: Loras = Field(description="per-request LoRAs of the server's adapters: [{\"name\": ..., \"scale\": ...}] "
+                                     "(or names), applied to this request's rows only (GET /v1/adapters lists them)")
+    learned_tokens: TokenNames = Field(description="learned-token adapters by name: their tokens read as learned in "
+                                                   "this request's prompts only")
+
+    def adapter_fields(self) -> dict:
+        """``loras`` / ``learned_tokens`` as the scheduler takes them (plain data: the journal stores it)."""
+        out = {}
+        if self.loras:
+            out["loras"] = [x.model_dump() for x in self.loras]
+        if self.learned_tokens:
+            out["learned_tokens"] = list(self.learned_tokens)
+        return out
 
     @model_validator(mode="before")
     @classmethod

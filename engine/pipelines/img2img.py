@@ -48,6 +48,7 @@ from .common import (
     resolve_seeds,
 )
 from .program import UNetCall, driven
+from .stepping import ddim_loop
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -227,7 +228,15 @@ def denoise(engine: Engine, sched: Sampler, latents: torch.Tensor, embeddings, p
     use_cfg = guidance_scale > 1.0
     cond = slice(n, n + 1) if use_cfg else slice(0, 1)
     timesteps = sched.timesteps
+    loop = None
+    if extra is None and after_step is None:  # DDIM: the loop as data (a scheduler batches it with text2img's)
+        loop = ddim_loop(sched, 0, latents, guidance_scale if use_cfg else None, embeddings,
+                         engine.__dict__.setdefault("_ddim_coeffs", {}), ip_tokens=ip_tokens, ip_scale=ip_scale,
+                         pooled=pooled, preview_rows=cond)
     with engine.progress(sched.evaluations, desc, progress) as bar:
+        if loop is not None:
+            loop.on_step = lambda: bar.update(1)
+            return (yield loop)
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = sched.scale_model_input(model_in, t)

@@ -47,8 +47,18 @@ class StepUpdate:
         return int(self.latents.shape[0])
 
     def apply(self, out: torch.Tensor) -> torch.Tensor:
-        """The new latents from this step's UNet output."""
-        return apply_updates([self], [out])[0]
+        """The new latents from this step's UNet output (one update: no grouping, the op directly)."""
+        n = self.rows
+        if out.shape[0] != (2 * n if self.guidance is not None else n) or out.shape[1:] != self.latents.shape[1:]:
+            return apply_updates([self], [out])[0]  # says what is wrong
+        x = self.latents
+        step = cfg_ddim_step if x.is_cuda else cfg_ddim_step_reference
+        coeffs = self.coeffs.to(x.device).expand(n, 4).contiguous()
+        pred = PREDICTIONS.index(self.prediction)
+        if self.guidance is None:
+            return step(None, out, x, None, coeffs, pred)
+        g = torch.full((n,), self.guidance, dtype=torch.float32, device=x.device)
+        return step(out[:n], out[n:], x, g, coeffs, pred)
 
 
 def ddim_update(sampler, t, latents: torch.Tensor, guidance: float | None,
@@ -177,12 +187,22 @@ class SamplingLoop:
                         preview=None if self.preview_rows is None else (self.preview_rows, lambda: alpha(k)),
                         update=update)
 
+    @torch.no_grad()
     def run(self, engine) -> torch.Tensor:
-        """Every remaining step, alone; returns the final latents."""
-        x = self.latents
+        """Every remaining step, alone; returns the final latents. The same UNet calls and updates as
+        :meth:`call` describes, without building a request object per step."""
+        x, n = self.latents, self.n
+        dev = x.device
+        step = cfg_ddim_step if x.is_cuda else cfg_ddim_step_reference
+        pred = PREDICTIONS.index(self.prediction)
+        coeffs = self.coeffs.to(dev)
+        g = None if self.guidance is None else torch.full((n,), self.guidance, dtype=torch.float32, device=dev)
         for k in range(self.length):
-            call = self.call(k, x)
-            x = call.update.apply(call.run(engine))
+            model_in = torch.cat([x, x]) if g is not None else x
+            out = engine.unet_call(model_in, self.timesteps[k], self.embeddings, self.ip_tokens, self.ip_scale,
+                                   pooled=self.pooled, time_ids=self.time_ids)
+            c = coeffs[k].expand(n, 4).contiguous()
+            x = step(None, out, x, None, c, pred) if g is None else step(out[:n], out[n:], x, g, c, pred)
             if self.on_step is not None:
                 self.on_step()
         return x

@@ -361,8 +361,7 @@ def test_img2img_and_inpaint_share_ticks_with_text2img(engine, sched):
 def test_inpainting_unet_requests_with_previews():
     """A 9-channel inpainting UNet's model input carries mask channels: previews read its latent channels only."""
     from dreamfuse.engine.tiny import build_components
-
-    from tests.test_edit_parity import box_mask, nine_channel, picture
+    from edit_inputs import box_mask, nine_channel, picture
 
     e9 = Engine(nine_channel(build_components()), EngineConfig(device="cpu", backend="torch", progress=False))
     s = StepScheduler(e9, preview_every=1)

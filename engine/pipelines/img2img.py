@@ -15,9 +15,10 @@ modules and generators):
   rounded to the engine's dtype first as diffusers does; the micro-conditioning is the text2img one,
   ``(H, W), (0, 0), (H, W)``.
 
-Unlike diffusers, an input whose size is not a multiple of 8 is refused (diffusers silently crops it down) and the
-output size is the input's unless ``height``/``width`` say otherwise (then the input is resized, its aspect ratio
-kept within 2 %). A ``strength`` so small that no step runs is an error, not an empty loop.
+Unlike diffusers, an input whose size is not a multiple of 8 is refused (diffusers silently squeezes it to the
+multiple of 8 below) and the output size is the input's unless ``height``/``width`` say otherwise (then the input
+is resized, its aspect ratio kept within 2 %). A ``strength`` so small that no step runs is an error, not an empty
+loop.
 
 :mod:`~dreamfuse.engine.pipelines.inpaint` builds on the pieces here.
 """

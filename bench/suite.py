@@ -690,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(path.read_text())
         plan, keep = select_rerun(plan, previous)
         rerun_of = str(path)
+        for name, stage in (("pytest_gpu.xml", "pytest-gpu"), ("check.json", "check-kernels")):
+            if stage in keep and (path.parent / name).is_file():  # the verdicts that still gate the rerun's stages
+                shutil.copy(path.parent / name, out / name)
     if args.only:
         unknown = set(args.only) - {s.name for s in gpu_plan(out, work)}
         if unknown:
@@ -723,8 +726,10 @@ def main(argv: list[str] | None = None) -> int:
                "budget": args.budget, "environment": env, "results": results, "rerun_of": rerun_of,
                "command": "bash bench/gpu_suite.sh " + " ".join(argv if argv is not None else sys.argv[1:])}
     (out / "suite.json").write_text(json.dumps(summary, indent=1))
-    if not args.dry_run:
-        shutil.copy(out / "suite.json", state / "suite.json")
+    if not args.dry_run:  # for --rerun on this machine ($OUT is emptied before the next call)
+        for name in ("suite.json", "pytest_gpu.xml", "check.json"):
+            if (out / name).is_file():
+                shutil.copy(out / name, state / name)
     md = [f"# dreamfuse suite ({summary['mode']}), {time.strftime('%Y-%m-%d')}", "", "```",
           env["text"].split("\n\n")[0].strip(), "```", "", "| stage | phase | status | rc | seconds | est. s |",
           "| --- | --- | --- | --- | --- | --- |"]

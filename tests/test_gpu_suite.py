@@ -193,3 +193,26 @@ def test_results_section_from_a_fake_run(tmp_path):
     assert "not measured (timeout)" in goal["server throughput, 16 concurrent requests (continuous)"]
     assert "Not measured: matching: check_kernels" in section
     assert "#### fused attention vs SDPA" in section  # the benchmark's tables, one level down
+
+
+def test_dry_rerun_merges_the_earlier_run_and_keeps_its_verdicts(tmp_path):
+    prev_dir, out = tmp_path / "came-back", tmp_path / "out"
+    prev_dir.mkdir()
+    names = [s.name for s in suite.gpu_plan(tmp_path, tmp_path / "work")]
+    status = {n: "passed" for n in names}
+    status["attention"] = "timeout"
+    (prev_dir / "suite.json").write_text(json.dumps({"results": [
+        dict(name=n, status=st, phase="time", est=1, seconds=1.0, returncode=0, stdout="", stderr_tail="",
+             command="") for n, st in status.items()]}))
+    (prev_dir / "check.json").write_text(json.dumps({"families": {"attention": True}}))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-m", "bench.suite", "--dry-run", "--rerun", str(prev_dir / "suite.json"),
+                        "--out", str(out), "--wheels", str(tmp_path / "none"), "--state", str(tmp_path / "state")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = {x["name"]: x for x in json.loads((out / "suite.json").read_text())["results"]}
+    assert not results["attention"].get("earlier") and results["attention"]["status"] == "passed"  # parsed again
+    assert results["preflight"]["status"] == "passed" and not results["preflight"].get("earlier")
+    assert results["text2img-sd15"]["earlier"] and results["check-kernels"]["earlier"]
+    assert json.loads((out / "check.json").read_text())["families"] == {"attention": True}
+    assert [x for x in results if x != "install"] == names  # merged back into the plan's order

@@ -633,16 +633,21 @@ class StepScheduler:
         elif not self._send(job, result):
             return
         if isinstance(request, UNetCall) and request.step is not None:
-            if not job._stepped:  # before its first step event: whoever sees that event sees it counted
-                job._stepped = True
-                with self._lock:
-                    self._stats["first_step_seconds"][job.kind].observe(time.monotonic() - job._t0)
+            self._first_step(job)
             job.step, job.steps = request.step + 1, request.steps
             job._emit({"type": "step", "step": job.step, "steps": job.steps})
             if preview:
                 self._preview(job, request, out)
             if partial is not None:
                 self._partial(job, request, out, partial)
+
+    def _first_step(self, job: Job) -> None:
+        """Count a job's time to its first denoising step, once, before its first step event: whoever sees that
+        event sees it counted."""
+        if not job._stepped:
+            job._stepped = True
+            with self._lock:
+                self._stats["first_step_seconds"][job.kind].observe(time.monotonic() - job._t0)
 
     def _retire(self, job: Job) -> None:
         with self._lock:
@@ -791,6 +796,7 @@ class StepScheduler:
         """A job's loop made one step (its latents now ``x``): its step event, previews, and at the loop's end its
         final latents back to its program."""
         loop = job._loop
+        self._first_step(job)
         job.step, job.steps = loop.start + job._loop_k, loop.steps
         job._emit({"type": "step", "step": job.step, "steps": job.steps})
         if due is not None and out is not None:

@@ -1,44 +1,38 @@
 #!/usr/bin/env bash
-# The GPU verification suite (issue 14) on a CUDA machine: installs the carried wheels, then `python -m bench.suite`.
+# The GPU suite (issues 14, 29) on the lent GPU machine: this checkout and the carried wheels on the path, then
+# `python -m bench.suite` (its docstring has the plan and the time budget; `--dry-run` runs here, without a GPU).
 #
-#   bash bench/gpu_suite.sh [--out DIR] [--budget S] [--only NAME ...] [--dry-run [--fast]]
+#   bash bench/gpu_suite.sh --out DIR [--budget S] [--only NAME ...]    # the whole plan, <= 480 s
+#   bash bench/gpu_suite.sh --rerun --out DIR --budget 170              # what failed, timed out, was cut or gated
 #
-# The GPU machine has torch, triton, transformers, peft and onnxruntime but not diffusers (nor torchsde,
-# trampoline, importlib_metadata) and no network. Prepare the wheels once, here, in the repository root (wheels/
-# is git-ignored; all are pure-Python, ~7 MiB):
+# Once, here (PyPI reachable), in the repository root: the exact wheels into wheels/ (git-ignored), and the check
+# that they install there beside what the machine has (stub wheels of its versions + pip's resolver, CPython 3.12):
 #
-#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d wheels \
-#       diffusers==0.42.1 peft==0.21.2 torchsde==0.2.6 trampoline importlib_metadata
+#   python -m bench.carry download && python -m bench.carry check
 #
-# Then, through the device tool (files under $OUT come back; the suite writes at most 8 there):
+# Then through the device tool (files under $OUT come back: suite.json, suite.md, results.md, env.txt,
+# pytest_gpu.log, pytest_gpu.xml, check.json):
 #
-#   run(command="bash bench/gpu_suite.sh --out $OUT", carry=["wheels"], timeout_s=600)
+#   run(command="bash bench/gpu_suite.sh --out $OUT", carry=["wheels"], timeout_s=540)
 #
-# The suite's own budget (--budget, default 480 s) keeps it inside the 600 s limit of one call; a step that fails
-# or times out is recorded in $OUT/suite.json and the rest still run.
+# and, only if it reported stages to rerun, at once (the machine stays warm 30 s; the rerun reuses the installed
+# wheels, the native build, the Triton and inductor caches and the suite's state in /tmp/dreamfuse-suite):
 #
-# The checkout is not pip-installed there: this script puts it on PYTHONPATH as the package `dreamfuse`
-# (dreamfuse/{engine,kernels,export} -> the repository's folders, as pyproject's package-dir maps them), the carried
-# wheels in /tmp/dreamfuse-site, without touching the machine's own environment.
+#   run(command="bash bench/gpu_suite.sh --rerun --out $OUT --budget 170", carry=["wheels"], timeout_s=200)
+#
+# On a fresh machine instead, copy the suite.json that came back into the repository (a git-ignored path, carried)
+# and pass it: --rerun PATH. Here, afterwards: `python -m bench.suite --record <files_at>/suite.json` writes the
+# run's section (GPU, date, versions, command, goals, tables) into bench/RESULTS.md.
+#
+# The checkout is not pip-installed there: the folders engine/, kernels/, export/ are linked into the private site
+# folder as the package `dreamfuse` (as pyproject's package-dir maps them); the suite installs the wheels into the
+# same folder with `pip install --no-index --no-deps --target`. The machine's own environment is not touched.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 SITE=${DREAMFUSE_SITE:-/tmp/dreamfuse-site}
-mkdir -p "$SITE"
-
-if compgen -G "wheels/*.whl" >/dev/null; then
-    echo "[gpu_suite] installing carried wheels: $(ls wheels | tr '\n' ' ')"
-    "$PY" -m pip install -q --no-index --find-links wheels --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" wheels/*.whl || echo "[gpu_suite] wheel install failed; going on with what is installed"
-fi
-
-if ! "$PY" -c "import dreamfuse.kernels" 2>/dev/null; then
-    mkdir -p "$SITE/dreamfuse"
-    for d in engine kernels export; do ln -sfn "$ROOT/$d" "$SITE/dreamfuse/$d"; done
-fi
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-
-exec "$PY" -m bench.suite "$@"
+mkdir -p "$SITE/dreamfuse"
+for d in engine kernels export; do ln -sfn "$ROOT/$d" "$SITE/dreamfuse/$d"; done
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DREAMFUSE_SITE="$SITE"
+exec "$PY" -m bench.suite --site "$SITE" "$@"

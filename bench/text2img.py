@@ -7,6 +7,7 @@ and batch.
     python -m bench.text2img --model random-sdxl --batch 1 --steps 20                   # SDXL-sized (GPU)
     python -m bench.text2img --model ./sd15 --batch 1 4 --steps 20 --height 512 --width 512   # on a GPU
     python -m bench.text2img --sampler all           # each sampler at its usual step count vs DDIM at 50
+    python -m bench.text2img --model random-sd15 --compile --cuda-graphs --diffusers-compile --batch 1   # compiled
 
 One model in memory: diffusers' pipeline is built from the engine's own modules (UNet, VAE, text encoders,
 tokenizers; no copy) and runs with diffusers' stock attention processors swapped in for its calls
@@ -24,6 +25,12 @@ Two dreamfuse columns, because dreamfuse caches prompt embeddings and diffusers 
 The three are timed interleaved, call by call (dreamfuse warm, dreamfuse cold, diffusers, again ...), ``--iters``
 timed calls each after one warm-up round; every cell is ``median / min`` seconds per denoising step (the whole
 call divided by ``--steps``), ratios are diffusers / dreamfuse (> 1: dreamfuse is faster).
+
+``--compile`` compiles the dreamfuse UNet call (``EngineConfig(compile=True)``: ``torch.compile(unet,
+dynamic=False)``), ``--cuda-graphs`` with mode ``"reduce-overhead"`` (CUDA graphs; ``EngineConfig.cuda_graphs``);
+``--diffusers-compile`` gives diffusers' pipeline the same treatment (``pipe.unet = torch.compile(unet, mode=...,
+dynamic=False)``, the recipe of diffusers' docs), so the two compiled sides are compared like for like. The
+compiles happen in the warm-up round (each batch size compiles its own graph: ``dynamic=False``).
 
 ``--sampler NAME ... | all`` times dreamfuse alone instead: seconds per image with each sampler at its usual step
 count (the ``steps`` of ``dreamfuse.engine.samplers.SAMPLERS``: DPM-Solver++ 25, UniPC 20, LCM 4, ...) against
@@ -71,6 +78,10 @@ def main(argv=None) -> None:
     ap.add_argument("--height", type=int, default=None)
     ap.add_argument("--width", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="torch.compile the dreamfuse UNet")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="with --compile (and --diffusers-compile): mode reduce-overhead, CUDA graphs (CUDA only)")
+    ap.add_argument("--diffusers-compile", action="store_true",
+                    help="torch.compile diffusers' UNet too (same mode as dreamfuse's), the compiled peer")
     ap.add_argument("--iters", type=int, default=10,
                     help="timed calls per column, interleaved (default 10; median and min are reported)")
     ap.add_argument("--threads", type=int, default=None,
@@ -82,6 +93,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.iters < 1:
         ap.error("--iters must be >= 1")
+    if args.cuda_graphs and not (args.compile or args.diffusers_compile):
+        ap.error("--cuda-graphs needs --compile or --diffusers-compile")
     if args.sampler is not None:
         from dreamfuse.engine.samplers import SAMPLERS
 
@@ -93,7 +106,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
 
     cfg = EngineConfig(device=args.device, dtype=args.dtype, backend=args.backend, compile=args.compile,
-                       progress=False)
+                       cuda_graphs=args.cuda_graphs, progress=False)
     eng = Engine.from_pretrained(args.model, cfg)
     device = eng.device
     h = args.height or eng.default_size
@@ -101,6 +114,11 @@ def main(argv=None) -> None:
     if args.sampler is not None:
         return sampler_table(eng, names, args, h, w)
     pipe = diffusers_pipeline(eng, args.steps)
+    graphs = args.cuda_graphs and device.type == "cuda"
+    if args.diffusers_compile:
+        # a second compiled wrapper of the same module: dynamo guards on the (stock) processors, so it compiles its
+        # own graph and never runs dreamfuse's
+        pipe.unet = torch.compile(eng.unet, mode="reduce-overhead" if graphs else None, dynamic=False)
 
     rows = []
     for b in args.batch:
@@ -124,8 +142,9 @@ def main(argv=None) -> None:
         rows.append([b, f"{h}x{w}", args.steps, warm, cold, theirs, theirs / warm, theirs / cold])
     print(f"# text2img: dreamfuse vs diffusers {type(pipe).__name__} on the same modules — {hardware(device)}")
     print(f"model={args.model} dtype={str(eng.dtype).removeprefix('torch.')} backend={eng.config.backend} "
-          f"compile={args.compile} CFG 7.5 (2 UNet rows per prompt); diffusers with its stock attention processors; "
-          f"{args.iters} interleaved calls per column")
+          f"compile={args.compile} cuda_graphs={graphs} diffusers_compile={args.diffusers_compile} CFG 7.5 (2 UNet "
+          f"rows per prompt); diffusers with its stock attention processors; {args.iters} interleaved calls per "
+          "column")
     print_table("seconds per denoising step (whole call / steps)",
                 ["batch", "size", "steps", "dreamfuse s/step, warm prompt cache",
                  "dreamfuse s/step, cold (cache cleared)", "diffusers s/step", "diffusers/dreamfuse warm",

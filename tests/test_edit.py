@@ -8,9 +8,8 @@ from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.limits import Limits
 from dreamfuse.engine.pipelines.img2img import check_edit, img2img_program
 from dreamfuse.engine.pipelines.inpaint import inpaint_program
+from edit_inputs import box_mask, nine_channel, picture
 from PIL import Image
-
-from tests.test_edit_parity import box_mask, nine_channel, picture
 
 SIZE = 64
 STEPS = 4

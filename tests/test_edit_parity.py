@@ -13,6 +13,7 @@ import torch
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.samplers import SAMPLERS, Sampler, noise_seed
 from dreamfuse.engine.tiny import build_components, build_xl_components
+from edit_inputs import box_mask, nine_channel, picture
 from PIL import Image
 
 SIZE = 64
@@ -35,18 +36,6 @@ def xl():
     return Engine.from_pretrained("tiny-xl", _config())
 
 
-def nine_channel(components: dict, seed: int = 1) -> dict:
-    """``components`` with its UNet rebuilt from the same config with 9 input channels (4 latent + 1 mask + 4
-    masked-image latent: an inpainting UNet's layout), seeded random weights."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9})
-    components["unet"] = unet.eval().requires_grad_(False)
-    return components
-
-
 @pytest.fixture(scope="module")
 def engine9():
     return Engine(nine_channel(build_components()), _config())
@@ -55,19 +44,6 @@ def engine9():
 @pytest.fixture(scope="module")
 def xl9():
     return Engine(nine_channel(build_xl_components()), _config())
-
-
-def picture(seed: int = 0, h: int = SIZE, w: int = SIZE) -> Image.Image:
-    """A smooth random picture (blobs of colour), a plausible input."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.interpolate(torch.rand(1, 3, h // 8, w // 8, generator=g), size=(h, w), mode="bilinear")
-    return Image.fromarray((x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
-def box_mask(h: int = SIZE, w: int = SIZE, box=(16, 48, 8, 40)) -> Image.Image:
-    m = np.zeros((h, w), np.uint8)
-    m[box[0]:box[1], box[2]:box[3]] = 255
-    return Image.fromarray(m)
 
 
 def _sd_pipe(cls, engine, scheduler):

@@ -361,8 +361,7 @@ def test_img2img_and_inpaint_share_ticks_with_text2img(engine, sched):
 def test_inpainting_unet_requests_with_previews():
     """A 9-channel inpainting UNet's model input carries mask channels: previews read its latent channels only."""
     from dreamfuse.engine.tiny import build_components
-
-    from tests.test_edit_parity import box_mask, nine_channel, picture
+    from edit_inputs import box_mask, nine_channel, picture
 
     e9 = Engine(nine_channel(build_components()), EngineConfig(device="cpu", backend="torch", progress=False))
     s = StepScheduler(e9, preview_every=1)
@@ -378,3 +377,27 @@ def test_inpainting_unet_requests_with_previews():
             s.submit("img2img", prompt="a cat", image=picture(0))
     finally:
         s.shutdown(grace_s=0)
+
+
+def test_ddim_requests_run_as_one_persistent_batch(engine):
+    """DDIM text2img requests hand their loops over: joining and leaving at different ticks, with different
+    guidance and step counts, they share one UNet call per tick and each image equals its solo run."""
+    s = StepScheduler(engine, max_batch_rows=16)
+    calls = []
+    unet = s._loop_unet
+    s._loop_unet = lambda *a: (calls.append(int(a[0].shape[0])), unet(*a))[1]
+    fields = [dict(prompt=f"a cat {i}", steps=3 + i, guidance_scale=[7.5, 1.0, 4.0][i % 3], height=SIZE, width=SIZE)
+              for i in range(5)]
+    try:
+        jobs = []
+        for i, f in enumerate(fields):
+            jobs.append(s.submit("text2img", seed=10 + i, **f))
+            time.sleep(0.02 * i)
+        for j in jobs:
+            assert j.wait(120) and j.state == "done", (j.state, j.error)
+    finally:
+        s.shutdown(grace_s=0)
+    assert calls and max(calls) <= 16
+    assert any(c > 2 for c in calls)  # requests shared calls
+    for job, f in zip(jobs, fields):
+        _assert_same_as_solo(engine, job, "text2img", f)

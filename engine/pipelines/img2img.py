@@ -15,9 +15,10 @@ modules and generators):
   rounded to the engine's dtype first as diffusers does; the micro-conditioning is the text2img one,
   ``(H, W), (0, 0), (H, W)``.
 
-Unlike diffusers, an input whose size is not a multiple of 8 is refused (diffusers silently crops it down) and the
-output size is the input's unless ``height``/``width`` say otherwise (then the input is resized, its aspect ratio
-kept within 2 %). A ``strength`` so small that no step runs is an error, not an empty loop.
+Unlike diffusers, an input whose size is not a multiple of 8 is refused (diffusers silently squeezes it to the
+multiple of 8 below) and the output size is the input's unless ``height``/``width`` say otherwise (then the input
+is resized, its aspect ratio kept within 2 %). A ``strength`` so small that no step runs is an error, not an empty
+loop.
 
 :mod:`~dreamfuse.engine.pipelines.inpaint` builds on the pieces here.
 """
@@ -49,6 +50,7 @@ from .common import (
     resolve_seeds,
 )
 from .program import UNetCall, driven
+from .stepping import ddim_loop
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -236,7 +238,15 @@ def denoise(engine: Engine, sched: Sampler, latents: torch.Tensor, embeddings, p
     use_cfg = guidance_scale > 1.0
     cond = slice(n, n + 1) if use_cfg else slice(0, 1)
     timesteps = sched.timesteps
+    loop = None
+    if extra is None and after_step is None:  # DDIM: the loop as data (a scheduler batches it with text2img's)
+        loop = ddim_loop(sched, 0, latents, guidance_scale if use_cfg else None, embeddings,
+                         engine.__dict__.setdefault("_ddim_coeffs", {}), ip_tokens=ip_tokens, ip_scale=ip_scale,
+                         pooled=pooled, preview_rows=cond, adapters=adapters)
     with engine.progress(sched.evaluations, desc, progress) as bar:
+        if loop is not None:
+            loop.on_step = lambda: bar.update(1)
+            return (yield loop)
         for i, t in enumerate(timesteps):
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = sched.scale_model_input(model_in, t)

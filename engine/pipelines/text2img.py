@@ -26,7 +26,7 @@ from .common import (
     resolve_size,
 )
 from .program import UNetCall, driven
-from .stepping import ddim_update
+from .stepping import ddim_loop
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -118,19 +118,21 @@ def _text2img_steps(engine, prompts, negatives, n, steps, guidance_scale, height
     latents = sched.initial_latents(engine.latent_shape(height, width), engine.device, engine.dtype)
     cond = slice(n, n + 1) if use_cfg else slice(0, 1)
     coeff_cache = engine.__dict__.setdefault("_ddim_coeffs", {})  # the engine's scheduler config: shared by calls
+    loop = ddim_loop(sched, 0, latents, guidance_scale if use_cfg else None, embeddings, coeff_cache,
+                     ip_tokens=ip_tokens, ip_scale=ip_scale, pooled=pooled, preview_rows=cond, adapters=adapters)
     with engine.progress(sched.evaluations, "text2img", progress) as bar:
-        for i, t in enumerate(sched.timesteps):
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = sched.scale_model_input(model_in, t)
-            update = ddim_update(sched, t, latents, guidance_scale if use_cfg else None, coeff_cache)  # None: not DDIM
-            out = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
-                                 steps=sched.evaluations, preview=(cond, partial(sched.alpha_bar, t)),
-                                 update=update, adapters=adapters)
-            if update is not None:  # CFG and the DDIM step were applied by whoever ran the call (batched)
-                latents = out
-            else:
+        if loop is not None:  # DDIM: the whole loop as data, run alone or in a scheduler's persistent batch
+            loop.on_step = lambda: bar.update(1)
+            latents = yield loop
+        else:
+            for i, t in enumerate(sched.timesteps):
+                model_in = torch.cat([latents, latents]) if use_cfg else latents
+                model_in = sched.scale_model_input(model_in, t)
+                out = yield UNetCall(model_in, t, embeddings, ip_tokens, ip_scale, pooled=pooled, step=i,
+                                     steps=sched.evaluations, preview=(cond, partial(sched.alpha_bar, t)),
+                                     adapters=adapters)
                 latents = sched.step(cfg_combine(out, n, guidance_scale) if use_cfg else out, t, latents)
-            bar.update(1)
+                bar.update(1)
 
     infos = [{"prompt": p, "seed": s, "steps": steps, "guidance_scale": guidance_scale, "sampler": sampler}
              for p, s in zip(prompts, seeds)]

@@ -55,6 +55,7 @@ import torch
 from ..adapters import row_adapters, rows_slice
 from ..pipelines.common import resolve_seeds
 from ..pipelines.program import Decode, UNetCall
+from ..pipelines.stepping import SamplingLoop
 from ..prediction import prediction_type_of, to_eps_x0
 from .histogram import SERIES, SERIES_BY_KIND, Histogram
 
@@ -112,6 +113,9 @@ class Job:
         self._release = None  # gives the model-lock lease back (once)
         self._callbacks: list = []
         self._partials = 0  # partial images asked for (decoded x̂0 of the first image at evenly spaced steps)
+        self._loop: SamplingLoop | None = None  # the sampling loop the program handed over (engine/server/loops.py)
+        self._loop_k = 0  # its next step
+        self._loop_x: torch.Tensor | None = None  # its latents (while in a persistent batch: refreshed on rebuild)
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -184,7 +188,11 @@ def _call_back(fn, job) -> None:
 
 
 def _cat_timesteps(calls: Sequence[UNetCall], device) -> torch.Tensor:
-    """One fp32 timestep per row of the merged call (the UNet embeds timesteps as floats either way)."""
+    """One fp32 timestep per row of the merged call (the UNet embeds timesteps as floats either way). Scalar
+    timesteps are stacked and repeated in two ops (no per-call tensor, no host read of a device value)."""
+    if all(not isinstance(c.t, torch.Tensor) or c.t.dim() == 0 for c in calls):
+        ts = torch.stack([torch.as_tensor(c.t).reshape(()) for c in calls]).to(device=device, dtype=torch.float32)
+        return ts.repeat_interleave(torch.tensor([c.rows for c in calls], device=device))
     return torch.cat([torch.as_tensor(c.t, device=device).float().reshape(-1).expand(c.rows) for c in calls])
 
 
@@ -255,6 +263,7 @@ class StepScheduler:
         self._active: list[Job] = []
         self._ready: list[tuple[Job, torch.Tensor]] = []  # UNet outputs waiting for the tick's batched update
         self._cond_cache: OrderedDict[tuple, tuple] = OrderedDict()  # merged conditioning of recent calls
+        self._loop_groups: dict[tuple, Any] = {}  # persistent batches of sampling loops (loops.LoopGroup)
         self._ticks = 0
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._history = history
@@ -561,7 +570,7 @@ class StepScheduler:
         job.state = "running"
         job._emit({"type": "started"})
         try:
-            job._pending = next(job._program)
+            self._prepare(job, next(job._program))
         except StopIteration as stop:  # nothing to compute (cannot happen for the pipelines, but be exact)
             self._end(job, "done", images=stop.value)
             return
@@ -570,6 +579,32 @@ class StepScheduler:
             return
         with self._lock:
             self._active.append(job)
+
+    def _prepare(self, job: Job, request) -> None:
+        """Make ``request`` (what the program asks for next) the job's pending work. A sampling loop joins a
+        persistent batch (loops.py), or, when it is larger than a tick (rows past ``max_batch_rows``), is stepped
+        one call at a time through the pieces path."""
+        if isinstance(request, SamplingLoop):
+            job._loop, job._loop_k, job._loop_x = request, 0, request.latents
+            oversized = request.rows > self.max_batch_rows or request.rows * job._row_cost > self.max_batch_rows
+            job._pending = request.call(0, request.latents) if oversized else request
+        else:
+            job._pending = request
+
+    def _send(self, job: Job, value) -> bool:
+        """Resume the job's program with ``value``; prepare what it asks for next, or end the job. False when the
+        job ended."""
+        try:
+            self._prepare(job, job._program.send(value))
+        except StopIteration as stop:
+            self._retire(job)
+            self._end(job, "done", images=stop.value)
+            return False
+        except Exception as exc:  # noqa: BLE001 - the request fails alone, with its reason
+            self._retire(job)
+            self._end(job, "failed", _reason(exc))
+            return False
+        return True
 
     def _advance(self, job: Job, result: torch.Tensor, out: torch.Tensor | None = None) -> None:
         """Send ``result`` to the job's program; record its next request, or its end. ``out``: the UNet's output
@@ -587,27 +622,34 @@ class StepScheduler:
                 rows, alpha = request.preview
                 alpha = alpha() if callable(alpha) else alpha
                 request = dataclasses.replace(request, preview=(rows, alpha))
-        try:
-            job._pending = job._program.send(result)
-        except StopIteration as stop:
-            self._retire(job)
-            self._end(job, "done", images=stop.value)
-            return
-        except Exception as exc:  # noqa: BLE001
-            self._retire(job)
-            self._end(job, "failed", _reason(exc))
+        loop = job._loop
+        if loop is not None and isinstance(request, UNetCall):  # an oversized loop, stepped call by call
+            job._loop_k += 1
+            if job._loop_k < loop.length:
+                job._loop_x = result
+                job._pending = loop.call(job._loop_k, result)
+            else:
+                job._loop, job._loop_x = None, None
+                if not self._send(job, result):
+                    return
+        elif not self._send(job, result):
             return
         if isinstance(request, UNetCall) and request.step is not None:
-            if not job._stepped:  # before its first step event: whoever sees that event sees it counted
-                job._stepped = True
-                with self._lock:
-                    self._stats["first_step_seconds"][job.kind].observe(time.monotonic() - job._t0)
+            self._first_step(job)
             job.step, job.steps = request.step + 1, request.steps
             job._emit({"type": "step", "step": job.step, "steps": job.steps})
             if preview:
                 self._preview(job, request, out)
             if partial is not None:
                 self._partial(job, request, out, partial)
+
+    def _first_step(self, job: Job) -> None:
+        """Count a job's time to its first denoising step, once, before its first step event: whoever sees that
+        event sees it counted."""
+        if not job._stepped:
+            job._stepped = True
+            with self._lock:
+                self._stats["first_step_seconds"][job.kind].observe(time.monotonic() - job._t0)
 
     def _retire(self, job: Job) -> None:
         with self._lock:
@@ -633,6 +675,7 @@ class StepScheduler:
                 runnable.append(job)
         decodes = [j for j in runnable if isinstance(j._pending, Decode)]
         calls = [j for j in runnable if isinstance(j._pending, UNetCall)]
+        loops = [j for j in runnable if isinstance(j._pending, SamplingLoop)]
         tick = self._ticks
         # ---- VAE decodes of the finished programs: batched per latent size, at most a tick's budget of images
         by_shape: dict[tuple, list[tuple[Job, int]]] = {}
@@ -646,8 +689,9 @@ class StepScheduler:
         groups: dict[Any, list[tuple[Job, int]]] = {}
         for job, n in self._share([j for j in calls if j._pending.ctx is None], lambda j: j._pending.rows, tick):
             groups.setdefault(_merge_key(job._pending), []).append((job, n))
-        chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
         self._ready = []
+        self._run_loops(loops, groups)  # takes the pieces that fit its UNet calls along (out of `groups`)
+        chunks = [chunk for group in groups.values() for chunk in self._chunks(group)]
         for chunk in chunks + alone:
             self._run_pieces(chunk, self._unet, lambda j: j._pending.rows)
         self._flush_updates()
@@ -683,6 +727,96 @@ class StepScheduler:
                 self._end(job, "failed", _reason(exc))
                 continue
             self._advance(job, new, out)
+
+    def _run_loops(self, jobs: list[Job], calls: dict) -> None:
+        """One step of every persistent batch of sampling loops (loops.py): groups are rebuilt only when their
+        requests changed; per request only its step event (and its end) is Python. ``calls``: this tick's pieces
+        of step-by-step UNet calls by merge key; those a group's UNet calls can carry ride along (popped)."""
+        from .loops import LoopGroup, compat_key, loop_key, run_alone
+
+        by_key: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            by_key.setdefault(loop_key(job._loop), []).append(job)
+        groups = {}
+        for key, members in by_key.items():
+            group = self._loop_groups.get(key)
+            if group is None or not group.same_jobs(members):
+                if group is not None:
+                    group.save()
+                group = LoopGroup(members)
+            groups[key] = group
+        for key, group in self._loop_groups.items():
+            if groups.get(key) is not group:
+                group.save()  # requests that left keep their latents (a rebuilt group read them already)
+        self._loop_groups = groups
+        for key, group in list(groups.items()):
+            due = self._loop_previews(group)
+            guests = calls.pop(compat_key(group.jobs[0]._loop), None) if group.takes_guests else None
+            guest_calls = [_piece(j._pending, j._offset, j._offset + n) for j, n in guests or ()]
+            try:
+                out, guest_out = group.step(self._loop_unet, self.max_batch_rows, guest_calls)
+            except Exception:  # noqa: BLE001 - step each request alone: only the ones that fail alone fail
+                del self._loop_groups[key]
+                group.save()
+                for chunk in self._chunks(guests or []):
+                    self._run_pieces(chunk, self._unet, lambda j: j._pending.rows)
+                for job in group.jobs:
+                    try:
+                        run_alone(job, self.engine)
+                    except Exception as exc:  # noqa: BLE001
+                        self._retire(job)
+                        self._end(job, "failed", _reason(exc))
+                        continue
+                    self._loop_stepped(job, job._loop_x, None, None)
+                continue
+            if guests:
+                self._distribute(guests, guest_out, lambda j: j._pending.rows)
+            for i, job in enumerate(group.jobs):
+                job._loop_k += 1
+                self._loop_stepped(job, group.latents_of(i), group.output_of(i, out), due.get(i))
+
+    def _loop_previews(self, group) -> dict[int, tuple]:
+        """The jobs of ``group`` whose next step is due a preview or a partial image: their call (latents before
+        the step, ᾱ), read before the step replaces ``X``."""
+        due = {}
+        if not self.preview_every and not any(j._partials for j in group.jobs):
+            return due
+        for i, job in enumerate(group.jobs):
+            loop, step = job._loop, job._loop.start + job._loop_k + 1
+            preview = bool(self.preview_every) and step % self.preview_every == 0
+            partial = None
+            if job._partials:
+                at = {max(1, round((k + 1) * loop.steps / (job._partials + 1))): k for k in range(job._partials)}
+                partial = at.get(step)
+            if (preview or partial is not None) and loop.preview_rows is not None:
+                call = loop.call(job._loop_k, group.latents_of(i))
+                rows, alpha = call.preview
+                due[i] = (dataclasses.replace(call, preview=(rows, alpha())), preview, partial)
+        return due
+
+    def _loop_stepped(self, job: Job, x: torch.Tensor, out, due) -> None:
+        """A job's loop made one step (its latents now ``x``): its step event, previews, and at the loop's end its
+        final latents back to its program."""
+        loop = job._loop
+        self._first_step(job)
+        job.step, job.steps = loop.start + job._loop_k, loop.steps
+        job._emit({"type": "step", "step": job.step, "steps": job.steps})
+        if due is not None and out is not None:
+            call, preview, partial = due
+            if preview:
+                self._preview(job, call, out)
+            if partial is not None:
+                self._partial(job, call, out, partial)
+        if job._loop_k >= loop.length:
+            job._loop, job._loop_x = None, None
+            self._send(job, x)
+
+    def _loop_unet(self, latents, t, embeddings, ip_tokens, ip_scale, pooled, time_ids, adapters=None) -> torch.Tensor:
+        with self._lock:
+            self._stats["unet_calls"] += 1
+            self._stats["rows_per_call"].observe(int(latents.shape[0]))
+        return UNetCall(latents, t, embeddings, ip_tokens, ip_scale, pooled=pooled, time_ids=time_ids,
+                        adapters=adapters).run(self.engine)
 
     def _share(self, jobs: list[Job], rows_of, tick: int) -> list[tuple[Job, int]]:
         """This tick's rows of each job's pending request: every job whose remaining rows fit the tick's budget
@@ -739,6 +873,11 @@ class StepScheduler:
                 for piece in pieces:
                     self._run_pieces([piece], fn, rows_of)
             return
+        self._distribute(pieces, out, rows_of)
+
+    def _distribute(self, pieces: list[tuple[Job, int]], out: torch.Tensor, rows_of) -> None:
+        """Give each piece's job its rows of ``out``; a job whose pending request is then complete gets its whole
+        result."""
         start = 0
         for job, n in pieces:
             part = out[start:start + n]

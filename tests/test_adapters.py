@@ -179,13 +179,17 @@ def test_per_request_equals_engine_wide(sd, reg, folder):
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
 def test_merged_call_equals_solo_generations(request, model):
-    """Requests with different LoRAs (one with two) and one with none share UNet calls of the step scheduler; each
-    image equals its solo generation with its LoRAs loaded engine-wide (1/255), the plain one plain text2img."""
+    """Requests with different LoRAs (one with two) and one with none share UNet calls of the step scheduler: DDIM
+    requests as sampling loops of one persistent batch (engine/server/loops.py), and on SD 1.x an Euler request
+    stepped call by call riding in the same calls as a guest. Each image equals its solo generation with its LoRAs
+    loaded engine-wide (1/255), the plain one plain text2img."""
     engine = request.getfixturevalue("sd" if model == "tiny" else "xl")
     d = request.getfixturevalue("folder" if model == "tiny" else "xl_folder")
     a, b = ("subject", "style") if model == "tiny" else ("xa", "xb")
     engine.adapters.set_folder(d)
-    specs = [[(a, 0.8)], None, [(a, 0.4), (b, 1.0)], [(b, 0.5)]]
+    specs = [([(a, 0.8)], "ddim"), (None, "ddim"), ([(a, 0.4), (b, 1.0)], "ddim"), ([(b, 0.5)], "ddim")]
+    if model == "tiny":
+        specs.append(([(b, 0.7)], "euler"))  # not a loop: its calls ride in the loop group's (takes_guests)
     calls = []
     real = engine.unet_call
 
@@ -198,7 +202,7 @@ def test_merged_call_equals_solo_generations(request, model):
     try:
         with engine.model_lock.changing("test: hold admission until every request is queued"):
             jobs = [sched.submit("text2img", prompt=f"a photo of a cat {i}", steps=2, seed=20 + i, height=SIZE,
-                                 width=SIZE, loras=s) for i, s in enumerate(specs)]
+                                 width=SIZE, loras=s, sampler=sampler) for i, (s, sampler) in enumerate(specs)]
         for j in jobs:
             assert j.wait(300) and j.state == "done", (j.state, j.error)
     finally:
@@ -206,10 +210,10 @@ def test_merged_call_equals_solo_generations(request, model):
         sched.shutdown(0)
     mixed = [c for c in calls if c is not None and not hasattr(c, "loras")]
     assert mixed and max(len({id(x) for x in c}) for c in mixed) == len(specs)  # every request in one call
-    for i, (j, s) in enumerate(zip(jobs, specs)):
-        solo = engine_wide(engine, d, s or [], lambda i=i: engine.text2img(
-            [f"a photo of a cat {i}"], steps=2, seed=20 + i, height=SIZE, width=SIZE))[0]
-        assert np.abs(pixels(j.images[0]) - pixels(solo)).max() <= 1, (i, s)
+    for i, (j, (s, sampler)) in enumerate(zip(jobs, specs)):
+        solo = engine_wide(engine, d, s or [], lambda i=i, sampler=sampler: engine.text2img(
+            [f"a photo of a cat {i}"], steps=2, seed=20 + i, height=SIZE, width=SIZE, sampler=sampler))[0]
+        assert np.abs(pixels(j.images[0]) - pixels(solo)).max() <= 1, (i, s, sampler)
 
 
 def test_learned_tokens_per_request(sd, reg, folder):

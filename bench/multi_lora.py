@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.server import StepScheduler
+from dreamfuse.engine.server import loops as loops_module
 from dreamfuse.engine.server import scheduler as scheduler_module
 from dreamfuse.engine.tiny_adapters import build_tiny_lora
 
@@ -53,21 +54,23 @@ from bench._util import compare, hardware, print_table, sync
 POLICIES = ("per-request", "one adapter per batch", "swap per request")
 
 
+def _who(adapters):
+    return None if adapters is None else tuple(e.uid for e in adapters.entries)
+
+
 @contextlib.contextmanager
 def one_adapter_per_batch():
-    """The scheduler's merge key extended by the call's adapters: rows merge only with rows of the same adapters."""
-    plain = scheduler_module._merge_key
-
-    def key(call):
-        adapters = call.adapters
-        who = None if adapters is None else tuple(e.uid for e in adapters.entries)
-        return plain(call), who
-
-    scheduler_module._merge_key = key
+    """The scheduler's merge keys extended by the request's adapters: rows share a UNet call only with rows of the
+    same adapters (vLLM-Omni's policy) -- for step-by-step calls (``_merge_key``) and for the persistent batches of
+    DDIM loops (``loops.loop_key`` / ``compat_key``) alike."""
+    plain = scheduler_module._merge_key, loops_module.loop_key, loops_module.compat_key
+    scheduler_module._merge_key = lambda call: (plain[0](call), _who(call.adapters))
+    loops_module.loop_key = lambda loop: (plain[1](loop), _who(loop.adapters))
+    loops_module.compat_key = lambda loop: (plain[2](loop), _who(loop.adapters))
     try:
         yield
     finally:
-        scheduler_module._merge_key = plain
+        scheduler_module._merge_key, loops_module.loop_key, loops_module.compat_key = plain
 
 
 def run_scheduler(engine, n: int, args, *, per_batch: bool) -> tuple[float, int]:

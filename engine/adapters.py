@@ -1045,6 +1045,9 @@ def _read_token(engine, entry: _Entry, field: str) -> dict:
     source = f"adapter {entry.name!r}"
     data = _read_file(entry.path)
     token, vectors = _pick(data, None, source, entry.name)
+    if "<dreamfuse-slot-" in token:  # the private tokenizer's placeholders: prompts holding them are refused
+        raise ValueError(f"{field}: adapter {entry.name!r}: its token {token!r} uses dreamfuse's reserved "
+                         "'<dreamfuse-slot-' prefix")
     table = engine.text_encoder.get_input_embeddings().weight
     if vectors.shape[1] != table.shape[1]:
         raise ValueError(f"{field}: adapter {entry.name!r}: the embedding of {token!r} has size {vectors.shape[1]}, "

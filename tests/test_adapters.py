@@ -359,6 +359,8 @@ def bad_cases(sd, xl, folder, tmp):
     torch.save({"<x>": torch.zeros(7)}, tmp / "wrong-dim.bin")
     torch.save({"<y>": torch.full((768 if False else sd.text_encoder.get_input_embeddings().weight.shape[1],),
                                   1e9)}, tmp / "huge.bin")
+    torch.save({"<dreamfuse-slot-0>": torch.zeros(sd.text_encoder.get_input_embeddings().weight.shape[1])},
+               tmp / "slot.bin")
     (tmp / "evil.bin").write_bytes(b"\x80\x04\x95" + b"cos\nsystem\n(S'echo pwned'\ntR." )  # a code-running pickle
     (tmp / "both.safetensors").write_bytes(data)
     (tmp / "both.bin").write_bytes(b"x")
@@ -389,6 +391,7 @@ def bad_cases(sd, xl, folder, tmp):
         (dict(learned_tokens=["wrong-dim"]), "learned_tokens: adapter 'wrong-dim'", "hidden size"),
         (dict(learned_tokens=["huge"]), "learned_tokens: ", "norm"),
         (dict(learned_tokens=["evil"]), "learned_tokens: ", "cannot read"),
+        (dict(learned_tokens=["slot"]), "learned_tokens: adapter 'slot'", "reserved"),
         (dict(loras=["both"]), "loras: adapter 'both' is ambiguous", "both.bin"),
         (dict(loras=["escape"]), "loras: adapter 'escape' links outside the adapters folder", ""),
         (dict(loras=["fifo"]), "loras: adapter 'fifo': not a regular file", ""),

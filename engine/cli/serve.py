@@ -184,9 +184,11 @@ def prepare_engine(args):
         print(f"relation token {token} from {path}", file=sys.stderr)
     if args.ip_adapter:
         load_adapter(engine, args.ip_adapter, args.image_encoder)
-    if args.adapters:
+    if getattr(args, "adapters", None):
+        from ..adapters import DEFAULT_CACHE_MB
+
         registry = engine.adapters
-        registry.set_budget(args.adapter_cache_mb)
+        registry.set_budget(getattr(args, "adapter_cache_mb", None) or DEFAULT_CACHE_MB)
         registry.set_folder(args.adapters)
         print(f"adapters: {len(registry.names())} in {args.adapters}", file=sys.stderr)
     return engine

@@ -44,7 +44,7 @@ _TERMINAL = ("done", "cancelled", "timed_out", "failed")
 _HISTORY = 1024  # finished jobs the ingress remembers for GET /v1/jobs/{id}
 _STATS_EVERY_S = 5.0  # a running job's stream carries its replica's stats this often (scrapes come every 15-60 s)
 _MODEL_KEYS = ("model", "config", "variant", "device", "dtype", "backend", "compile", "unet", "lora", "no_progress",
-               "preload_relation", "ip_adapter", "image_encoder")
+               "preload_relation", "ip_adapter", "image_encoder", "adapters", "adapter_cache_mb")
 
 
 def options_from_args(args) -> dict:

@@ -571,7 +571,9 @@ def test_http_routes(sd, reg, folder):
             assert np.abs(pixels(image) - pixels(solo)).max() <= 1
             for body, param, needle in (({"loras": [{"name": "nope"}]}, "loras", "nope"),
                                         ({"loras": [{"name": "../subject"}]}, "loras", "pattern"),
-                                        ({"learned_tokens": ["subject"]}, "learned_tokens", "is a LoRA")):
+                                        ({"learned_tokens": ["subject"]}, "learned_tokens", "is a LoRA"),
+                                        ({"loras": [{"name": "subject", "path": "/etc/passwd"}]}, "loras",
+                                         "Unknown parameter: 'loras[0].path'")):
                 with pytest.raises(openai.BadRequestError) as e:
                     client.images.generate(prompt="x", extra_body={"steps": 1, **body})
                 assert e.value.param == param and needle in str(e.value), str(e.value)

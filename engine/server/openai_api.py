@@ -105,8 +105,9 @@ def _from_http(e: HTTPException) -> JSONResponse:
         kind = str(first.get("type", ""))
         code = {"extra_forbidden": "unknown_parameter", "missing": "missing_required_parameter",
                 "json_invalid": "invalid_json"}.get(kind)
-        if kind == "extra_forbidden" and param:
-            message = f"Unknown parameter: '{param}'."
+        if kind == "extra_forbidden" and param:  # a nested one as OpenAI writes it: 'loras[0].path'
+            where = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc[1:])
+            message = f"Unknown parameter: '{param}{where}'."
         elif param and not message.startswith(param):
             message = f"{param}: {message}"
     elif isinstance(detail, dict):  # a job's end: {"id", "status", "error"}

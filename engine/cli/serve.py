@@ -155,7 +155,7 @@ def check_serve_args(args) -> None:
         raise CLIError("--replicas / --autoscale / --ray-address go with --ray")
     for path in args.preload_relation or ():
         check_file("--preload-relation", path)
-    check_dir("--adapters", args.adapters)
+    check_dir("--adapters", getattr(args, "adapters", None))
     check_adapter_args(args.ip_adapter, args.image_encoder)
     if not args.api_key and os.environ.get(API_KEY_ENV):
         args.api_key = os.environ[API_KEY_ENV]

@@ -122,7 +122,9 @@ class LoopGroup:
     def step(self, unet, max_rows: int, guests=()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One step of every row: the UNet call(s), then CFG and the DDIM update; ``self.X`` holds the new latents.
         ``guests``: step-by-step UNet calls (``takes_guests``) whose rows ride along in the same calls. Returns the
-        group's UNet output (previews read it) and the guests' (their rows, in order)."""
+        group's UNet output (previews read it) and the guests' (their rows, in order). ``unet`` is called as
+        ``unet(latents, t, embeddings, ip_tokens, ip_scale, pooled, time_ids, adapters)`` (adapters: one entry per
+        row, or None)."""
         idx = self.base + self.K
         t_in = self.T[idx[self.job_of_in]]
         model_in = self.X if self.in_index is None else self.X[self.in_index]
@@ -141,8 +143,7 @@ class LoopGroup:
             b = min(a + max_rows, total)
             outs.append(unet(model_in[a:b], t_in[a:b], emb[a:b], None if ip is None else ip[a:b], self.ip_scale,
                              None if self.pooled is None else self.pooled[a:b],
-                             None if self.time_ids is None else self.time_ids[a:b],
-                             adapters=rows_slice(adapters, a, b)))
+                             None if self.time_ids is None else self.time_ids[a:b], rows_slice(adapters, a, b)))
         full = outs[0] if len(outs) == 1 else torch.cat(outs)
         out, guest_out = (full[:mine], full[mine:]) if guests else (full, None)
         coeffs = self.C[idx[self.job_of_x]].contiguous()

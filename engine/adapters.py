@@ -1123,6 +1123,12 @@ def request_adapters(engine, loras=None, learned_tokens=None) -> AdapterSet | No
         if loras is not None and not isinstance(loras, (list, tuple)):
             _lora_specs(loras)  # a wrong type is still an error
         return None
+    if getattr(engine, "_adapters", None) is None:
+        # nothing registered: say so without making the registry (it hooks every layer of the model)
+        specs, tokens = _lora_specs(loras), _token_specs(learned_tokens)
+        field_, name = ("loras", specs[0][0]) if specs else ("learned_tokens", tokens[0])
+        raise ValueError(f"{field_}: no adapter named {name!r} (no adapters are registered: engine.adapters."
+                         "register(...) or set_folder(...); dreamfuse serve --adapters DIR)")
     return engine.adapters.request(loras, learned_tokens)
 
 

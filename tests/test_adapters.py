@@ -608,3 +608,21 @@ def test_cli_adapter_by_name_or_path(folder, tmp_path, capsys):
         assert main([*common, *args, "--out", str(tmp_path / "c.png")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_no_registry_no_hooks():
+    """An engine without a registry answers a request naming an adapter with the usual error, without making the
+    registry (which hooks every layer); a bad name is still a bad name."""
+    from types import SimpleNamespace
+
+    from dreamfuse.engine.adapters import request_adapters
+
+    engine = SimpleNamespace(_adapters=None)
+    assert request_adapters(engine, None, []) is None
+    with pytest.raises(ValueError, match="^loras: no adapter named 'dog' \\(no adapters are registered"):
+        request_adapters(engine, [("dog", 0.5)])
+    with pytest.raises(ValueError, match="^learned_tokens: no adapter named 'cat'"):
+        request_adapters(engine, None, ["cat"])
+    with pytest.raises(ValueError, match="^loras: adapter names are plain file stems"):
+        request_adapters(engine, ["../dog"])
+    assert engine._adapters is None

@@ -626,3 +626,22 @@ def test_no_registry_no_hooks():
     with pytest.raises(ValueError, match="^loras: adapter names are plain file stems"):
         request_adapters(engine, ["../dog"])
     assert engine._adapters is None
+
+
+def test_serve_options_make_the_registry(folder, tmp_path):
+    """``dreamfuse serve --adapters DIR --adapter-cache-mb MB`` (the options the Ray replicas get too): the engine
+    serves the folder under that budget; a missing folder is a CLI error before any model loads."""
+    from dreamfuse.engine.cli import build_parser
+    from dreamfuse.engine.cli.common import CLIError
+    from dreamfuse.engine.cli.serve import check_serve_args, prepare_engine
+    from dreamfuse.engine.server.ray_app import _MODEL_KEYS
+
+    assert {"adapters", "adapter_cache_mb"} <= set(_MODEL_KEYS)
+    argv = ["serve", "--model", "tiny", "--device", "cpu", "--adapters", str(folder), "--adapter-cache-mb", "5"]
+    args = build_parser(argv).parse_args(argv)
+    check_serve_args(args)
+    engine = prepare_engine(args)
+    assert engine.adapters.cache_bytes == 5 * 2**20 and "subject" in engine.adapters.names()
+    bad = build_parser(argv).parse_args([*argv[:5], "--adapters", str(tmp_path / "missing")])
+    with pytest.raises(CLIError, match="--adapters"):
+        check_serve_args(bad)

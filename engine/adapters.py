@@ -676,6 +676,9 @@ class AdapterRegistry:
         try:
             return _read_token(self.engine, entry, field) if entry.kind == "token" else _read_lora(self, entry, field)
         except ValueError as e:
+            if entry.retired:  # unregistered (a registered copy of bytes deleted) while this request was reading it
+                raise ValueError(f"{field}: adapter {entry.name!r} was unregistered (or replaced) while this request "
+                                 "was being accepted") from None
             text = str(e).replace(repr(str(entry.path)), f"adapter {entry.name!r}").replace(str(entry.path), entry.name)
             text = text.removeprefix("relation: ").removeprefix(f"{field}: ")
             named = f"adapter {entry.name!r}"

@@ -645,3 +645,18 @@ def test_serve_options_make_the_registry(folder, tmp_path):
     bad = build_parser(argv).parse_args([*argv[:5], "--adapters", str(tmp_path / "missing")])
     with pytest.raises(CLIError, match="--adapters"):
         check_serve_args(bad)
+
+
+def test_a_request_larger_than_a_tick_keeps_its_lora(sd, reg, folder):
+    """A request with more rows than ``max_batch_rows`` (its loop stepped call by call, in pieces of one row): the
+    pieces keep the request's LoRA; the image is the engine-wide LoRA's."""
+    sched = StepScheduler(sd, max_batch_rows=1)
+    try:
+        job = sched.submit("text2img", prompt="a cat", steps=2, seed=9, height=SIZE, width=SIZE,
+                           loras=[("style", 0.6)])
+        assert job.wait(300) and job.state == "done", (job.state, job.error)
+    finally:
+        sched.shutdown(0)
+    solo = engine_wide(sd, folder, [("style", 0.6)], lambda: sd.text2img("a cat", steps=2, seed=9, height=SIZE,
+                                                                         width=SIZE))[0]
+    assert np.abs(pixels(job.images[0]) - pixels(solo)).max() <= 1

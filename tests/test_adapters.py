@@ -586,9 +586,10 @@ def test_http_routes(sd, reg, folder):
         sched.shutdown(0)
 
 
-def test_cli_adapter_by_name_or_path(folder, tmp_path, capsys):
-    """``--adapters DIR --adapter NAME[:SCALE]`` (and a path) give what ``--lora`` / ``--textual-inversion`` give;
-    a bad ``--adapter`` is one line, exit 2, before the model loads."""
+@pytest.mark.slow
+def test_cli_adapter_by_name_or_path(folder, tmp_path):
+    """``--adapters DIR --adapter NAME[:SCALE]`` (and a path) give what ``--lora`` / ``--textual-inversion`` give
+    (two CLI runs, each loading the model: slow on a small CPU)."""
     from dreamfuse.engine.cli import main
     from PIL import Image
 
@@ -601,6 +602,13 @@ def test_cli_adapter_by_name_or_path(folder, tmp_path, capsys):
                  "--out", str(tmp_path / "b.png")]) == 0
     a, b = (pixels(Image.open(tmp_path / f"{n}.png")) for n in "ab")
     assert np.abs(a - b).max() <= 1
+
+
+def test_cli_bad_adapter_is_one_line(folder, tmp_path, capsys):
+    """A bad ``--adapter`` is one line, exit 2, before the model loads."""
+    from dreamfuse.engine.cli import main
+
+    common = ["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--no-progress"]
     for args, needle in ((["--adapter", "nope"], "--adapters DIR"),
                          (["--adapters", str(folder), "--adapter", "../subject"], "no adapter in"),
                          (["--adapters", str(tmp_path / "missing"), "--adapter", "x"], "does not exist")):

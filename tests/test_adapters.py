@@ -272,7 +272,6 @@ def test_gradients_flow_through_per_request_loras(sd, reg, folder):
     assert not torch.allclose(grad(), ref, atol=1e-3)
 
 
-@pytest.mark.slow
 def test_personalize_with_a_per_request_lora(sd, reg, folder):
     """Personalize (the reference's inversion, AMA, a guided step's backward) with a per-request LoRA: the engine-wide
     LoRA's result; the inversion cache keeps the two apart."""
@@ -586,10 +585,8 @@ def test_http_routes(sd, reg, folder):
         sched.shutdown(0)
 
 
-@pytest.mark.slow
 def test_cli_adapter_by_name_or_path(folder, tmp_path):
-    """``--adapters DIR --adapter NAME[:SCALE]`` (and a path) give what ``--lora`` / ``--textual-inversion`` give
-    (two CLI runs, each loading the model: slow on a small CPU)."""
+    """``--adapters DIR --adapter NAME[:SCALE]`` (and a path) give what ``--lora`` / ``--textual-inversion`` give."""
     from dreamfuse.engine.cli import main
     from PIL import Image
 

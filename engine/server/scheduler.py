@@ -114,6 +114,7 @@ class Job:
         self._loop: SamplingLoop | None = None  # the sampling loop the program handed over (engine/server/loops.py)
         self._loop_k = 0  # its next step
         self._loop_x: torch.Tensor | None = None  # its latents (while in a persistent batch: refreshed on rebuild)
+        self._loop_key: tuple | None = None  # the persistent batch it may share (loops.loop_key)
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -583,7 +584,10 @@ class StepScheduler:
         persistent batch (loops.py), or, when it is larger than a tick (rows past ``max_batch_rows``), is stepped
         one call at a time through the pieces path."""
         if isinstance(request, SamplingLoop):
+            from .loops import loop_key
+
             job._loop, job._loop_k, job._loop_x = request, 0, request.latents
+            job._loop_key = loop_key(request)  # its persistent batch's key, read every tick
             oversized = request.rows > self.max_batch_rows or request.rows * job._row_cost > self.max_batch_rows
             job._pending = request.call(0, request.latents) if oversized else request
         else:
@@ -730,11 +734,11 @@ class StepScheduler:
         """One step of every persistent batch of sampling loops (loops.py): groups are rebuilt only when their
         requests changed; per request only its step event (and its end) is Python. ``calls``: this tick's pieces
         of step-by-step UNet calls by merge key; those a group's UNet calls can carry ride along (popped)."""
-        from .loops import LoopGroup, compat_key, loop_key, run_alone
+        from .loops import LoopGroup, compat_key, run_alone
 
         by_key: dict[tuple, list[Job]] = {}
         for job in jobs:
-            by_key.setdefault(loop_key(job._loop), []).append(job)
+            by_key.setdefault(job._loop_key, []).append(job)
         groups = {}
         for key, members in by_key.items():
             group = self._loop_groups.get(key)
@@ -765,13 +769,15 @@ class StepScheduler:
                         self._retire(job)
                         self._end(job, "failed", _reason(exc))
                         continue
-                    self._loop_stepped(job, job._loop_x, None, None)
+                    self._loop_stepped(job, lambda job=job: job._loop_x, None)
                 continue
             if guests:
                 self._distribute(guests, guest_out, lambda j: j._pending.rows)
-            for i, job in enumerate(group.jobs):
+            for i, job in enumerate(group.jobs):  # per request: no tensor made unless its step needs one
                 job._loop_k += 1
-                self._loop_stepped(job, group.latents_of(i), group.output_of(i, out), due.get(i))
+                d = due.get(i)
+                self._loop_stepped(job, lambda i=i: group.latents_of(i),
+                                   None if d is None else (d, group.output_of(i, out)))
 
     def _loop_previews(self, group) -> dict[int, tuple]:
         """The jobs of ``group`` whose next step is due a preview or a partial image: their call (latents before
@@ -792,22 +798,23 @@ class StepScheduler:
                 due[i] = (dataclasses.replace(call, preview=(rows, alpha())), preview, partial)
         return due
 
-    def _loop_stepped(self, job: Job, x: torch.Tensor, out, due) -> None:
-        """A job's loop made one step (its latents now ``x``): its step event, previews, and at the loop's end its
-        final latents back to its program."""
+    def _loop_stepped(self, job: Job, latents, due) -> None:
+        """A job's loop made one step (``latents()``: its latents now): its step event, its preview or partial image
+        when ``due`` (``((call, preview, partial), its UNet output rows)``), and at the loop's end its final latents
+        back to its program."""
         loop = job._loop
         self._first_step(job)
         job.step, job.steps = loop.start + job._loop_k, loop.steps
         job._emit({"type": "step", "step": job.step, "steps": job.steps})
-        if due is not None and out is not None:
-            call, preview, partial = due
+        if due is not None:
+            (call, preview, partial), out = due
             if preview:
                 self._preview(job, call, out)
             if partial is not None:
                 self._partial(job, call, out, partial)
         if job._loop_k >= loop.length:
             job._loop, job._loop_x = None, None
-            self._send(job, x)
+            self._send(job, latents())
 
     def _loop_unet(self, latents, t, embeddings, ip_tokens, ip_scale, pooled, time_ids) -> torch.Tensor:
         with self._lock:

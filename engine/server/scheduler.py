@@ -115,6 +115,7 @@ class Job:
         self._loop_k = 0  # its next step
         self._loop_x: torch.Tensor | None = None  # its latents (while in a persistent batch: refreshed on rebuild)
         self._loop_key: tuple | None = None  # the persistent batch it may share (loops.loop_key)
+        self._wake = None  # wakes its scheduler's queue watch (a cancel of a queued job acts at once)
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -122,6 +123,9 @@ class Job:
         if not self.done():
             self._cancel_reason = reason
             self._cancel.set()
+            wake = self._wake
+            if wake is not None:
+                wake()
 
     def done(self) -> bool:
         return self.state in TERMINAL_STATES
@@ -257,6 +261,7 @@ class StepScheduler:
         self.ready = False
         self._native = (engine.default_size // engine.vae_scale_factor) ** 2
         self._lock = threading.Condition()
+        self._watch_cond = threading.Condition(self._lock)  # the queue watch's own wake-ups (same lock)
         self._queue: list[tuple[int, int, Job]] = []
         self._seq = itertools.count()
         self._active: list[Job] = []
@@ -278,6 +283,10 @@ class StepScheduler:
         self._recent_ticks: deque[float] = deque(maxlen=1024)
         self._thread = threading.Thread(target=self._loop, name="dreamfuse-step-scheduler", daemon=True)
         self._thread.start()
+        # queued jobs' cancels and deadlines act while the worker is inside a long tick (a large decode, a large
+        # image's UNet call), not after it
+        self._watch = threading.Thread(target=self._watch_queue, name="dreamfuse-queue-watch", daemon=True)
+        self._watch.start()
 
     # ------------------------------------------------------------------------------------------- submitting
     def submit(self, kind: str, *, n: int = 1, seed: int | Sequence[int] | None = None, priority: int = 0,
@@ -335,6 +344,9 @@ class StepScheduler:
                 program.close()
                 raise QueueFull(self._retry_after(), len(self._queue))
             heapq.heappush(self._queue, (-priority, job._seq, job))
+            job._wake = self._wake_watch
+            if deadline is not None:
+                self._watch_cond.notify()
             self._remember(job)
             position = sum(1 for _, _, j in self._queue if (-j.priority, 0) <= (-priority, 0)) - 1
             job._emit({"type": "queued", "position": position})
@@ -452,7 +464,9 @@ class StepScheduler:
             self._lock.wait_for(lambda: not self._active and not self._queue, max(0.0, end - time.monotonic()))
             self._stop = True
             self._lock.notify_all()
+            self._watch_cond.notify()
         self._thread.join()
+        self._watch.join()
         with self._lock:  # whatever the grace period did not finish
             left = [j for _, _, j in self._queue] + self._active
             self._queue.clear()
@@ -493,9 +507,8 @@ class StepScheduler:
         tick (it runs in pieces, see :meth:`_share`, and leaves room for others to run beside it)."""
         return job._cost if job._cost <= self.max_batch_rows else self.max_batch_rows / 2
 
-    def _admit(self) -> list[Job]:
-        """Under the lock: drop cancelled / expired queued jobs, admit while the rows budget allows."""
-        now = time.monotonic()
+    def _sweep_queue(self, now: float) -> list[tuple[Job, str, str]]:
+        """Under the lock: take the cancelled and expired jobs out of the queue; returns them with their end."""
         kept, dropped = [], []
         for item in self._queue:
             job = item[2]
@@ -505,8 +518,39 @@ class StepScheduler:
                 dropped.append((job, "timed_out", "deadline passed while queued"))
             else:
                 kept.append(item)
-        heapq.heapify(kept)
-        self._queue = kept
+        if dropped:
+            heapq.heapify(kept)
+            self._queue = kept
+        return dropped
+
+    def _drop(self, dropped: list[tuple[Job, str, str]]) -> None:
+        """Under the lock: end jobs taken out of the queue."""
+        for job, state, reason in dropped:
+            self._stats[state] += 1  # counted before the end is visible (stats() promises it)
+            job._finish(state, reason)
+        if dropped:
+            self._lock.notify_all()
+
+    def _wake_watch(self) -> None:
+        with self._lock:
+            self._watch_cond.notify()
+
+    def _watch_queue(self) -> None:
+        """Queued jobs that are cancelled, or whose deadline passes, end at once, whatever the worker is doing (it
+        only looks at the queue between ticks, and a tick may be one long call). Asleep until a cancel, a new
+        deadline or the earliest queued deadline: never woken by the worker's own notifications (no GIL hand-over
+        in its hot path)."""
+        with self._lock:
+            while not self._stop:
+                now = time.monotonic()
+                self._drop(self._sweep_queue(now))
+                deadlines = [j.deadline for _, _, j in self._queue if j.deadline is not None]
+                self._watch_cond.wait(None if not deadlines else max(0.0, min(deadlines) - now) + 0.001)
+
+    def _admit(self) -> list[Job]:
+        """Under the lock: drop cancelled / expired queued jobs, admit while the rows budget allows."""
+        now = time.monotonic()
+        dropped = self._sweep_queue(now)
         budget = self.max_batch_rows - sum(self._admission_cost(j) for j in self._active)
         admitted = []
         lock = getattr(self.engine, "model_lock", None)
@@ -524,11 +568,7 @@ class StepScheduler:
                     continue
             budget -= self._admission_cost(job)
             admitted.append(job)
-        for job, state, reason in dropped:
-            self._stats[state] += 1  # counted before the end is visible (stats() promises it)
-            job._finish(state, reason)
-        if dropped:
-            self._lock.notify_all()
+        self._drop(dropped)
         return admitted
 
     def _loop(self) -> None:

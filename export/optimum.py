@@ -119,14 +119,37 @@ class VaeEncoderGraph(nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].mode()
 
 
+REFUSED = {  # export_onnx's options this layout cannot honour -> why (the CLI names the flag)
+    "personalize": "the optimum layout has no personalize graph (diffusers' and optimum's pipelines call the plain "
+                   "UNet); use the default layout for it",
+    "plugins": "dreamfuse plugin nodes are custom ops that diffusers' and optimum's onnxruntime sessions cannot run; "
+               "use the default layout for them",
+    "static": "the pipelines call the text encoder, UNet and VAE graphs with different batches (the VAE decoder row "
+              "by row), so a one-shape export cannot serve them; drop --static",
+    "no_text_encoders": "a pipeline folder needs every component (both loaders require the text encoder); drop "
+                        "--no-text-encoders",
+    "no_vae": "a pipeline folder needs every component (diffusers' loader requires both VAE graphs); drop --no-vae",
+    "ip_adapter": "the optimum layout's UNet has no image-prompt inputs; export without an IP-Adapter or use the "
+                  "default layout",
+}
+
+
+def refused(**options) -> str | None:
+    """The first option set in ``options`` (``name=value``) that this layout cannot honour, as ``"name: why"``;
+    ``None`` when all can be honoured."""
+    for name, why in REFUSED.items():
+        if options.get(name):
+            return f"{name}: {why}"
+    return None
+
+
 def check_engine(engine) -> None:
     """Refuse what this layout cannot hold (``ValueError`` naming the option)."""
     if engine.is_xl:
-        raise ValueError("layout: the optimum layout is for SD 1.x/2.x models (diffusers' ONNX pipeline has no "
-                         "SDXL); export SDXL with the default layout")
+        raise ValueError("model: the optimum layout is for SD 1.x/2.x models (diffusers' ONNX pipeline has no "
+                         "SDXL; optimum's SDXL folder has a second text encoder); export SDXL with the default layout")
     if engine.ip_adapter is not None:
-        raise ValueError("ip_adapter: the optimum layout's UNet has no image-prompt inputs; export without an "
-                         "IP-Adapter (or use the default layout)")
+        raise ValueError(f"ip_adapter: {REFUSED['ip_adapter']}")
 
 
 def export_optimum(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=None, batch=(1, 16),

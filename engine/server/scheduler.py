@@ -816,7 +816,7 @@ class StepScheduler:
             for i, job in enumerate(group.jobs):  # per request: no tensor made unless its step needs one
                 job._loop_k += 1
                 d = due.get(i)
-                self._loop_stepped(job, lambda i=i: group.latents_of(i),
+                self._loop_stepped(job, lambda i=i, g=group: g.latents_of(i),
                                    None if d is None else (d, group.output_of(i, out)))
 
     def _loop_previews(self, group) -> dict[int, tuple]:

@@ -312,6 +312,29 @@ def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine):
     _assert_same_as_solo(engine, small, "text2img", small_fields)
 
 
+def test_rows_dearer_than_the_budget_run_one_at_a_time(engine):
+    """Own red-team pass: two 1024x1024 n=10 requests beside a 2048x1024 one made ticks of 8 rows at 1024x1024
+    (256x the budget of a 64x64 row each), a cancel waited 34 s. A row that costs more than the whole budget now
+    runs alone: one row per UNet call and per decode."""
+    s = StepScheduler(engine, max_batch_rows=4)
+    rows_seen = []
+    unet = s._unet
+    s._unet = lambda pieces: (rows_seen.append(sum(n for _, n in pieces)), unet(pieces))[1]
+    decoded = []
+    decode = engine.decode
+    try:
+        engine.decode = lambda latents: (decoded.append(latents.shape[0]), decode(latents))[1]
+        fields = dict(prompt="a cat", steps=2, height=3 * SIZE, width=3 * SIZE)  # 9x a native row's cost
+        big = s.submit("text2img", n=2, seed=0, **fields)
+        assert big.wait(120) and big.state == "done", (big.state, big.error)
+    finally:
+        engine.decode = decode
+        s.shutdown(grace_s=0)
+    assert rows_seen == [1] * 8  # 2 images x CFG x 2 steps, a row per call
+    assert decoded == [1, 1]
+    _assert_same_as_solo(engine, big, "text2img", fields)
+
+
 def test_cancel_and_deadlines_act_within_a_tick_of_an_oversized_request(engine):
     s = StepScheduler(engine, max_batch_rows=2)
     try:

@@ -866,7 +866,8 @@ class StepScheduler:
         """This tick's rows of each job's pending request: every job whose remaining rows fit the tick's budget
         (``max_batch_rows`` native-size rows) runs them all, in the order the jobs were last served; a job whose
         request can never fit one tick (too many rows, or too large) gets what budget is left, in pieces of at most
-        ``max_batch_rows`` rows; a tick always runs something."""
+        ``max_batch_rows`` rows; a tick always runs something (a row dearer than the whole budget: one row, never
+        ``max_batch_rows`` of them)."""
         budget = float(self.max_batch_rows)
         share = []
         order = sorted(jobs, key=lambda j: (j._served, j._seq))
@@ -882,9 +883,10 @@ class StepScheduler:
             if n > 0:
                 share.append((job, n))
                 budget -= n * cost
-        if not share and order:
+        if not share and order:  # rows dearer than the whole budget (a large image): one row at a time
             job = order[0]
-            share.append((job, max(1, min(rows_of(job) - job._offset, self.max_batch_rows))))
+            fit = int(self.max_batch_rows // job._row_cost) if job._row_cost > 0 else self.max_batch_rows
+            share.append((job, max(1, min(rows_of(job) - job._offset, self.max_batch_rows, fit))))
         for job, _ in share:
             job._served = tick
         return share

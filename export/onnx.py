@@ -61,6 +61,8 @@ from .manifest import (
     write_manifest,
 )
 
+LAYOUTS = ("dreamfuse", "optimum")
+"""Export folder layouts: dreamfuse's (``--unet DIR``, manifest-checked) and diffusers'/optimum's pipeline folder."""
 OPSETS = range(18, 24)
 DEFAULT_OPSET = 18
 """MatMul/Softmax attention: what every onnxruntime and TensorRT build parses (opset 23's ``Attention`` needs
@@ -515,7 +517,7 @@ def unet_example_inputs(engine, profile: dict, dev: torch.device, dtype: torch.d
 def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=None, batch=(1, 16),
                 size: int | None = None, min_size: int | None = None, max_size: int | None = None,
                 static: bool = False, personalize: bool = False, plugins: bool = False, text_encoders: bool = True,
-                vae: bool = True, model_name: str | None = None, progress=None) -> dict:
+                vae: bool = True, model_name: str | None = None, layout: str = "dreamfuse", progress=None) -> dict:
     """Export ``engine``'s model to ONNX graphs in ``out`` and write their manifest; returns it.
 
     Writes ``unet.onnx``; with ``personalize`` also ``unet_personalize.onnx`` (DreamMatcher's AMA and foreground
@@ -527,13 +529,26 @@ def export_onnx(engine, out: str | Path, *, opset: int = DEFAULT_OPSET, dtype=No
     ``batch``/``size``/``min_size``/``max_size``/``static``: :func:`make_profile`. ``plugins`` (with
     ``personalize``): the personalize graph's AMA layers as ``dreamfuse::AmaAttention`` plugin nodes (module
     docstring; the manifest lists them per graph under ``plugins``). ``progress``: a callable taking one line per
-    graph.
+    graph. ``layout="optimum"``: the folder diffusers' ``OnnxStableDiffusionPipeline`` and optimum's
+    ``ORTStableDiffusionPipeline`` load instead (:func:`dreamfuse.export.optimum.export_optimum`; SD 1.x/2.x, no
+    personalize/plugins/static/IP-Adapter, every component; returns its summary, writes no manifest).
 
     Mutates the engine while it runs (processor backends, module dtypes; restored on exit): export while no other
     call runs. About 30 s per UNet graph for tiny on 2 CPU cores.
     """
     if not OPSETS.start <= int(opset) < OPSETS.stop:
         raise ValueError(f"opset: {opset} is not supported (use {OPSETS.start}..{OPSETS.stop - 1})")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: {layout!r} is not a layout (use {' or '.join(LAYOUTS)})")
+    if layout == "optimum":
+        from .optimum import export_optimum, refused
+
+        why = refused(personalize=personalize, plugins=plugins, static=static, no_text_encoders=not text_encoders,
+                      no_vae=not vae)
+        if why:
+            raise ValueError(why)
+        return export_optimum(engine, out, opset=opset, dtype=dtype, batch=batch, size=size, min_size=min_size,
+                              max_size=max_size, progress=progress)
     if plugins and not personalize:
         raise ValueError("plugins: only the personalize graph has plugin nodes (AMA attention): export it with "
                          "personalize=True (--personalize)")

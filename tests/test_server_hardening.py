@@ -117,6 +117,27 @@ def test_seed_limit_is_printed_exactly(client):
     assert r.status_code == 400 and "18446744073709551615" in r.text and "e+19" not in r.text
 
 
+@pytest.mark.parametrize("field,value", [("guidance_scale", 1e308), ("guidance_scale", 101), ("ip_scale", 1e6)])
+def test_scales_that_can_only_overflow_are_refused_by_name(client, field, value):
+    # red team (own pass): guidance_scale 1e308 ran, overflowed to NaN and answered 500
+    r = client.post(GEN, json={"prompt": "a", **SMALL, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_a_job_whose_numbers_overflow_is_the_request_s_fault_not_a_500(client, engine, monkeypatch):
+    import torch
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    def nan_unet(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
+        out = torch.full_like(sample, float("nan"))
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    monkeypatch.setattr(engine.unet, "forward", nan_unet)
+    r = client.post(GEN, json={"prompt": "a", **SMALL})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "non_finite_output", r.text  # 422 on native routes
+    assert "not finite" in r.json()["error"]["message"]
+
+
 # ------------------------------------------------------------------------------------------ 6. event ids and ends
 def _finished_job(client) -> str:
     job = client.post(GEN, json={"prompt": "a cat", **SMALL, "wait": False}).json()["id"]

@@ -173,6 +173,39 @@ def test_deadlines_drop_work_that_cannot_finish(engine):
         s.shutdown(grace_s=0)
 
 
+def test_queued_jobs_end_on_time_while_the_worker_is_inside_a_long_tick(engine, monkeypatch):
+    # red team: a queued request's 30 s deadline was answered after 91 s, behind ticks of a 2048x1024 request;
+    # the queue is swept beside the worker, not only between ticks
+    s = StepScheduler(engine, max_batch_rows=2)  # one CFG request at a time: the others wait in the queue
+    slow = threading.Event()
+    unet = StepScheduler._loop_unet
+
+    def slow_unet(self, *args):
+        if slow.is_set():
+            time.sleep(2.0)  # one long UNet call
+        return unet(self, *args)
+
+    monkeypatch.setattr(StepScheduler, "_loop_unet", slow_unet)
+    try:
+        slow.set()
+        running = s.submit("text2img", prompt="a", steps=3, seed=0, height=SIZE, width=SIZE)
+        wait = time.monotonic() + 30
+        while running.state != "running" and time.monotonic() < wait:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        expiring = s.submit("text2img", prompt="b", steps=2, seed=0, height=SIZE, width=SIZE, deadline_s=0.3)
+        cancelled = s.submit("text2img", prompt="c", steps=2, seed=0, height=SIZE, width=SIZE)
+        cancelled.cancel()
+        assert cancelled.wait(1.0) and cancelled.state == "cancelled" and cancelled.started is None
+        assert expiring.wait(1.5) and expiring.state == "timed_out" and "queued" in expiring.error
+        assert time.monotonic() - t0 < 1.5  # both well inside the 2 s call the worker is in
+        slow.clear()
+        assert running.wait(60) and running.state == "done"
+        assert s.stats()["cancelled"] == 1 and s.stats()["timed_out"] == 1
+    finally:
+        s.shutdown(grace_s=0)
+
+
 def test_cancel_between_steps(engine, sched):
     job = sched.submit("text2img", prompt="a cat", steps=100, seed=0, height=SIZE, width=SIZE)
     while job.step < 1:
@@ -277,6 +310,29 @@ def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine):
     assert small.finished < big.finished  # served beside the big one, not after it
     _assert_same_as_solo(engine, big, "text2img", big_fields)
     _assert_same_as_solo(engine, small, "text2img", small_fields)
+
+
+def test_rows_dearer_than_the_budget_run_one_at_a_time(engine):
+    """Own red-team pass: two 1024x1024 n=10 requests beside a 2048x1024 one made ticks of 8 rows at 1024x1024
+    (256x the budget of a 64x64 row each), a cancel waited 34 s. A row that costs more than the whole budget now
+    runs alone: one row per UNet call and per decode."""
+    s = StepScheduler(engine, max_batch_rows=4)
+    rows_seen = []
+    unet = s._unet
+    s._unet = lambda pieces: (rows_seen.append(sum(n for _, n in pieces)), unet(pieces))[1]
+    decoded = []
+    decode = engine.decode
+    try:
+        engine.decode = lambda latents: (decoded.append(latents.shape[0]), decode(latents))[1]
+        fields = dict(prompt="a cat", steps=2, height=3 * SIZE, width=3 * SIZE)  # 9x a native row's cost
+        big = s.submit("text2img", n=2, seed=0, **fields)
+        assert big.wait(120) and big.state == "done", (big.state, big.error)
+    finally:
+        engine.decode = decode
+        s.shutdown(grace_s=0)
+    assert rows_seen == [1] * 8  # 2 images x CFG x 2 steps, a row per call
+    assert decoded == [1, 1]
+    _assert_same_as_solo(engine, big, "text2img", fields)
 
 
 def test_cancel_and_deadlines_act_within_a_tick_of_an_oversized_request(engine):

@@ -8,6 +8,8 @@ import argparse
 
 from .common import CLIError, add_model_args, check_dir, finite_float, output_folder
 
+LAYOUTS = ("dreamfuse", "optimum")  # dreamfuse.export.onnx.LAYOUTS (not imported: the CLI's help loads no torch)
+
 EXAMPLES_ONNX = """\
 examples:
   dreamfuse export onnx --model tiny --out ./tiny-onnx                       # UNet, text encoder, VAE decoder
@@ -18,6 +20,7 @@ examples:
   dreamfuse export onnx --model ./sd15 --out ./sd15-ip --ip-adapter ip-adapter_sd15.safetensors \\
       --image-encoder ./image_encoder                                        # IP-Adapter image tokens as input
   dreamfuse export onnx --model ./sdxl --out ./sdxl-onnx --fp16 --size 1024 --batch 2 --static   # CUDA graphs
+  dreamfuse export onnx --model ./sd15 --out ./sd15-ort --layout optimum    # for diffusers' / optimum's pipelines
 """
 
 EXAMPLES_TRT = """\
@@ -82,8 +85,16 @@ def _register_onnx(sub, name: str, help_: str) -> None:
                        description="Write DIR/unet.onnx, text_encoder.onnx (+ text_encoder_2.onnx on SDXL), "
                                    "vae_decoder.onnx and the dreamfuse.json manifest the runtime checks (model hash, "
                                    "profile, dtype, opset). torch.export + the dynamo ONNX exporter; about 30-60 s "
-                                   "per UNet graph for tiny on 2 CPU cores.")
+                                   "per UNet graph for tiny on 2 CPU cores. --layout optimum writes the pipeline "
+                                   "folder diffusers' OnnxStableDiffusionPipeline and optimum's "
+                                   "ORTStableDiffusionPipeline load instead (SD 1.x/2.x).")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files in it are replaced)")
+    p.add_argument("--layout", default="dreamfuse", choices=LAYOUTS,
+                   help="dreamfuse (default): unet.onnx, text_encoder.onnx, vae_decoder.onnx + dreamfuse.json, run "
+                        "with --unet DIR; optimum: model_index.json and text_encoder/, unet/, vae_decoder/, "
+                        "vae_encoder/ (model.onnx + config.json each), tokenizer/, scheduler/ with the input/output "
+                        "names of diffusers' and optimum's ONNX pipelines (SD 1.x/2.x; not with --personalize, "
+                        "--plugins, --static, --ip-adapter, --no-text-encoders, --no-vae)")
     p.add_argument("--opset", type=int, default=18, choices=range(18, 24), metavar="18..23",
                    help="ONNX opset (default 18: MatMul/Softmax attention; 23: the ONNX Attention op)")
     prec = p.add_mutually_exclusive_group()
@@ -120,6 +131,10 @@ def _register_onnx(sub, name: str, help_: str) -> None:
     p.set_defaults(func=run_onnx)
 
 
+_ONNX_FIELDS = ("batch", "size", "min_size", "max_size", "static", "opset", "dtype", "personalize", "plugins",
+                "layout", "model", "ip_adapter", "no_text_encoders", "no_vae")
+
+
 def _check_sizes(args) -> None:
     """The profile's pixel sizes (``--size``, ``--min-size``, ``--max-size``) of ``export onnx`` and ``export aoti``."""
     for flag in ("size", "min_size", "max_size"):
@@ -136,6 +151,14 @@ def run_onnx(args) -> None:
     out = output_folder(args.out)
     _check_sizes(args)
     batch = args.batch
+    if args.layout == "optimum":
+        from dreamfuse.export.optimum import refused
+
+        why = refused(personalize=args.personalize, plugins=args.plugins, static=args.static,
+                      ip_adapter=args.ip_adapter or args.image_encoder, no_text_encoders=args.no_text_encoders,
+                      no_vae=args.no_vae)
+        if why:
+            raise CLIError(f"--layout optimum with {_as_flag(ValueError(why), _ONNX_FIELDS)}")
     if args.plugins and not args.personalize:
         raise CLIError("--plugins: only the personalize graph has plugin nodes (AMA attention); add --personalize")
     if args.ip_adapter or args.image_encoder:
@@ -160,10 +183,16 @@ def run_onnx(args) -> None:
                                min_size=args.min_size, max_size=args.max_size, static=args.static,
                                personalize=args.personalize, plugins=args.plugins,
                                text_encoders=not args.no_text_encoders,
-                               vae=not args.no_vae, model_name=args.model, progress=print)
+                               vae=not args.no_vae, model_name=args.model, layout=args.layout, progress=print)
     except ValueError as e:
-        raise CLIError(_as_flag(e, ("batch", "size", "min_size", "max_size", "static", "opset", "dtype",
-                                    "personalize", "plugins"))) from None
+        msg = _as_flag(e, _ONNX_FIELDS)
+        raise CLIError(f"--layout optimum with {msg}" if args.layout == "optimum" and msg.startswith("--model")
+                       else msg) from None
+    if args.layout == "optimum":
+        print(f"wrote {out} ({', '.join(manifest['graphs'])}, tokenizer, scheduler, model_index.json; "
+              f"{manifest['dtype']}, opset {manifest['opset']}): diffusers.OnnxStableDiffusionPipeline / "
+              "optimum's ORTStableDiffusionPipeline .from_pretrained(DIR)")
+        return
     prof = manifest["profile"]
     scale = manifest["model"]["vae_scale_factor"]
     sizes = "-".join(str(v * scale) for v in dict.fromkeys(prof["latent_height"]))

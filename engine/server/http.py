@@ -59,6 +59,7 @@ from .schemas import (
 )
 
 TERMINAL_EVENTS = ("done", "cancelled", "timed_out", "failed")
+NON_FINITE = "NonFiniteOutputError"  # a job failed because its own numbers overflowed (engine/pipelines/common.py)
 SHUTDOWN_REASON = "shutting down"  # in the reason of jobs that shutdown cancelled (answered 503, not 409)
 _POLL_S = (0.005, 0.02)  # job polling: fast at first, then 50 Hz (cheap next to any UNet step)
 _HEARTBEAT_S = 5.0  # an SSE comment this often while nothing happens, so proxies keep the stream open
@@ -456,6 +457,8 @@ class _App:
         state = job.state
         if state != "done":
             status = {"timed_out": 504, "failed": 500}.get(state, 409)
+            if state == "failed" and (job.error or "").startswith(NON_FINITE):
+                status = 422  # the request's own numbers overflowed (e.g. a huge guidance): not the server's fault
             headers = {"x-should-retry": "false"}  # the same request would end the same way
             if state == "cancelled" and SHUTDOWN_REASON in (job.error or ""):
                 status, headers = 503, {"Retry-After": "5"}

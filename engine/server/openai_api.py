@@ -114,6 +114,8 @@ def _from_http(e: HTTPException) -> JSONResponse:
         message = f"job {detail.get('id')} {detail.get('status')}: {detail.get('error')}"
         code = {"timed_out": "deadline_exceeded", "cancelled": "cancelled", "failed": "server_error"}.get(
             str(detail.get("status")))
+        if e.status_code == 422 and code == "server_error":  # its own numbers overflowed (http.NON_FINITE)
+            code = "non_finite_output"
     else:
         message = str(detail)
     return error_response(e.status_code, message, param, code, dict(e.headers or {}))
@@ -222,7 +224,7 @@ class OpenAIVariationRequest(_OpenAIFields, _Request):
     sampler: str = Field(default="ddim", description="a sampler name")
     strength: Number | None = Field(default=None, gt=0, le=1,
                                     description="without an IP-Adapter: img2img strength (default 0.6)")
-    ip_scale: Number = Field(default=1.0, ge=0, description="with an IP-Adapter: the image prompt's weight")
+    ip_scale: Number = Field(default=1.0, ge=0, le=10, description="with an IP-Adapter: the image prompt's weight")
 
     @model_validator(mode="after")
     def _size(self):

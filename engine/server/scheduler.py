@@ -116,6 +116,8 @@ class Job:
         self._loop: SamplingLoop | None = None  # the sampling loop the program handed over (engine/server/loops.py)
         self._loop_k = 0  # its next step
         self._loop_x: torch.Tensor | None = None  # its latents (while in a persistent batch: refreshed on rebuild)
+        self._loop_key: tuple | None = None  # the persistent batch it may share (loops.loop_key)
+        self._wake = None  # wakes its scheduler's queue watch (a cancel of a queued job acts at once)
 
     # ------------------------------------------------------------------------------------------- public
     def cancel(self, reason: str = "cancelled by the client") -> None:
@@ -123,6 +125,9 @@ class Job:
         if not self.done():
             self._cancel_reason = reason
             self._cancel.set()
+            wake = self._wake
+            if wake is not None:
+                wake()
 
     def done(self) -> bool:
         return self.state in TERMINAL_STATES
@@ -258,6 +263,7 @@ class StepScheduler:
         self.ready = False
         self._native = (engine.default_size // engine.vae_scale_factor) ** 2
         self._lock = threading.Condition()
+        self._watch_cond = threading.Condition(self._lock)  # the queue watch's own wake-ups (same lock)
         self._queue: list[tuple[int, int, Job]] = []
         self._seq = itertools.count()
         self._active: list[Job] = []
@@ -279,6 +285,10 @@ class StepScheduler:
         self._recent_ticks: deque[float] = deque(maxlen=1024)
         self._thread = threading.Thread(target=self._loop, name="dreamfuse-step-scheduler", daemon=True)
         self._thread.start()
+        # queued jobs' cancels and deadlines act while the worker is inside a long tick (a large decode, a large
+        # image's UNet call), not after it
+        self._watch = threading.Thread(target=self._watch_queue, name="dreamfuse-queue-watch", daemon=True)
+        self._watch.start()
 
     # ------------------------------------------------------------------------------------------- submitting
     def submit(self, kind: str, *, n: int = 1, seed: int | Sequence[int] | None = None, priority: int = 0,
@@ -336,6 +346,9 @@ class StepScheduler:
                 program.close()
                 raise QueueFull(self._retry_after(), len(self._queue))
             heapq.heappush(self._queue, (-priority, job._seq, job))
+            job._wake = self._wake_watch
+            if deadline is not None:
+                self._watch_cond.notify()
             self._remember(job)
             position = sum(1 for _, _, j in self._queue if (-j.priority, 0) <= (-priority, 0)) - 1
             job._emit({"type": "queued", "position": position})
@@ -453,7 +466,9 @@ class StepScheduler:
             self._lock.wait_for(lambda: not self._active and not self._queue, max(0.0, end - time.monotonic()))
             self._stop = True
             self._lock.notify_all()
+            self._watch_cond.notify()
         self._thread.join()
+        self._watch.join()
         with self._lock:  # whatever the grace period did not finish
             left = [j for _, _, j in self._queue] + self._active
             self._queue.clear()
@@ -494,9 +509,8 @@ class StepScheduler:
         tick (it runs in pieces, see :meth:`_share`, and leaves room for others to run beside it)."""
         return job._cost if job._cost <= self.max_batch_rows else self.max_batch_rows / 2
 
-    def _admit(self) -> list[Job]:
-        """Under the lock: drop cancelled / expired queued jobs, admit while the rows budget allows."""
-        now = time.monotonic()
+    def _sweep_queue(self, now: float) -> list[tuple[Job, str, str]]:
+        """Under the lock: take the cancelled and expired jobs out of the queue; returns them with their end."""
         kept, dropped = [], []
         for item in self._queue:
             job = item[2]
@@ -506,8 +520,39 @@ class StepScheduler:
                 dropped.append((job, "timed_out", "deadline passed while queued"))
             else:
                 kept.append(item)
-        heapq.heapify(kept)
-        self._queue = kept
+        if dropped:
+            heapq.heapify(kept)
+            self._queue = kept
+        return dropped
+
+    def _drop(self, dropped: list[tuple[Job, str, str]]) -> None:
+        """Under the lock: end jobs taken out of the queue."""
+        for job, state, reason in dropped:
+            self._stats[state] += 1  # counted before the end is visible (stats() promises it)
+            job._finish(state, reason)
+        if dropped:
+            self._lock.notify_all()
+
+    def _wake_watch(self) -> None:
+        with self._lock:
+            self._watch_cond.notify()
+
+    def _watch_queue(self) -> None:
+        """Queued jobs that are cancelled, or whose deadline passes, end at once, whatever the worker is doing (it
+        only looks at the queue between ticks, and a tick may be one long call). Asleep until a cancel, a new
+        deadline or the earliest queued deadline: never woken by the worker's own notifications (no GIL hand-over
+        in its hot path)."""
+        with self._lock:
+            while not self._stop:
+                now = time.monotonic()
+                self._drop(self._sweep_queue(now))
+                deadlines = [j.deadline for _, _, j in self._queue if j.deadline is not None]
+                self._watch_cond.wait(None if not deadlines else max(0.0, min(deadlines) - now) + 0.001)
+
+    def _admit(self) -> list[Job]:
+        """Under the lock: drop cancelled / expired queued jobs, admit while the rows budget allows."""
+        now = time.monotonic()
+        dropped = self._sweep_queue(now)
         budget = self.max_batch_rows - sum(self._admission_cost(j) for j in self._active)
         admitted = []
         lock = getattr(self.engine, "model_lock", None)
@@ -525,11 +570,7 @@ class StepScheduler:
                     continue
             budget -= self._admission_cost(job)
             admitted.append(job)
-        for job, state, reason in dropped:
-            self._stats[state] += 1  # counted before the end is visible (stats() promises it)
-            job._finish(state, reason)
-        if dropped:
-            self._lock.notify_all()
+        self._drop(dropped)
         return admitted
 
     def _loop(self) -> None:
@@ -585,7 +626,10 @@ class StepScheduler:
         persistent batch (loops.py), or, when it is larger than a tick (rows past ``max_batch_rows``), is stepped
         one call at a time through the pieces path."""
         if isinstance(request, SamplingLoop):
+            from .loops import loop_key
+
             job._loop, job._loop_k, job._loop_x = request, 0, request.latents
+            job._loop_key = loop_key(request)  # its persistent batch's key, read every tick
             oversized = request.rows > self.max_batch_rows or request.rows * job._row_cost > self.max_batch_rows
             job._pending = request.call(0, request.latents) if oversized else request
         else:
@@ -732,11 +776,11 @@ class StepScheduler:
         """One step of every persistent batch of sampling loops (loops.py): groups are rebuilt only when their
         requests changed; per request only its step event (and its end) is Python. ``calls``: this tick's pieces
         of step-by-step UNet calls by merge key; those a group's UNet calls can carry ride along (popped)."""
-        from .loops import LoopGroup, compat_key, loop_key, run_alone
+        from .loops import LoopGroup, compat_key, run_alone
 
         by_key: dict[tuple, list[Job]] = {}
         for job in jobs:
-            by_key.setdefault(loop_key(job._loop), []).append(job)
+            by_key.setdefault(job._loop_key, []).append(job)
         groups = {}
         for key, members in by_key.items():
             group = self._loop_groups.get(key)
@@ -767,13 +811,15 @@ class StepScheduler:
                         self._retire(job)
                         self._end(job, "failed", _reason(exc))
                         continue
-                    self._loop_stepped(job, job._loop_x, None, None)
+                    self._loop_stepped(job, lambda job=job: job._loop_x, None)
                 continue
             if guests:
                 self._distribute(guests, guest_out, lambda j: j._pending.rows)
-            for i, job in enumerate(group.jobs):
+            for i, job in enumerate(group.jobs):  # per request: no tensor made unless its step needs one
                 job._loop_k += 1
-                self._loop_stepped(job, group.latents_of(i), group.output_of(i, out), due.get(i))
+                d = due.get(i)
+                self._loop_stepped(job, lambda i=i, g=group: g.latents_of(i),
+                                   None if d is None else (d, group.output_of(i, out)))
 
     def _loop_previews(self, group) -> dict[int, tuple]:
         """The jobs of ``group`` whose next step is due a preview or a partial image: their call (latents before
@@ -794,22 +840,23 @@ class StepScheduler:
                 due[i] = (dataclasses.replace(call, preview=(rows, alpha())), preview, partial)
         return due
 
-    def _loop_stepped(self, job: Job, x: torch.Tensor, out, due) -> None:
-        """A job's loop made one step (its latents now ``x``): its step event, previews, and at the loop's end its
-        final latents back to its program."""
+    def _loop_stepped(self, job: Job, latents, due) -> None:
+        """A job's loop made one step (``latents()``: its latents now): its step event, its preview or partial image
+        when ``due`` (``((call, preview, partial), its UNet output rows)``), and at the loop's end its final latents
+        back to its program."""
         loop = job._loop
         self._first_step(job)
         job.step, job.steps = loop.start + job._loop_k, loop.steps
         job._emit({"type": "step", "step": job.step, "steps": job.steps})
-        if due is not None and out is not None:
-            call, preview, partial = due
+        if due is not None:
+            (call, preview, partial), out = due
             if preview:
                 self._preview(job, call, out)
             if partial is not None:
                 self._partial(job, call, out, partial)
         if job._loop_k >= loop.length:
             job._loop, job._loop_x = None, None
-            self._send(job, x)
+            self._send(job, latents())
 
     def _loop_unet(self, latents, t, embeddings, ip_tokens, ip_scale, pooled, time_ids, adapters=None) -> torch.Tensor:
         with self._lock:
@@ -822,7 +869,8 @@ class StepScheduler:
         """This tick's rows of each job's pending request: every job whose remaining rows fit the tick's budget
         (``max_batch_rows`` native-size rows) runs them all, in the order the jobs were last served; a job whose
         request can never fit one tick (too many rows, or too large) gets what budget is left, in pieces of at most
-        ``max_batch_rows`` rows; a tick always runs something."""
+        ``max_batch_rows`` rows; a tick always runs something (a row dearer than the whole budget: one row, never
+        ``max_batch_rows`` of them)."""
         budget = float(self.max_batch_rows)
         share = []
         order = sorted(jobs, key=lambda j: (j._served, j._seq))
@@ -838,9 +886,10 @@ class StepScheduler:
             if n > 0:
                 share.append((job, n))
                 budget -= n * cost
-        if not share and order:
+        if not share and order:  # rows dearer than the whole budget (a large image): one row at a time
             job = order[0]
-            share.append((job, max(1, min(rows_of(job) - job._offset, self.max_batch_rows))))
+            fit = int(self.max_batch_rows // job._row_cost) if job._row_cost > 0 else self.max_batch_rows
+            share.append((job, max(1, min(rows_of(job) - job._offset, self.max_batch_rows, fit))))
         for job, _ in share:
             job._served = tick
         return share

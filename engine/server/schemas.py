@@ -115,7 +115,7 @@ class _Request(BaseModel):
     prompt: str = Field(min_length=1, description="the prompt (the model's tokenizer reads 77 tokens)")
     negative_prompt: str | None = Field(default=None, description="default: none (the empty prompt's embedding)")
     steps: Int = Field(default=50, ge=1, description="sampler steps (engine limit: limits.max_steps)")
-    guidance_scale: Number = Field(default=7.5, ge=0, description="classifier-free guidance; <= 1 disables CFG")
+    guidance_scale: Number = Field(default=7.5, ge=0, le=100, description="classifier-free guidance; <= 1 disables CFG")
     seed: Seed = Field(description="seed of the first image (image i uses seed + i); default random")
     priority: Int = Field(default=0, ge=-1000, le=1000, description="higher runs first (default 0)")
     deadline_s: Deadline = Field(description="seconds from now; missed -> status timed_out (504), never computed")
@@ -165,7 +165,7 @@ class GenerationRequest(_Request):
     sampler: str = Field(default="ddim", description="a sampler name (dreamfuse generate --help lists them)")
     ip_image: str | None = Field(default=None, description="IP-Adapter image prompt: base64 (or a data: URL) of an "
                                                            "image; multipart: an uploaded file")
-    ip_scale: Number = Field(default=0.6, ge=0, description="weight of the image prompt (0 = text only)")
+    ip_scale: Number = Field(default=0.6, ge=0, le=10, description="weight of the image prompt (0 = text only)")
 
     @model_validator(mode="after")
     def _size(self):
@@ -180,7 +180,7 @@ class GenerationRequest(_Request):
 class PersonalizeRequest(_Request):
     """``POST /v1/images/personalize``: DreamMatcher; the subject of ``reference_image`` in new scenes."""
 
-    guidance_scale: Number = Field(default=10.0, ge=0, description="classifier-free guidance (default 10)")
+    guidance_scale: Number = Field(default=10.0, ge=0, le=100, description="classifier-free guidance (default 10)")
     n: Int = Field(default=1, ge=1, description="target images")
     width: Side = Field(description="multiple of 8; default the model's native size")
     height: Side = Field(description="multiple of 8; default the model's native size")

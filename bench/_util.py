@@ -192,6 +192,14 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
+def add_model_args(p) -> None:
+    """The model, device and dtype options every inference benchmark takes."""
+    p.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'random-sd15', 'random-sdxl' (random weights, "
+                   "real architectures) or a diffusers SD/SDXL folder (default tiny)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
+
+
 def add_trainer_args(p, *, batch_size: int, batch_help: str) -> None:
     """The options both trainer benchmarks take (device, size, batch, precision, timing, threads, JSON out)."""
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

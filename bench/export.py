@@ -32,15 +32,12 @@ from pathlib import Path
 import torch
 from dreamfuse.engine import Engine, EngineConfig
 
-from bench._util import compare, hardware, print_table
+from bench._util import add_model_args, compare, hardware, print_table
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'random-sd15', 'random-sdxl' or a diffusers "
-                    "folder (default tiny)")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=2, help="prompts per call (default 2: 4 UNet rows with CFG)")
     ap.add_argument("--steps", type=int, default=5, help="denoising steps per call (default 5)")
     ap.add_argument("--height", type=int, default=None, help="default: the model's native size")

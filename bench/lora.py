@@ -24,17 +24,14 @@ from pathlib import Path
 from dreamfuse.engine import Engine, EngineConfig
 from dreamfuse.engine.tiny_adapters import build_tiny_lora
 
-from bench._util import hardware, print_table, sync
+from bench._util import add_model_args, hardware, print_table, sync
 
 CONFIGS = ("no LoRA", "unfused x1", "fused x1", "unfused x2")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'random-sd15', 'random-sdxl' or a diffusers "
-                    "SD/SDXL folder (default tiny)")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
+    add_model_args(ap)
     ap.add_argument("--backend", default=None, choices=("triton", "torch"), help="dreamfuse attention backend")
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     ap.add_argument("--batch", type=int, default=1, help="prompts per call (default 1; 2 UNet rows each)")

@@ -49,7 +49,7 @@ from dreamfuse.engine.server import loops as loops_module
 from dreamfuse.engine.server import scheduler as scheduler_module
 from dreamfuse.engine.tiny_adapters import build_tiny_lora
 
-from bench._util import compare, hardware, print_table, sync
+from bench._util import add_model_args, compare, hardware, print_table, sync
 
 POLICIES = ("per-request", "one adapter per batch", "swap per request")
 
@@ -108,10 +108,7 @@ def run_swapping(engine, n: int, args, folder: Path) -> tuple[float, int]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'random-sd15', 'random-sdxl' or a diffusers "
-                    "folder (default tiny)")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
+    add_model_args(ap)
     ap.add_argument("--size", type=int, default=None, help="image size in pixels (default: the model's)")
     ap.add_argument("--steps", type=int, default=4, help="DDIM steps per request (default 4)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")

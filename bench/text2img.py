@@ -46,7 +46,7 @@ import argparse
 import torch
 from dreamfuse.engine import Engine, EngineConfig
 
-from bench._util import compare, hardware, print_table
+from bench._util import add_model_args, compare, hardware, print_table
 
 
 def diffusers_pipeline(eng: Engine, steps: int):
@@ -68,10 +68,7 @@ def diffusers_pipeline(eng: Engine, steps: int):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="'tiny', 'tiny-xl', 'random-sd15', 'random-sdxl' (random "
-                    "weights, real architectures) or a diffusers SD/SDXL folder (default tiny)")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--dtype", default=None, help="fp16 | bf16 | fp32 (default fp16 on CUDA, fp32 on CPU)")
+    add_model_args(ap)
     ap.add_argument("--backend", default=None, choices=("triton", "torch"), help="dreamfuse attention backend")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="prompts per call (default 1 4)")
     ap.add_argument("--steps", type=int, default=10, help="denoising steps per call (default 10)")

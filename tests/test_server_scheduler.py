@@ -284,18 +284,22 @@ def test_shutdown_finishes_within_grace_then_cancels(engine):
 
 
 # ------------------------------------------------------------------------------------------ bounded ticks
-def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine):
+def _counting_scheduler(engine, monkeypatch, **kwargs):
+    """A scheduler whose UNet calls' rows and the engine's decodes' images are recorded (lists, in order)."""
+    s = StepScheduler(engine, **kwargs)
+    rows_seen, decoded = [], []
+    unet, decode = s._unet, engine.decode
+    s._unet = lambda pieces: (rows_seen.append(sum(n for _, n in pieces)), unet(pieces))[1]
+    monkeypatch.setattr(engine, "decode", lambda latents: (decoded.append(latents.shape[0]), decode(latents))[1])
+    return s, rows_seen, decoded
+
+
+def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine, monkeypatch):
     """A red-team request (n 64, 999 steps, 512²) ran 128-row UNet calls whatever max_batch_rows said and held the
     worker for minutes. Every call now stays within max_batch_rows, the big request advances in pieces, a small
     request admitted beside it is not starved, and both equal their solo images."""
-    s = StepScheduler(engine, max_batch_rows=4)
-    rows_seen = []
-    unet = s._unet
-    s._unet = lambda pieces: (rows_seen.append(sum(n for _, n in pieces)), unet(pieces))[1]
-    decoded = []
-    decode = engine.decode
+    s, rows_seen, decoded = _counting_scheduler(engine, monkeypatch, max_batch_rows=4)
     try:
-        engine.decode = lambda latents: (decoded.append(latents.shape[0]), decode(latents))[1]
         big_fields = dict(prompt="a cat", steps=3, height=SIZE, width=SIZE)
         big = s.submit("text2img", n=5, seed=0, **big_fields)  # 10 CFG rows: three pieces a step
         small_fields = dict(prompt="a dog", steps=3, height=SIZE // 2, width=SIZE // 2)
@@ -303,7 +307,6 @@ def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine):
         for job in (big, small):
             assert job.wait(120) and job.state == "done", (job.state, job.error)
     finally:
-        engine.decode = decode
         s.shutdown(grace_s=0)
     assert rows_seen and max(rows_seen) <= 4
     assert max(decoded) <= 4  # decodes in pieces too
@@ -312,23 +315,16 @@ def test_an_oversized_request_runs_in_pieces_beside_small_ones(engine):
     _assert_same_as_solo(engine, small, "text2img", small_fields)
 
 
-def test_rows_dearer_than_the_budget_run_one_at_a_time(engine):
+def test_rows_dearer_than_the_budget_run_one_at_a_time(engine, monkeypatch):
     """Own red-team pass: two 1024x1024 n=10 requests beside a 2048x1024 one made ticks of 8 rows at 1024x1024
     (256x the budget of a 64x64 row each), a cancel waited 34 s. A row that costs more than the whole budget now
     runs alone: one row per UNet call and per decode."""
-    s = StepScheduler(engine, max_batch_rows=4)
-    rows_seen = []
-    unet = s._unet
-    s._unet = lambda pieces: (rows_seen.append(sum(n for _, n in pieces)), unet(pieces))[1]
-    decoded = []
-    decode = engine.decode
+    s, rows_seen, decoded = _counting_scheduler(engine, monkeypatch, max_batch_rows=4)
     try:
-        engine.decode = lambda latents: (decoded.append(latents.shape[0]), decode(latents))[1]
         fields = dict(prompt="a cat", steps=2, height=3 * SIZE, width=3 * SIZE)  # 9x a native row's cost
         big = s.submit("text2img", n=2, seed=0, **fields)
         assert big.wait(120) and big.state == "done", (big.state, big.error)
     finally:
-        engine.decode = decode
         s.shutdown(grace_s=0)
     assert rows_seen == [1] * 8  # 2 images x CFG x 2 steps, a row per call
     assert decoded == [1, 1]

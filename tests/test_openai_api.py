@@ -176,6 +176,9 @@ def test_edit_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.images.edit(image=[_file(reference_image(1)), _file(reference_image(2))], prompt="x")
     assert e.value.param == "image" and "one image" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # own red-team pass: this was blamed on `ip_image`
+        client.images.edit(image=_file(Image.new("RGB", (1, 1))), prompt="x", size="256x256", extra_body=EXTRA)
+    assert e.value.param == "image" and "too small" in e.value.message and "ip_image" not in e.value.message
 
 
 def test_the_api_key_is_an_authentication_error(sched):

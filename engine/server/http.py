@@ -77,7 +77,9 @@ def _engine_field(message: str, fields) -> str | None:
     m = re.match(r"\s*([A-Za-z_]\w*)", message)
     if m is None:
         return None
-    name = _ENGINE_FIELD_ALIASES.get(m.group(1), m.group(1))
+    name = m.group(1)
+    if name not in fields:  # the engine's name for a request field ("image" is the edits' own field, else ip_image)
+        name = _ENGINE_FIELD_ALIASES.get(name, name)
     return name if name in fields else None
 
 

@@ -15,13 +15,7 @@ from dreamfuse.engine.train.patchdpo import pair_batch, pair_weights, patchdpo_l
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine() -> Engine:

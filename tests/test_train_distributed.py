@@ -38,8 +38,9 @@ from dreamfuse.engine.train.distributed import Context, free_port
 from PIL import Image
 from transformers import ViTConfig, ViTModel
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="needs torch.distributed with the gloo backend"),
+              pytest.mark.usefixtures("one_thread")]
 
 ROOT = Path(__file__).resolve().parents[1]
 PRELOAD = ["torch", "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
@@ -52,14 +53,6 @@ in a fresh interpreter spends seconds in diffusers' and transformers' lazy impor
 PDPO = dict(steps=4, lr=1e-3, grad_accum=2, checkpoint_every=2, progress=False)
 """4 steps × 2 micro-batches × 2 pairs = 16 pairs of the 4: four epochs, a checkpoint at step 2."""
 REV = dict(steps=4, lr=0.02, grad_accum=1, num_positives=4, checkpoint_every=2, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------ processes
